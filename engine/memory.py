@@ -1,0 +1,368 @@
+"""The model memory manager: one shared home for loaded networks, their devices and their memory budgets.
+
+Generic on purpose (no diffusion knowledge): it sees `torch.nn.Module`s and opaque loaded values.
+
+* Loaded values are registered once under an identity key (`get_or_load(key, loader_fn)`), so two loader nodes
+  on the same file get the very same objects.
+* Every `nn.Module` found in a loaded value is tracked with its byte size. A module lives either on the compute
+  device (while used, and afterwards until room is needed) or on the offload device (CPU RAM).
+* `use(module)` puts a module on the compute device for the duration of a `with` block. Making room follows
+  least-recently-used order: idle modules are moved VRAM → RAM when the VRAM budget is exceeded, and whole
+  entries are dropped from the registry when the RAM budget is exceeded (the next `get_or_load` loads again).
+  Modules in use are never moved.
+* `stats()` reports bytes per device, the loaded entries and eviction counts for the run summary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Iterator
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Roles a loader can ask a dtype for; the policy maps each role to a dtype per device type.
+ROLES = ("diffusion", "text_encoder", "vae", "other")
+
+
+def default_device() -> torch.device:
+    """CUDA when present, else Apple MPS where available, else CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def default_dtypes(device: torch.device) -> dict[str, torch.dtype]:
+    """Storage dtypes per role, as ComfyUI picks them without flags: half precision on accelerators, fp32 on CPU
+    (fp16 maths is several times slower than fp32 on CPU). The VAE prefers bf16 where the GPU supports it
+    (compute capability >= 8) since fp16 VAEs overflow; otherwise fp32."""
+    if device.type == "cuda":
+        vae = torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float32
+        return {"diffusion": torch.float16, "text_encoder": torch.float16, "vae": vae, "other": torch.float16}
+    if device.type == "mps":
+        return {"diffusion": torch.float16, "text_encoder": torch.float16, "vae": torch.float32,
+                "other": torch.float16}
+    return {role: torch.float32 for role in ROLES}
+
+
+def module_nbytes(module: torch.nn.Module) -> int:
+    """Bytes held by a module's parameters and buffers (each storage counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        if tensor.device.type == "meta":
+            continue
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() in seen:
+            continue
+        seen.add(storage.data_ptr())
+        total += storage.nbytes()
+    return total
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    tensor = next(itertools.chain(module.parameters(), module.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def find_modules(value: Any, max_depth: int = 4) -> list[torch.nn.Module]:
+    """The top-level nn.Modules inside a loaded value: the value itself, or modules reachable through tuples,
+    lists, dict values, dataclass fields and plain attributes, a few levels deep (not inside modules)."""
+    found: dict[int, torch.nn.Module] = {}
+    seen: set[int] = set()
+    frontier: list[tuple[Any, int]] = [(value, 0)]
+    while frontier:
+        item, depth = frontier.pop()
+        if id(item) in seen or item is None or isinstance(item, (str, bytes, int, float, bool, torch.Tensor)):
+            continue
+        seen.add(id(item))
+        if isinstance(item, torch.nn.Module):
+            found.setdefault(id(item), item)
+            continue
+        if depth >= max_depth:
+            continue
+        if isinstance(item, (tuple, list, set, frozenset)):
+            children = list(item)
+        elif isinstance(item, dict):
+            children = list(item.values())
+        elif dataclasses.is_dataclass(item) and not isinstance(item, type):
+            children = [getattr(item, f.name) for f in dataclasses.fields(item)]
+        elif hasattr(item, "__dict__") and not isinstance(item, type):
+            children = list(vars(item).values())
+        else:
+            children = []
+        frontier.extend((child, depth + 1) for child in children)
+    return list(found.values())
+
+
+@dataclass
+class _ModuleRecord:
+    module: torch.nn.Module
+    nbytes: int
+    keys: set[Hashable] = field(default_factory=set)
+    last_used: int = 0
+    in_use: int = 0
+    on_compute: bool = False
+
+
+@dataclass
+class _Entry:
+    value: Any
+    module_ids: list[int]
+    last_used: int = 0
+
+
+@dataclass
+class MemoryStats:
+    compute_device: str
+    offload_device: str
+    bytes_by_device: dict[str, int]
+    vram_budget: int | None
+    ram_budget: int | None
+    entries: list[dict[str, Any]]
+    loads: int
+    hits: int
+    offloads: int
+    drops: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class ModelManager:
+    """Registry + placement of loaded models. Thread-safe; one per engine (Environment.services["models"]).
+
+    vram_budget: bytes of modules allowed on the compute device (None: 90% of the GPU's memory on CUDA,
+    unlimited elsewhere). ram_budget: bytes of modules allowed on the offload device (None: unlimited).
+    When the compute device is the CPU, compute and offload are the same memory and only ram_budget applies.
+    """
+
+    def __init__(self, device: torch.device | str | None = None,
+                 dtypes: dict[str, torch.dtype] | None = None,
+                 vram_budget: int | None = None, ram_budget: int | None = None,
+                 offload_device: torch.device | str = "cpu"):
+        self.device = torch.device(device) if device is not None else default_device()
+        self.offload_device = torch.device(offload_device)
+        dtypes = dict(dtypes or {})
+        if not set(ROLES) <= set(dtypes):
+            dtypes = {**default_dtypes(self.device), **dtypes}
+        self.dtypes = dtypes
+        if vram_budget is None and self.device.type == "cuda":
+            vram_budget = int(torch.cuda.get_device_properties(self.device).total_memory * 0.9)
+        self.vram_budget = vram_budget
+        self.ram_budget = ram_budget
+        self._lock = threading.RLock()
+        self._entries: dict[Hashable, _Entry] = {}
+        self._modules: dict[int, _ModuleRecord] = {}
+        self._clock = itertools.count(1)
+        self._loads = self._hits = self._offloads = self._drops = 0
+
+    # Policies ----------------------------------------------------------------------------------------------
+
+    @property
+    def shared_memory(self) -> bool:
+        """True when the compute device is the offload device (CPU-only): nothing to move."""
+        return self.device.type == self.offload_device.type
+
+    def dtype_for(self, role: str) -> torch.dtype:
+        if role not in self.dtypes:
+            raise ValueError(f"unknown dtype role {role!r}; known: {', '.join(sorted(self.dtypes))}")
+        return self.dtypes[role]
+
+    # Registry ----------------------------------------------------------------------------------------------
+
+    def get_or_load(self, key: Hashable, loader_fn: Callable[[], Any]) -> Any:
+        """The value registered under `key`, loading it with `loader_fn()` the first time. Modules inside the
+        value are tracked (and start on the offload device, moved to compute only by `use`)."""
+        # Loads are serialised: two threads loading one file at once would defeat the sharing, and loads are rare.
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._hits += 1
+                entry.last_used = next(self._clock)
+                return entry.value
+            value = loader_fn()
+            self._loads += 1
+            module_ids = []
+            for module in find_modules(value):
+                record = self._track(module)
+                record.keys.add(key)
+                module_ids.append(id(module))
+            self._entries[key] = _Entry(value, module_ids, next(self._clock))
+            self._enforce_ram_budget(protect=key)
+            return value
+
+    def register(self, module: torch.nn.Module) -> None:
+        """Track a module that did not come through get_or_load (e.g. one built by a node)."""
+        with self._lock:
+            self._track(module)
+
+    def _track(self, module: torch.nn.Module) -> _ModuleRecord:
+        record = self._modules.get(id(module))
+        if record is None or record.module is not module:
+            on_compute = not self.shared_memory and module_device(module).type == self.device.type
+            record = _ModuleRecord(module, module_nbytes(module), last_used=next(self._clock), on_compute=on_compute)
+            self._modules[id(module)] = record
+        return record
+
+    def loaded_keys(self) -> list[Hashable]:
+        with self._lock:
+            return list(self._entries)
+
+    def __contains__(self, key: Hashable) -> bool:
+        with self._lock:
+            return key in self._entries
+
+    # Placement ---------------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def use(self, module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """The module on the compute device for the duration of the block. It stays there afterwards until
+        another module needs the room (moving weights back and forth each step would dominate run time)."""
+        with self._lock:
+            record = self._track(module)
+            record.in_use += 1
+            record.last_used = next(self._clock)
+            try:
+                if not self.shared_memory and not record.on_compute:
+                    self._make_room_on_compute(record.nbytes)
+                    self._transfer(module, self.device)
+                    record.on_compute = True
+            except BaseException:
+                record.in_use -= 1
+                raise
+        try:
+            yield module
+        finally:
+            with self._lock:
+                record.in_use -= 1
+                record.last_used = next(self._clock)
+
+    def offload(self, module: torch.nn.Module) -> None:
+        """Move a module to the offload device now (no-op when it is in use or already there)."""
+        with self._lock:
+            record = self._modules.get(id(module))
+            if record is not None and record.in_use == 0:
+                self._move_to_offload(record)
+
+    def _transfer(self, module: torch.nn.Module, device: torch.device) -> None:
+        """The one place weights move between devices (tests substitute it to simulate an accelerator)."""
+        module.to(device)
+
+    def _on_compute(self, record: _ModuleRecord) -> bool:
+        return record.on_compute
+
+    def _bytes_on_compute(self) -> int:
+        return sum(r.nbytes for r in self._modules.values() if self._on_compute(r))
+
+    def _bytes_on_offload(self) -> int:
+        return sum(r.nbytes for r in self._modules.values() if not self._on_compute(r))
+
+    def _move_to_offload(self, record: _ModuleRecord) -> None:
+        if record.on_compute:
+            self._transfer(record.module, self.offload_device)
+            record.on_compute = False
+            self._offloads += 1
+
+    def _make_room_on_compute(self, needed: int) -> None:
+        """Offload idle modules from the compute device, least recently used first, until `needed` fits."""
+        if self.vram_budget is None:
+            return
+        idle = sorted((r for r in self._modules.values() if self._on_compute(r) and r.in_use == 0),
+                      key=lambda r: r.last_used)
+        used = self._bytes_on_compute()
+        for record in idle:
+            if used + needed <= self.vram_budget:
+                break
+            self._move_to_offload(record)
+            used -= record.nbytes
+        if used + needed > self.vram_budget:
+            log.warning("model of %d bytes exceeds the VRAM budget (%d in use of %d); loading anyway",
+                        needed, used, self.vram_budget)
+        # What was offloaded now occupies RAM.
+        self._enforce_ram_budget()
+
+    def _enforce_ram_budget(self, protect: Hashable | None = None) -> None:
+        """Drop whole entries, least recently used first, while RAM use exceeds the budget. Entries with a
+        module in use, and `protect` (the one just loaded), are kept."""
+        if self.ram_budget is None:
+            return
+        candidates = sorted((item for item in self._entries.items() if item[0] != protect),
+                            key=lambda item: item[1].last_used)
+        for key, entry in candidates:
+            if self._bytes_on_offload() <= self.ram_budget:
+                return
+            if any(self._modules[m].in_use for m in entry.module_ids if m in self._modules):
+                continue
+            self._drop(key)
+        if self._bytes_on_offload() > self.ram_budget:
+            log.warning("models in use exceed the RAM budget (%d > %d bytes)", self._bytes_on_offload(),
+                        self.ram_budget)
+
+    def _drop(self, key: Hashable) -> None:
+        entry = self._entries.pop(key)
+        self._drops += 1
+        for module_id in entry.module_ids:
+            record = self._modules.get(module_id)
+            if record is None:
+                continue
+            record.keys.discard(key)
+            if not record.keys and record.in_use == 0:
+                # Leave nothing on the accelerator for whoever still holds a reference.
+                self._move_to_offload(record)
+                del self._modules[module_id]
+
+    def drop(self, key: Hashable) -> bool:
+        """Forget one entry (the next get_or_load with its key loads again). False when it is not loaded."""
+        with self._lock:
+            if key not in self._entries:
+                return False
+            self._drop(key)
+            return True
+
+    def free_all(self) -> None:
+        """Forget every entry and idle module (modules in use stay tracked), and release cached device memory."""
+        with self._lock:
+            for key in list(self._entries):
+                self._drop(key)
+            for module_id, record in list(self._modules.items()):
+                if record.in_use == 0:
+                    self._move_to_offload(record)
+                    del self._modules[module_id]
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # Reporting ---------------------------------------------------------------------------------------------
+
+    def _device_name(self, record: _ModuleRecord) -> str:
+        return str(self.device if record.on_compute or self.shared_memory else self.offload_device)
+
+    def stats(self) -> MemoryStats:
+        with self._lock:
+            by_device: dict[str, int] = {}
+            for record in self._modules.values():
+                name = self._device_name(record)
+                by_device[name] = by_device.get(name, 0) + record.nbytes
+            entries = []
+            for key, entry in self._entries.items():
+                records = [self._modules[m] for m in entry.module_ids if m in self._modules]
+                entries.append({
+                    "key": str(key),
+                    "bytes": sum(r.nbytes for r in records),
+                    "devices": sorted({self._device_name(r) for r in records}),
+                    "last_used": entry.last_used,
+                })
+            return MemoryStats(
+                compute_device=str(self.device), offload_device=str(self.offload_device),
+                bytes_by_device=by_device, vram_budget=self.vram_budget, ram_budget=self.ram_budget,
+                entries=entries, loads=self._loads, hits=self._hits, offloads=self._offloads, drops=self._drops,
+            )
