@@ -148,6 +148,3 @@ class Node(BaseModel):
     @classmethod
     def is_async(cls) -> bool:
         return inspect.iscoroutinefunction(cls.run)
-
-
-@dataclass

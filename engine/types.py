@@ -92,7 +92,8 @@ class InputSpec:
 
 def Socket(type_name: str, *, optional: bool = False, tooltip: str | None = None, lazy: bool = False,
            raw_link: bool = False, **extra: Any) -> InputSpec:
-    return InputSpec(type_name, optional=optional, tooltip=tooltip, lazy=lazy, raw_link=raw_link, extra=extra)
+    return InputSpec(type_name, optional=optional, tooltip=tooltip, lazy=lazy, raw_link=raw_link,
+                     force_input=type_name in WIDGET_TYPES, extra=extra)
 
 
 def Int(*, min: int | None = None, max: int | None = None, step: int | None = None, optional: bool = False,

@@ -20,3 +20,37 @@ def builtin_nodes() -> list:
     for module_name in NODE_MODULES:
         found.extend(importlib.import_module(module_name).NODES)
     return found
+
+
+def create_engine(models_dir=None, input_dir=None, output_dir=None, temp_dir=None, extra_model_paths=None,
+                  custom_nodes_dir=None, cache_bytes=None, entry_points: bool = True):
+    """An Engine with the built-in nodes, plugins from the `latentloom.nodes` entry points, a custom_nodes
+    folder, and the model memory manager as the "models" service."""
+    from pathlib import Path
+
+    from engine.cache import DEFAULT_CACHE_BYTES
+    from engine.environment import Environment
+    from engine.registry import NodeRegistry
+    from engine.session import Engine
+
+    registry = NodeRegistry()
+    registry.register_all(builtin_nodes(), python_module="nodes")
+    if entry_points:
+        # The built-in entry point ("builtin") is registered above; only third-party plugins add nodes here.
+        registry.load_entry_points(skip=("builtin",))
+    if custom_nodes_dir is not None:
+        registry.load_custom_nodes(custom_nodes_dir)
+    if models_dir is None:
+        models_dir = Path(__file__).resolve().parent.parent / "models"
+    env = Environment.create(models_dir=models_dir, input_dir=input_dir, output_dir=output_dir,
+                             temp_dir=temp_dir, extra_model_paths=extra_model_paths)
+    _add_model_manager(env)
+    return Engine(registry, env, cache_bytes if cache_bytes is not None else DEFAULT_CACHE_BYTES)
+
+
+def _add_model_manager(env) -> None:
+    try:
+        from engine.memory import ModelManager
+    except ImportError:  # the memory manager is optional for graphs without models
+        return
+    env.services["models"] = ModelManager()

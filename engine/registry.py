@@ -1,0 +1,167 @@
+"""The node registry: explicit registration, plugins by entry point, a custom_nodes folder, and the catalogue
+in ComfyUI's /object_info shape."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Iterable
+
+from .node import Node
+from .types import COMBO, InputSpec
+
+ENTRY_POINT_GROUP = "latentloom.nodes"
+log = logging.getLogger(__name__)
+
+
+class RegistryError(Exception):
+    pass
+
+
+class NodeRegistry:
+    def __init__(self, nodes: Iterable[type[Node]] = ()):
+        self._nodes: dict[str, type[Node]] = {}
+        # Plugins that failed to load: name -> reason (shown by the CLI and /system_stats, never fatal).
+        self.load_errors: dict[str, str] = {}
+        self.register_all(nodes)
+
+    # Registration ---------------------------------------------------------------------------------------------
+
+    def register(self, node_cls: type[Node], *, replace: bool = False) -> type[Node]:
+        if not (isinstance(node_cls, type) and issubclass(node_cls, Node)):
+            raise RegistryError(f"{node_cls!r} is not a Node subclass")
+        name = node_cls.class_type()
+        if name in self._nodes and self._nodes[name] is not node_cls and not replace:
+            raise RegistryError(f"node type '{name}' is already registered by {self._nodes[name].__module__}")
+        node_cls.input_specs()  # fail now, not at run time, on a malformed declaration
+        self._nodes[name] = node_cls
+        return node_cls
+
+    def register_all(self, nodes: Iterable[type[Node]], *, python_module: str | None = None) -> None:
+        for node_cls in nodes:
+            if python_module is not None:
+                node_cls.python_module = python_module
+            self.register(node_cls)
+
+    def load_entry_points(self, group: str = ENTRY_POINT_GROUP, skip: Iterable[str] = ()) -> None:
+        """Each entry point names a callable returning node classes (or a list attribute of them)."""
+        skip = set(skip)
+        for entry_point in importlib.metadata.entry_points(group=group):
+            if entry_point.name in skip:
+                continue
+            try:
+                provided = entry_point.load()
+                nodes = provided() if callable(provided) else provided
+                module = "nodes" if entry_point.name == "builtin" else f"custom_nodes.{entry_point.name}"
+                self.register_all(nodes, python_module=module)
+            except Exception as exc:  # a broken plugin must not take the engine down
+                self.load_errors[f"entry point {entry_point.name}"] = f"{type(exc).__name__}: {exc}"
+                log.warning("node plugin %s failed to load: %s", entry_point.name, exc)
+
+    def load_custom_nodes(self, folder: str | Path) -> None:
+        """Import each module or package in `folder`; each must define NODES (a list of Node classes)."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            return
+        for path in sorted(folder.iterdir()):
+            if path.name.startswith((".", "_")):
+                continue
+            if path.is_dir() and (path / "__init__.py").exists():
+                source = path / "__init__.py"
+            elif path.suffix == ".py":
+                source = path
+            else:
+                continue
+            module_name = f"latentloom_custom_nodes.{path.stem}"
+            try:
+                spec = importlib.util.spec_from_file_location(
+                    module_name, source, submodule_search_locations=[str(path)] if path.is_dir() else None)
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[module_name] = module
+                spec.loader.exec_module(module)
+                self.register_all(getattr(module, "NODES"), python_module=f"custom_nodes.{path.stem}")
+            except Exception as exc:
+                sys.modules.pop(module_name, None)
+                self.load_errors[str(path)] = f"{type(exc).__name__}: {exc}"
+                log.warning("custom node %s failed to load: %s", path, exc)
+
+    # Lookup ---------------------------------------------------------------------------------------------------
+
+    def get(self, class_type: str) -> type[Node] | None:
+        return self._nodes.get(class_type)
+
+    def __contains__(self, class_type: object) -> bool:
+        return class_type in self._nodes
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def names(self) -> list[str]:
+        return list(self._nodes)
+
+    # Catalogue ------------------------------------------------------------------------------------------------
+
+    def object_info(self, env: Any = None) -> dict[str, dict]:
+        return {name: node_info(cls, env) for name, cls in self._nodes.items()}
+
+
+def input_spec_json(spec: InputSpec, default: Any, env: Any) -> list:
+    """One input in ComfyUI's legacy encoding: [TYPE] or [TYPE, {options}], combos as [[choices...], {...}]."""
+    options: dict[str, Any] = {}
+    if default is not None:
+        options["default"] = default
+    for key in ("min", "max", "step", "round"):
+        value = getattr(spec, key)
+        if value is not None:
+            options[key] = value
+    if spec.multiline:
+        options["multiline"] = True
+    if spec.tooltip:
+        options["tooltip"] = spec.tooltip
+    if spec.force_input:
+        options["forceInput"] = True
+    if spec.lazy:
+        options["lazy"] = True
+    if spec.raw_link:
+        options["rawLink"] = True
+    options.update(spec.extra)
+    if spec.type == COMBO:
+        return [spec.resolve_choices(env), options]
+    return [spec.type, options] if options else [spec.type]
+
+
+def node_info(cls: type[Node], env: Any = None) -> dict[str, Any]:
+    required: dict[str, list] = {}
+    optional: dict[str, list] = {}
+    for name, spec in cls.input_specs().items():
+        target = optional if spec.optional else required
+        target[name] = input_spec_json(spec, cls.input_default(name), env)
+    inputs: dict[str, Any] = {"required": required}
+    order: dict[str, list[str]] = {"required": list(required)}
+    if optional:
+        inputs["optional"] = optional
+        order["optional"] = list(optional)
+    info: dict[str, Any] = {
+        "input": inputs,
+        "input_order": order,
+        "output": [out.type for out in cls.outputs],
+        "output_is_list": [out.is_list for out in cls.outputs],
+        "output_name": [out.display_name for out in cls.outputs],
+        "name": cls.class_type(),
+        "display_name": cls.display_name or cls.class_type(),
+        "description": cls.description,
+        "python_module": cls.python_module,
+        "category": cls.category,
+        "output_node": cls.output_node,
+    }
+    if any(out.tooltip for out in cls.outputs):
+        info["output_tooltips"] = [out.tooltip for out in cls.outputs]
+    if cls.deprecated:
+        info["deprecated"] = True
+    if cls.experimental:
+        info["experimental"] = True
+    return info

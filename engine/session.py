@@ -1,0 +1,110 @@
+"""The Python API: one object bundling registry, environment, cache, event bus and executor.
+
+    engine = nodes.create_engine(models_dir="models")
+    prompt = engine.load("graphs/txt2img.json")          # API JSON, UI JSON or a PNG with a workflow
+    prompt = set_input(prompt, "3.seed", 42)
+    result = engine.run(prompt)                         # RunResult: status, outputs (UI data), values, error
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from .cache import DEFAULT_CACHE_BYTES, OutputCache
+from .environment import Environment
+from .events import Event, EventBus
+from .executor import Executor, InterruptToken, RunResult
+from .graph import ValidationResult, make_error, validate_prompt
+from .registry import NodeRegistry
+
+
+class WorkflowLoadError(Exception):
+    """A file that is not a workflow we can read (message says why)."""
+
+
+class OverrideError(ValueError):
+    pass
+
+
+def parse_literal(text: str) -> Any:
+    """Command-line values: JSON when it parses (numbers, booleans, quoted strings), else the raw string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def set_input(prompt: dict, target: str, value: Any) -> dict:
+    """Return a copy of `prompt` with input `NODE_ID.INPUT` set to `value` (the original is left untouched)."""
+    node_id, sep, input_name = target.partition(".")
+    if not sep or not input_name:
+        raise OverrideError(f"override '{target}' must look like NODE_ID.INPUT=VALUE")
+    if node_id not in prompt:
+        raise OverrideError(f"override '{target}': no node with id '{node_id}' in the graph")
+    updated = dict(prompt)
+    body = copy.deepcopy(prompt[node_id])
+    body.setdefault("inputs", {})[input_name] = {"__value__": value} if isinstance(value, list) else value
+    updated[node_id] = body
+    return updated
+
+
+class Engine:
+    def __init__(self, registry: NodeRegistry, env: Environment | None = None,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES):
+        self.registry = registry
+        self.env = env or Environment.create()
+        self.cache = OutputCache(cache_bytes)
+        self.bus = EventBus()
+        self.executor = Executor(registry, self.env, self.cache, self.bus)
+
+    # Loading ----------------------------------------------------------------------------------------------------
+
+    def catalogue(self) -> dict[str, dict]:
+        return self.registry.object_info(self.env)
+
+    def load(self, source: str | Path | dict | bytes) -> dict:
+        """An API-format prompt from a file path, raw bytes, or a parsed document in any supported format."""
+        prompt, _, _ = self.load_with_format(source)
+        return prompt
+
+    def load_with_format(self, source: str | Path | dict | bytes) -> tuple[dict, dict | None, str]:
+        """(API prompt, UI workflow or None, detected format: "api" | "ui" | "png")."""
+        from .workflow import WorkflowFormatError, load_workflow
+
+        try:
+            return load_workflow(source, self.catalogue())
+        except WorkflowFormatError as exc:
+            raise WorkflowLoadError(str(exc)) from exc
+
+    # Running ----------------------------------------------------------------------------------------------------
+
+    def validate(self, prompt: Any, targets: Iterable[str] | None = None) -> ValidationResult:
+        try:
+            return validate_prompt(prompt, self.registry, self.env, targets)
+        except Exception as exc:  # validation must never crash the caller
+            return ValidationResult(None, make_error("exception_during_validation", "Exception when validating",
+                                                     f"{type(exc).__name__}: {exc}"))
+
+    def run(self, prompt: dict, *, prompt_id: str | None = None, extra_data: dict | None = None,
+            targets: Iterable[str] | None = None, interrupt: InterruptToken | None = None,
+            listener: Callable[[Event], None] | None = None) -> RunResult | ValidationResult:
+        """Validate and run. Returns the ValidationResult when the graph is invalid, else the RunResult."""
+        checked = self.validate(prompt, targets)
+        if not checked.ok:
+            return checked
+        unsubscribe = self.bus.subscribe(listener) if listener else None
+        try:
+            return self.executor.run(checked.graph, prompt_id, extra_data, interrupt)
+        finally:
+            if unsubscribe:
+                unsubscribe()
+
+    def free(self) -> None:
+        """Drop cached outputs and unload models."""
+        self.cache.clear()
+        manager = self.env.services.get("models")
+        if manager is not None and hasattr(manager, "free_all"):
+            manager.free_all()
