@@ -491,7 +491,6 @@ class _Run:
                     value = produced if node.node_cls.outputs[slot].is_list else produced[0]
                 row.append(value)
             resolved.append(tuple(row))
-        self.executed.append(node.id)
         return self.merge(node, resolved, [ui])
 
     def merge(self, node: GraphNode, per_call: list[tuple], uis: list[dict | None]) -> tuple[list, dict | None]:
