@@ -159,7 +159,8 @@ class _Run:
         self.running: dict[asyncio.Task, str] = {}
         self.expansions: dict[str, tuple[list, dict | None]] = {}  # node -> (per-call results with links, ui)
         self.executed: list[str] = []
-        self.cached: list[str] = []
+        self.cached: list[str] = []            # nodes served from the cache in this run
+        self.cached_at_start: list[str] = []
         self.warnings: list[str] = []
         self.states: dict[str, NodeProgressState] = {}
         self.listening = executor.bus.has_listeners
@@ -228,6 +229,7 @@ class _Run:
                 self.cached.append(node_id)
                 if entry.ui is not None:
                     self.ui[node_id] = entry.ui
+                self.release_waiters(node_id)
                 continue
             node = self.nodes[node_id]
             missing = [link.source for _, link in node.dependency_links() if link.source not in self.values]
@@ -258,11 +260,14 @@ class _Run:
         if self.cacheable[node_id]:
             self.cache.put(self.keys[node_id], outputs, ui)
         del self.blockers[node_id]
+        self.release_waiters(node_id)
+        self.set_state(node, "finished", 1, 1)
+
+    def release_waiters(self, node_id: str) -> None:
         for waiter in self.waiters.pop(node_id, []):
             self.blockers[waiter] -= 1
             if self.blockers[waiter] == 0:
                 self.ready.append(waiter)
-        self.set_state(node, "finished", 1, 1)
 
     # Main loop ------------------------------------------------------------------------------------------------
 
@@ -274,8 +279,10 @@ class _Run:
             self.interrupt.check()
             order = self.topological_order(self.graph.outputs)
             self.compute_keys(order)
+            # Every needed node whose output is cached, as ComfyUI reports it (not only those the run reads).
+            self.cached_at_start = [n for n in order if self.cacheable[n] and self.cache.peek(self.keys[n])]
             self.schedule(list(self.graph.outputs))
-            self.emit(lambda: ExecutionCached(prompt_id=self.prompt_id, nodes=list(self.cached)))
+            self.emit(lambda: ExecutionCached(prompt_id=self.prompt_id, nodes=list(self.cached_at_start)))
             for node_id in self.cached:
                 if self.nodes[node_id].node_cls.output_node:
                     node = self.nodes[node_id]
@@ -301,14 +308,14 @@ class _Run:
                 exception_type=exception_type_name(failure.exc),
                 traceback=traceback.format_exception(failure.exc),
                 current_inputs={k: [format_input_value(v) for v in vs] for k, vs in failure.inputs.items()},
-                current_outputs=list(self.cached))
+                current_outputs=list(self.cached_at_start))
             result.error = event.data()
             self.emit(event)
         result.outputs = {self.nodes[n].display: ui for n, ui in self.ui.items()
                           if self.nodes[n].node_cls.output_node}
         result.values = {n: self.values[n] for n in self.graph.outputs if n in self.values}
         result.executed = self.executed
-        result.cached = self.cached
+        result.cached = self.cached_at_start
         result.warnings = self.warnings
         result.seconds = time.perf_counter() - started
         return result

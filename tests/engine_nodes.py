@@ -188,6 +188,19 @@ class Gate(Node):
         return (ExecutionBlocker(None) if self.block else self.value,)
 
 
+class BlockEqual(Node):
+    """Blocks the calls whose value equals `blocked` (per list element)."""
+
+    category = "test"
+    outputs = (Output(FLOAT),)
+    value: Annotated[Any, Socket(FLOAT)]
+    blocked: Annotated[float, Float()] = 0.0
+
+    def run(self, ctx):
+        _log(ctx)
+        return (ExecutionBlocker(None) if self.value == self.blocked else self.value,)
+
+
 class Repeat(Node):
     """Expands into a chain of `times` Add nodes (each adds `step`)."""
 
@@ -327,5 +340,5 @@ class Variadic(Node):
         return (self.first + sum(extra),)
 
 
-NODES = [Const, IntConst, Add, Mix, Collect, Passthrough, Sleep, Fail, AsyncFail, MakeList, Sum, Pair, Gate, Repeat,
+NODES = [Const, IntConst, Add, Mix, Collect, Passthrough, Sleep, Fail, AsyncFail, MakeList, Sum, Pair, Gate, BlockEqual, Repeat,
          CyclicExpand, ReadFile, Random, EvenOnly, FloatOnly, Pick, Steps, Variadic]

@@ -1,0 +1,32 @@
+"""Fixtures shared by the engine tests: an Engine over the test nodes and a call log."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from engine.environment import Environment
+from engine.registry import NodeRegistry
+from engine.session import Engine
+
+import engine_nodes
+
+
+def make_engine(tmp_path: Path, cache_bytes: int = 1 << 30) -> tuple[Engine, list[str]]:
+    registry = NodeRegistry(engine_nodes.NODES)
+    env = Environment.create(input_dir=tmp_path / "in", output_dir=tmp_path / "out", temp_dir=tmp_path / "tmp")
+    engine = Engine(registry, env, cache_bytes=cache_bytes)
+    calls: list[str] = []
+    env.services["calls"] = calls
+    return engine, calls
+
+
+def const(value: float) -> dict:
+    return {"class_type": "Const", "inputs": {"value": value}}
+
+
+def add(source: str, b: float = 0.0) -> dict:
+    return {"class_type": "Add", "inputs": {"a": [source, 0], "b": b}}
+
+
+def collect(source: str, slot: int = 0) -> dict:
+    return {"class_type": "Collect", "inputs": {"value": [source, slot]}}
