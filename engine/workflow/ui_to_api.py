@@ -1,0 +1,535 @@
+"""UI (LiteGraph editor) workflow -> API prompt, the way the ComfyUI frontend's "Export (API)" does it.
+
+The editor's rules, restated: subgraph instances are expanded into their inner nodes (execution ids
+"outer:inner"); every input link is followed back through Reroutes, bypassed nodes (first input of a
+matching type), subgraph boundaries and promoted widgets until it reaches a real node's output or a widget
+value; muted nodes produce nothing, so inputs linked to them disappear; PrimitiveNodes push their value into
+the widgets they feed; notes are dropped; widget values are read positionally against the widget list the
+catalogue implies (companion widgets such as control_after_generate take a position but never reach the
+prompt). Link resolution is a loop over explicit states, never recursion.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+
+from engine.workflow.catalogue import (
+    DECORATIVE_TYPES,
+    NOTE_TYPES,
+    PRIMITIVE_NODE_TYPE,
+    REROUTE_TYPE,
+    VIRTUAL_TYPES,
+    NodeLayout,
+    WorkflowFormatError,
+    node_layout,
+    types_compatible,
+)
+
+MODE_MUTED = 2  # LiteGraph "NEVER"
+MODE_BYPASS = 4
+SUBGRAPH_INPUT_NODE = "-10"
+SUBGRAPH_OUTPUT_NODE = "-20"
+
+
+class MissingNodeTypesError(WorkflowFormatError):
+    """The workflow uses node types the catalogue does not have."""
+
+    def __init__(self, missing: list[str]):
+        self.missing = sorted(set(missing))
+        super().__init__(
+            f"workflow uses {len(self.missing)} node type(s) that are not installed: " + ", ".join(self.missing)
+        )
+
+
+@dataclass(frozen=True)
+class Link:
+    id: str
+    origin_id: str
+    origin_slot: int
+    target_id: str
+    target_slot: int
+    type: Any
+
+
+@dataclass
+class Scope:
+    """One graph level: the root graph or a subgraph definition."""
+
+    key: str
+    nodes: dict[str, dict]
+    links: dict[str, Link]
+    definition: dict | None = None
+
+
+@dataclass(frozen=True)
+class Placed:
+    """A node at a position in the expanded graph (the frontend's ExecutableNodeDTO)."""
+
+    path: tuple[str, ...]  # ids of the subgraph instances that contain it, outermost first
+    node_id: str
+    scope_key: str
+
+    @property
+    def exec_id(self) -> str:
+        return ":".join((*self.path, self.node_id))
+
+    @property
+    def parent_id(self) -> str:
+        return ":".join(self.path)
+
+
+@dataclass(frozen=True)
+class WidgetValue:
+    value: Any
+
+
+@dataclass
+class _Workflow:
+    scopes: dict[str, Scope]
+    subgraph_ids: set[str]
+    catalogue: dict[str, dict]
+    placed: dict[str, Placed] = field(default_factory=dict)
+    order: list[str] = field(default_factory=list)
+    layouts: dict[str, NodeLayout] = field(default_factory=dict)
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # PrimitiveNode values by exec id
+
+    def node(self, placed: Placed) -> dict:
+        return self.scopes[placed.scope_key].nodes[placed.node_id]
+
+    def layout(self, class_type: str) -> NodeLayout:
+        if class_type not in self.layouts:
+            self.layouts[class_type] = node_layout(class_type, self.catalogue)
+        return self.layouts[class_type]
+
+    def is_instance(self, node: dict) -> bool:
+        return str(node.get("type")) in self.subgraph_ids
+
+
+def _parse_links(raw_links: Any, where: str) -> dict[str, Link]:
+    links: dict[str, Link] = {}
+    for raw in raw_links or []:
+        if isinstance(raw, dict):
+            fields = [raw.get(k) for k in ("id", "origin_id", "origin_slot", "target_id", "target_slot", "type")]
+        elif isinstance(raw, (list, tuple)) and len(raw) >= 5:
+            fields = list(raw[:6]) + [None] * (6 - len(raw[:6]))
+        else:
+            raise WorkflowFormatError(f"{where}: malformed link entry {raw!r}")
+        link_id, origin_id, origin_slot, target_id, target_slot, link_type = fields
+        links[str(link_id)] = Link(
+            str(link_id), str(origin_id), int(origin_slot), str(target_id), int(target_slot), link_type
+        )
+    return links
+
+
+def _parse_scopes(workflow: dict) -> tuple[dict[str, Scope], set[str]]:
+    if not isinstance(workflow.get("nodes"), list):
+        raise WorkflowFormatError("not a UI workflow: it has no 'nodes' list")
+    scopes = {
+        "": Scope("", {str(n["id"]): n for n in workflow["nodes"]}, _parse_links(workflow.get("links"), "workflow"))
+    }
+    pending = list((workflow.get("definitions") or {}).get("subgraphs") or [])
+    while pending:
+        definition = pending.pop()
+        subgraph_id = str(definition.get("id"))
+        if subgraph_id in scopes:
+            continue
+        scopes[subgraph_id] = Scope(
+            subgraph_id,
+            {str(n["id"]): n for n in definition.get("nodes") or []},
+            _parse_links(definition.get("links"), f"subgraph {definition.get('name') or subgraph_id}"),
+            definition,
+        )
+        pending += list((definition.get("definitions") or {}).get("subgraphs") or [])
+    return scopes, set(scopes) - {""}
+
+
+def _expand(flow: _Workflow) -> None:
+    """Place every node; instances that are muted or bypassed are not opened."""
+    stack: list[tuple[tuple[str, ...], str, tuple[str, ...]]] = [((), "", ())]
+    while stack:
+        path, scope_key, open_defs = stack.pop()
+        scope = flow.scopes[scope_key]
+        nested = []
+        for node_id, node in scope.nodes.items():
+            placed = Placed(path, node_id, scope_key)
+            flow.placed[placed.exec_id] = placed
+            flow.order.append(placed.exec_id)
+            if flow.is_instance(node) and node.get("mode") not in (MODE_MUTED, MODE_BYPASS):
+                subgraph_id = str(node["type"])
+                if subgraph_id in open_defs:
+                    raise WorkflowFormatError(f"subgraph {subgraph_id} contains itself (via node {placed.exec_id})")
+                nested.append(((*path, node_id), subgraph_id, (*open_defs, subgraph_id)))
+        stack += reversed(nested)
+
+
+def _check_types(flow: _Workflow) -> None:
+    missing = []
+    for exec_id in flow.order:
+        node = flow.node(flow.placed[exec_id])
+        node_type = str(node.get("type"))
+        if node_type in flow.catalogue or node_type in VIRTUAL_TYPES or flow.is_instance(node):
+            continue
+        if node.get("mode") == MODE_MUTED or node_type in DECORATIVE_TYPES:
+            continue
+        if not node.get("inputs") and not node.get("outputs"):
+            continue  # slot-less: purely visual, nothing can flow through it
+        if node.get("mode") == MODE_BYPASS:
+            continue  # rewired by its slot types, never executed
+        missing.append(node_type)
+    if missing:
+        raise MissingNodeTypesError(missing)
+
+
+def _aligned_widget_values(node: dict, layout: NodeLayout) -> dict[str, Any]:
+    """Widget name -> value, reading widgets_values against the catalogue's widget list."""
+    raw = node.get("widgets_values")
+    values = {w.name: w.default for w in layout.widgets}
+    if isinstance(raw, dict):
+        values.update({name: value for name, value in raw.items() if name in values})
+    elif isinstance(raw, list):
+        for widget, value in zip(layout.persisted_widgets, raw):
+            values[widget.name] = value
+    return values
+
+
+def _input_link(flow: _Workflow, placed: Placed, slot: int) -> str | None:
+    """Link id on input `slot` of a node; a subgraph instance's inputs follow its definition's inputs."""
+    node = flow.node(placed)
+    if flow.is_instance(node):
+        definition = flow.scopes[str(node["type"])].definition or {}
+        def_inputs = definition.get("inputs") or []
+        if slot >= len(def_inputs):
+            return None
+        name = def_inputs[slot].get("name")
+        for candidate in node.get("inputs") or []:
+            if candidate.get("name") == name:
+                return None if candidate.get("link") is None else str(candidate["link"])
+        return None
+    inputs = node.get("inputs") or []
+    if slot >= len(inputs):
+        raise WorkflowFormatError(f"node {placed.exec_id}: no input slot {slot}")
+    link = inputs[slot].get("link")
+    return None if link is None else str(link)
+
+
+def _slot_types(flow: _Workflow, placed: Placed) -> tuple[list[Any], list[Any]]:
+    node = flow.node(placed)
+    if flow.is_instance(node):
+        definition = flow.scopes[str(node["type"])].definition or {}
+        return ([i.get("type") for i in definition.get("inputs") or []],
+                [o.get("type") for o in definition.get("outputs") or []])
+    return [i.get("type") for i in node.get("inputs") or []], [o.get("type") for o in node.get("outputs") or []]
+
+
+def _bypass_input_slot(flow: _Workflow, placed: Placed, slot: int, wanted: Any) -> int:
+    """Which input a bypassed node passes through to output `slot` (the frontend's matching rule)."""
+    input_types, output_types = _slot_types(flow, placed)
+    if not input_types:
+        return -1
+    if wanted in ("*", "", None):
+        return slot if len(input_types) > slot else 0
+    output_type = output_types[slot] if slot < len(output_types) else None
+    if slot < len(input_types) and types_compatible(input_types[slot], output_type) and types_compatible(
+        input_types[slot], wanted
+    ):
+        return slot
+    if wanted in input_types:
+        return input_types.index(wanted)
+    for index, input_type in enumerate(input_types):
+        if types_compatible(input_type, output_type) and types_compatible(input_type, wanted):
+            return index
+    return -1
+
+
+def _promoted_value(flow: _Workflow, instance: Placed, slot: int) -> WidgetValue | None:
+    """Value of the widget a subgraph instance shows for its (unlinked) input `slot`, if it shows one."""
+    current, current_slot = instance, slot
+    while True:
+        node = flow.node(current)
+        scope = flow.scopes[str(node["type"])]
+        def_inputs = (scope.definition or {}).get("inputs") or []
+        target = _promotion_target(flow, scope, def_inputs[current_slot]) if current_slot < len(def_inputs) else None
+        if target is None:
+            return None
+        promoted_slots = [i for i, d in enumerate(def_inputs) if _promotion_target(flow, scope, d) is not None]
+        stored = node.get("widgets_values")
+        position = promoted_slots.index(current_slot)
+        if isinstance(stored, list) and position < len(stored) and stored[position] is not None:
+            return WidgetValue(stored[position])
+        inner_id, widget_name, inner_slot = target
+        inner = Placed((*current.path, current.node_id), inner_id, scope.key)
+        inner_node = flow.node(inner)
+        if flow.is_instance(inner_node):  # nested promotion: ask the inner instance
+            current, current_slot = inner, inner_slot
+            continue
+        if inner_node.get("type") == PRIMITIVE_NODE_TYPE or inner_node.get("type") not in flow.catalogue:
+            return None
+        values = _aligned_widget_values(inner_node, flow.layout(str(inner_node["type"])))
+        return WidgetValue(values.get(widget_name))
+
+
+def _promotion_target(flow: _Workflow, scope: Scope, def_input: dict) -> tuple[str, str, int] | None:
+    """(inner node id, widget or input name, inner slot) of the first inner widget a subgraph input drives."""
+    for link_id in def_input.get("linkIds") or []:
+        link = scope.links.get(str(link_id))
+        if link is None or link.target_id not in scope.nodes:
+            continue
+        inner = scope.nodes[link.target_id]
+        target_input = _target_input(inner, link)
+        if flow.is_instance(inner):  # nested promotion through an inner instance's own input
+            inner_scope = flow.scopes[str(inner["type"])]
+            inner_inputs = (inner_scope.definition or {}).get("inputs") or []
+            for index, candidate in enumerate(inner_inputs):
+                if candidate.get("name") == target_input.get("name") and _drives_widget(flow, inner_scope, candidate):
+                    return link.target_id, str(candidate.get("name")), index
+            continue
+        widget = target_input.get("widget")
+        if isinstance(widget, dict) and widget.get("name"):
+            return link.target_id, str(widget["name"]), link.target_slot
+    return None
+
+
+def _drives_widget(flow: _Workflow, scope: Scope, def_input: dict) -> bool:
+    """Whether a subgraph input reaches a widget input, descending through nested instances (no recursion)."""
+    stack = [(scope, def_input)]
+    seen: set[tuple[str, str]] = set()
+    while stack:
+        current_scope, current_input = stack.pop()
+        key = (current_scope.key, str(current_input.get("name")))
+        if key in seen:
+            continue
+        seen.add(key)
+        for link_id in current_input.get("linkIds") or []:
+            link = current_scope.links.get(str(link_id))
+            if link is None or link.target_id not in current_scope.nodes:
+                continue
+            inner = current_scope.nodes[link.target_id]
+            target_input = _target_input(inner, link)
+            if flow.is_instance(inner):
+                inner_scope = flow.scopes[str(inner["type"])]
+                for candidate in (inner_scope.definition or {}).get("inputs") or []:
+                    if candidate.get("name") == target_input.get("name"):
+                        stack.append((inner_scope, candidate))
+            elif isinstance(target_input.get("widget"), dict) and target_input["widget"].get("name"):
+                return True
+    return False
+
+
+def _target_input(node: dict, link: Link) -> dict:
+    inputs = node.get("inputs") or []
+    for candidate in inputs:
+        if str(candidate.get("link")) == link.id:
+            return candidate
+    return inputs[link.target_slot] if link.target_slot < len(inputs) else {}
+
+
+def _resolve_input(flow: _Workflow, placed: Placed, slot: int) -> tuple[str, int] | WidgetValue | None:
+    """Follow input `slot` of `placed` to the real output (exec id, slot) or a promoted widget value."""
+    node = flow.node(placed)
+    first_link = _input_link(flow, placed, slot)
+    if first_link is None:
+        return None
+    wanted_type = (node.get("inputs") or [{}])[slot].get("type")
+    state: tuple = ("link", placed, first_link)
+    visited: set[tuple] = set()
+    while True:
+        key = (state[0], state[1].exec_id, state[2])
+        if key in visited:
+            raise WorkflowFormatError(f"node {placed.exec_id}: circular link chain while resolving input {slot}")
+        visited.add(key)
+        if state[0] == "link":
+            _, target, link_id = state
+            scope = flow.scopes[target.scope_key]
+            link = scope.links.get(link_id)
+            if link is None:
+                raise WorkflowFormatError(f"node {target.exec_id}: input refers to missing link {link_id}")
+            if link.origin_id == SUBGRAPH_INPUT_NODE and target.path:
+                instance = flow.placed[target.parent_id]
+                outer = _input_link(flow, instance, link.origin_slot)
+                if outer is None:
+                    return _promoted_value(flow, instance, link.origin_slot)
+                state = ("link", instance, outer)
+                continue
+            if link.origin_id not in scope.nodes:
+                raise WorkflowFormatError(f"link {link_id} starts at node {link.origin_id}, which does not exist")
+            state = ("out", Placed(target.path, link.origin_id, target.scope_key), link.origin_slot)
+            continue
+        _, source, out_slot = state
+        source_node = flow.node(source)
+        mode = source_node.get("mode")
+        if mode == MODE_MUTED:
+            return None
+        if mode == MODE_BYPASS:
+            through = _bypass_input_slot(flow, source, out_slot, wanted_type)
+            link_id = _input_link(flow, source, through) if through >= 0 else None
+            if link_id is None:
+                return None
+            state = ("link", source, link_id)
+            continue
+        if flow.is_instance(source_node):
+            inner_scope = flow.scopes[str(source_node["type"])]
+            outputs = (inner_scope.definition or {}).get("outputs") or []
+            link_ids = outputs[out_slot].get("linkIds") if out_slot < len(outputs) else None
+            inner_link = inner_scope.links.get(str(link_ids[0])) if link_ids else None
+            if inner_link is None:
+                return None
+            inner_path = (*source.path, source.node_id)
+            if inner_link.origin_id == SUBGRAPH_INPUT_NODE:  # input wired straight to output
+                outer = _input_link(flow, source, inner_link.origin_slot)
+                if outer is None:
+                    return _promoted_value(flow, source, inner_link.origin_slot)
+                state = ("link", source, outer)
+                continue
+            state = ("out", Placed(inner_path, inner_link.origin_id, inner_scope.key), inner_link.origin_slot)
+            continue
+        node_type = source_node.get("type")
+        if node_type == REROUTE_TYPE:
+            link_id = _input_link(flow, source, 0) if source_node.get("inputs") else None
+            if link_id is None:
+                return None
+            state = ("link", source, link_id)
+            continue
+        if node_type in VIRTUAL_TYPES:
+            return None
+        return source.exec_id, out_slot
+
+
+def _apply_primitive_nodes(flow: _Workflow) -> None:
+    """PrimitiveNodes write their value into each widget their output feeds (frontend applyToGraph)."""
+    for exec_id in flow.order:
+        placed = flow.placed[exec_id]
+        node = flow.node(placed)
+        if node.get("type") != PRIMITIVE_NODE_TYPE:
+            continue
+        values = node.get("widgets_values")
+        if not isinstance(values, list) or not values:
+            continue
+        scope = flow.scopes[placed.scope_key]
+        for link in scope.links.values():
+            if link.origin_id != placed.node_id or link.origin_slot != 0 or link.target_id not in scope.nodes:
+                continue
+            widget = _target_input(scope.nodes[link.target_id], link).get("widget")
+            if isinstance(widget, dict) and widget.get("name"):
+                target_exec = ":".join((*placed.path, link.target_id))
+                flow.overrides.setdefault(target_exec, {})[str(widget["name"])] = values[0]
+
+
+def process_dynamic_prompt(text: str, rng: random.Random) -> str:
+    """The editor's `{a|b}` choice syntax and C-style comment stripping on dynamicPrompts text widgets."""
+    text = re.sub(r"/\*[\s\S]*?\*/|//.*", "", text)
+    frames: list[tuple[list[str], list[str]]] = []  # (finished options, current option chars) per open brace
+    top: list[str] = []
+    index = 0
+    while index < len(text):
+        char = text[index]
+        index += 1
+        buffer = frames[-1][1] if frames else top
+        if char == "\\":
+            buffer.append("\\" + (text[index] if index < len(text) else ""))
+            index += 1
+        elif char == "{":
+            frames.append(([], []))
+        elif char == "|" and frames:
+            frames[-1][0].append("".join(frames[-1][1]))
+            frames[-1][1].clear()
+        elif char == "}" and frames:
+            options, current = frames.pop()
+            options.append("".join(current))
+            (frames[-1][1] if frames else top).append(rng.choice(options))
+        else:
+            buffer.append(char)
+    while frames:  # an unclosed brace still chooses among what it collected
+        options, current = frames.pop()
+        options.append("".join(current))
+        (frames[-1][1] if frames else top).append(rng.choice(options))
+    return re.sub(r"\\([{}|])", r"\1", "".join(top))
+
+
+def _wrap(value: Any) -> Any:
+    return {"__value__": value} if isinstance(value, list) else value
+
+
+def _meta(node: dict, layout: NodeLayout) -> dict:
+    title = node.get("title")
+    meta: dict[str, Any] = {"title": layout.display_name if title is None else title}
+    properties = node.get("properties") or {}
+    for key in ("cnr_id", "aux_id", "ver"):
+        if isinstance(properties.get(key), str) and properties[key]:
+            meta[key] = properties[key]
+    return meta
+
+
+def ui_to_api(workflow: dict, catalogue: dict[str, dict], rng: random.Random | None = None) -> dict[str, dict]:
+    """Convert an editor (LiteGraph) workflow to an API prompt {id: {inputs, class_type, _meta}}.
+
+    `rng` drives the `{a|b}` choices of dynamic-prompt text widgets (a fresh generator when omitted).
+    Raises MissingNodeTypesError (a WorkflowFormatError) naming every node type the catalogue lacks.
+    """
+    if not isinstance(workflow, dict):
+        raise WorkflowFormatError("a UI workflow must be a JSON object")
+    scopes, subgraph_ids = _parse_scopes(workflow)
+    flow = _Workflow(scopes, subgraph_ids, catalogue)
+    _expand(flow)
+    _check_types(flow)
+    _apply_primitive_nodes(flow)
+    rng = rng or random.Random()
+
+    prompt: dict[str, dict] = {}
+    for exec_id in flow.order:
+        placed = flow.placed[exec_id]
+        node = flow.node(placed)
+        node_type = str(node.get("type"))
+        if node.get("mode") in (MODE_MUTED, MODE_BYPASS) or node_type not in catalogue or flow.is_instance(node):
+            continue
+        if node_type in NOTE_TYPES or node_type in VIRTUAL_TYPES:
+            continue
+        layout = flow.layout(node_type)
+        values = _aligned_widget_values(node, layout)
+        values.update(flow.overrides.get(exec_id, {}))
+        inputs: dict[str, Any] = {}
+        for widget in layout.widgets:
+            if not widget.in_prompt:
+                continue
+            value = values.get(widget.name)
+            if widget.dynamic_prompts and isinstance(value, str):
+                value = process_dynamic_prompt(value, rng)
+            inputs[widget.name] = _wrap(value)
+        for slot, node_input in enumerate(node.get("inputs") or []):
+            resolved = _resolve_input(flow, placed, slot)
+            if resolved is None:
+                continue
+            name = str(node_input.get("name"))
+            if isinstance(resolved, WidgetValue):
+                inputs[name] = _wrap(resolved.value)
+            else:
+                inputs[name] = [resolved[0], resolved[1]]
+        prompt[exec_id] = {"inputs": inputs, "class_type": node_type, "_meta": _meta(node, layout)}
+
+    for entry in prompt.values():  # links to nodes that did not make it into the prompt are dropped
+        for name in [n for n, v in entry["inputs"].items() if _is_link(v) and v[0] not in prompt]:
+            del entry["inputs"][name]
+    return _execution_ordered(prompt)
+
+
+def _is_link(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
+
+
+def _execution_ordered(prompt: dict[str, dict]) -> dict[str, dict]:
+    graph = nx.DiGraph()
+    position = {node_id: index for index, node_id in enumerate(prompt)}
+    graph.add_nodes_from(prompt)
+    for node_id, entry in prompt.items():
+        for value in entry["inputs"].values():
+            if _is_link(value):
+                graph.add_edge(value[0], node_id)
+    try:
+        order = list(nx.lexicographical_topological_sort(graph, key=position.__getitem__))
+    except nx.NetworkXUnfeasible:
+        order = list(prompt)
+    return {node_id: prompt[node_id] for node_id in order}
