@@ -10,6 +10,10 @@ os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
 # Family modules, imported in this order by builtin_nodes(). Each defines NODES = [NodeClass, ...].
 NODE_MODULES: tuple[str, ...] = (
     "nodes.utility",
+    "nodes.latent",
+    "nodes.vae_nodes",
+    "nodes.image",
+    "nodes.primitives",
 )
 
 
