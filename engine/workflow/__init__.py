@@ -4,7 +4,17 @@ Everything here is driven by a node catalogue in ComfyUI's `/object_info` shape 
 diffusion or HTTP.
 """
 
+from engine.workflow.api_to_ui import api_to_ui
 from engine.workflow.catalogue import WorkflowFormatError
+from engine.workflow.formats import detect_format, load_workflow, read_png_text_chunks
 from engine.workflow.ui_to_api import MissingNodeTypesError, ui_to_api
 
-__all__ = ["MissingNodeTypesError", "WorkflowFormatError", "ui_to_api"]
+__all__ = [
+    "MissingNodeTypesError",
+    "WorkflowFormatError",
+    "api_to_ui",
+    "detect_format",
+    "load_workflow",
+    "read_png_text_chunks",
+    "ui_to_api",
+]
