@@ -1,0 +1,177 @@
+"""CONDITIONING lists turned into what the denoiser evaluates at each step (ComfyUI's `process_conds`).
+
+A CONDITIONING value is a list of `[context, options]` pairs; see comfy-semantics §1. Preparation resolves
+percentage areas and masks to latent cells, start/end percents to sigma thresholds, builds SDXL's added
+conditioning, gives every positive area entry a negative twin with the same area (so CFG compares like with
+like), and copies ControlNets marked `control_apply_to_uncond` onto the negative entries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .schedules import DiscreteSchedule
+
+# Area tuples are (height, width, y, x) in latent cells.
+Area = tuple[int, int, int, int]
+
+
+@dataclass
+class CondEntry:
+    context: torch.Tensor                   # [n, tokens, dim] float32 on the sampling device
+    area: Area | None = None
+    strength: float = 1.0
+    mask: torch.Tensor | None = None        # [n, h, w] at latent resolution
+    mask_strength: float = 1.0
+    sigma_start: float | None = None        # inactive while sigma > sigma_start
+    sigma_end: float | None = None          # inactive while sigma < sigma_end
+    control: Any = None
+    control_apply_to_uncond: bool = False
+    added: dict[str, torch.Tensor] = field(default_factory=dict)  # SDXL text_embeds / time_ids, [n, ...]
+
+    def active_at(self, sigma: float) -> bool:
+        if self.sigma_start is not None and sigma > self.sigma_start:
+            return False
+        if self.sigma_end is not None and sigma < self.sigma_end:
+            return False
+        return True
+
+
+def _resolve_area(area: Any, height: int, width: int) -> Area:
+    if area[0] == "percentage":
+        h, w, y, x = area[1:]
+        return (max(1, round(h * height)), max(1, round(w * width)), round(y * height), round(x * width))
+    return tuple(int(v) for v in area)  # type: ignore[return-value]
+
+
+def _mask_bounds(mask: torch.Tensor) -> Area:
+    """set_area_to_bounds: the box around the mask's non-zero cells (at least 8×8)."""
+    rows, cols = torch.nonzero(mask.abs().amax(dim=0), as_tuple=True)
+    if rows.numel() == 0:
+        return (8, 8, 0, 0)
+    y0, y1, x0, x1 = int(rows.min()), int(rows.max()), int(cols.min()), int(cols.max())
+    return (max(8, y1 - y0 + 1), max(8, x1 - x0 + 1), y0, x0)
+
+
+def _sdxl_added(options: dict, latent_shape: torch.Size, unet_config: Any, refiner: bool, negative: bool,
+                device: torch.device) -> dict[str, torch.Tensor]:
+    """diffusers' added_cond_kwargs: text_embeds = pooled output, time_ids = ComfyUI's size conditioning."""
+    width = options.get("width", latent_shape[3] * 8)
+    height = options.get("height", latent_shape[2] * 8)
+    crop_w, crop_h = options.get("crop_w", 0), options.get("crop_h", 0)
+    if refiner:
+        score = options.get("aesthetic_score", 2.5 if negative else 6.0)
+        values = [height, width, crop_h, crop_w, score]
+    else:
+        values = [height, width, crop_h, crop_w, options.get("target_height", height),
+                  options.get("target_width", width)]
+    time_ids = torch.tensor([values], dtype=torch.float32, device=device)
+    pooled = options.get("pooled_output")
+    if pooled is None:
+        size = unet_config.projection_class_embeddings_input_dim - len(values) * unet_config.addition_time_embed_dim
+        pooled = torch.zeros((1, size))
+    return {"text_embeds": pooled.to(device=device, dtype=torch.float32).reshape(pooled.shape[0], -1),
+            "time_ids": time_ids}
+
+
+def _prepare_entry(pair: Any, latent_shape: torch.Size, schedule: DiscreteSchedule, device: torch.device,
+                   unet_config: Any, family: str, negative: bool) -> CondEntry:
+    if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not isinstance(pair[1], dict):
+        raise ValueError("conditioning entries must be [tensor, dict] pairs")
+    context, options = pair
+    height, width = latent_shape[2], latent_shape[3]
+    entry = CondEntry(context=context.to(device=device, dtype=torch.float32),
+                      strength=float(options.get("strength", 1.0)),
+                      mask_strength=float(options.get("mask_strength", 1.0)),
+                      control=options.get("control"),
+                      control_apply_to_uncond=bool(options.get("control_apply_to_uncond", False)))
+    if options.get("area") is not None:
+        entry.area = _resolve_area(options["area"], height, width)
+    if options.get("mask") is not None:
+        mask = options["mask"].to(device=device, dtype=torch.float32)
+        if mask.ndim == 2:
+            mask = mask.unsqueeze(0)
+        if mask.shape[1:] != (height, width):
+            mask = F.interpolate(mask.unsqueeze(1), size=(height, width), mode="bilinear",
+                                 align_corners=False).squeeze(1)
+        if options.get("set_area_to_bounds", False):
+            entry.area = _mask_bounds(mask)
+        entry.mask = mask
+    if "start_percent" in options:
+        entry.sigma_start = schedule.percent_to_sigma(float(options["start_percent"]))
+    if "end_percent" in options:
+        entry.sigma_end = schedule.percent_to_sigma(float(options["end_percent"]))
+    if getattr(unet_config, "addition_embed_type", None) == "text_time":
+        entry.added = _sdxl_added(options, latent_shape, unet_config, family == "sdxl_refiner", negative, device)
+    return entry
+
+
+def _area_inside(inner: Area, outer: Area) -> bool:
+    return (inner[2] >= outer[2] and inner[3] >= outer[3]
+            and inner[0] + inner[2] <= outer[0] + outer[2] and inner[1] + inner[3] <= outer[1] + outer[3])
+
+
+def _add_twin_with_same_area(others: list[CondEntry], entry: CondEntry) -> None:
+    """Give `others` an entry with entry's area, using the prompt of the smallest of them that covers it."""
+    if entry.area is None:
+        return
+    smallest = None
+    for other in others:
+        if other.area is None:
+            smallest = smallest or other
+        elif _area_inside(entry.area, other.area):
+            if smallest is None or smallest.area is None or \
+                    smallest.area[0] * smallest.area[1] > other.area[0] * other.area[1]:
+                smallest = other
+    if smallest is None or smallest.area == entry.area:
+        return
+    others.append(dataclasses.replace(entry, context=smallest.context, added=smallest.added))
+
+
+def _copy_controls_to_uncond(positive: list[CondEntry], negative: list[CondEntry]) -> None:
+    """ControlNetApply puts its net on the positive only, asking for the same net on the negative too."""
+    controls = [e.control for e in positive if e.area is None and e.control is not None
+                and e.control_apply_to_uncond]
+    if any(e.area is None and e.control is not None for e in negative):
+        return
+    plain = [(e, i) for i, e in enumerate(negative) if e.area is None and e.control is None]
+    if not plain:
+        return
+    for n, control in enumerate(controls):
+        entry, index = plain[n % len(plain)]
+        negative[index] = dataclasses.replace(entry, control=control)
+
+
+def prepare_conditioning(conds: dict[str, list | None], latent_shape: torch.Size, schedule: DiscreteSchedule,
+                         device: torch.device, unet_config: Any, family: str) -> dict[str, list[CondEntry]]:
+    """All CONDITIONING lists of one sampling run ("positive", optionally "negative") → CondEntry lists."""
+    prepared = {
+        kind: [_prepare_entry(pair, latent_shape, schedule, device, unet_config, family, kind == "negative")
+               for pair in pairs]
+        for kind, pairs in conds.items() if pairs is not None
+    }
+    kinds = list(prepared)
+    for kind in kinds:
+        for entry in list(prepared[kind]):
+            for other in kinds:
+                if other != kind:
+                    _add_twin_with_same_area(prepared[other], entry)
+    if "positive" in prepared:
+        for kind in kinds:
+            if kind != "positive":
+                _copy_controls_to_uncond(prepared["positive"], prepared[kind])
+    return prepared
+
+
+def repeat_to_batch(tensor: torch.Tensor, batch: int) -> torch.Tensor:
+    if tensor.shape[0] > batch:
+        return tensor[:batch]
+    if tensor.shape[0] < batch:
+        reps = -(-batch // tensor.shape[0])
+        return tensor.repeat([reps] + [1] * (tensor.ndim - 1))[:batch]
+    return tensor

@@ -1,0 +1,379 @@
+"""Sampling nodes: KSampler, KSamplerAdvanced and the custom-sampling family (ComfyUI's names, inputs, numerics).
+
+The maths lives in nodes.diffusion (schedules, noise, samplers, denoiser); these classes only check inputs, pick
+the pieces and report progress with a latent preview after every step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, Callable
+
+import torch
+
+from engine.node import Node
+from engine.types import (CONDITIONING, GUIDER, LATENT, MODEL, NOISE, SAMPLER, SIGMAS, Boolean, Combo,
+                          Float, Int, Output, Socket)
+
+from .diffusion.denoiser import Guider
+from .diffusion.models import DiffusionModel
+from .diffusion.noise import initial_noise
+from .diffusion.preview import preview_jpeg
+from .diffusion.samplers import SAMPLER_NAMES, Sampler, sampler_for_name
+from .diffusion.schedules import (SCHEDULER_NAMES, DiscreteSchedule, advanced_sigmas, basic_scheduler_sigmas,
+                                  denoise_sigmas, exponential_sigmas, karras_sigmas, sd_turbo_sigmas)
+
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+CUSTOM = "sampling/custom_sampling"
+
+
+# --- noise objects (what NOISE links carry) ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RandomNoiseSource:
+    seed: int
+
+    def generate_noise(self, latent: dict) -> torch.Tensor:
+        return initial_noise(latent["samples"], self.seed, latent.get("batch_index"))
+
+
+@dataclass(frozen=True)
+class NoNoise:
+    seed: int = 0
+
+    def generate_noise(self, latent: dict) -> torch.Tensor:
+        return torch.zeros(latent["samples"].shape, dtype=torch.float32)
+
+
+# --- input checks --------------------------------------------------------------------------------------------
+
+def _check_model(model: Any, node: str, name: str = "model") -> DiffusionModel:
+    if not isinstance(model, DiffusionModel):
+        raise ValueError(f"{node}: input '{name}' must be a MODEL (got {type(model).__name__})")
+    return model
+
+
+def _check_latent(latent: Any, node: str, name: str = "latent_image") -> dict:
+    if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
+        raise ValueError(f"{node}: input '{name}' must be a LATENT (a dict with a 'samples' tensor)")
+    if latent["samples"].ndim != 4:
+        raise ValueError(f"{node}: input '{name}' samples must be [batch, channels, height, width]")
+    return latent
+
+
+def _check_conditioning(conditioning: Any, node: str, name: str) -> list:
+    if not isinstance(conditioning, list) or not all(
+            isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[0], torch.Tensor)
+            and isinstance(pair[1], dict) for pair in conditioning):
+        raise ValueError(f"{node}: input '{name}' must be CONDITIONING (a list of [tensor, dict] pairs)")
+    return conditioning
+
+
+def _check_choice(value: str, choices: tuple[str, ...], node: str, name: str) -> str:
+    if value not in choices:
+        raise ValueError(f"{node}: input '{name}' is '{value}', not one of: {', '.join(choices)}")
+    return value
+
+
+def _check_sigmas(sigmas: Any, node: str) -> torch.Tensor:
+    if not isinstance(sigmas, torch.Tensor) or sigmas.ndim != 1:
+        raise ValueError(f"{node}: input 'sigmas' must be SIGMAS (a 1-D tensor)")
+    return sigmas
+
+
+# --- the shared run ------------------------------------------------------------------------------------------
+
+def _manager(ctx: Any) -> Any:
+    env = getattr(ctx, "env", None)
+    return env.services.get("models") if env is not None else None
+
+
+def _progress_callback(ctx: Any, model: DiffusionModel, x0_sink: dict | None = None) -> Callable:
+    def report(step: int, denoised: torch.Tensor, x: torch.Tensor, total: int) -> None:
+        if x0_sink is not None:
+            x0_sink["x0"] = denoised
+        jpeg = preview_jpeg(denoised, model.latent_format)
+        ctx.progress(step + 1, total, ("image/jpeg", jpeg) if jpeg is not None else None)
+    return report
+
+
+def _sample(ctx: Any, guider: Guider, noise: torch.Tensor, latent: dict, sampler: Sampler, sigmas: torch.Tensor,
+            seed: int, x0_sink: dict | None = None) -> dict:
+    samples = guider.sample(noise, latent["samples"], sampler, sigmas, denoise_mask=latent.get("noise_mask"),
+                            callback=_progress_callback(ctx, guider.model, x0_sink), seed=seed,
+                            manager=_manager(ctx))
+    out = dict(latent)
+    out["samples"] = samples
+    return out
+
+
+def common_ksampler(ctx: Any, node: str, model: Any, seed: int, steps: int, cfg: float, sampler_name: str,
+                    scheduler: str, positive: Any, negative: Any, latent: Any, denoise: float = 1.0,
+                    disable_noise: bool = False, start_step: int | None = None, last_step: int | None = None,
+                    force_full_denoise: bool = False) -> tuple[dict]:
+    model = _check_model(model, node)
+    latent = _check_latent(latent, node)
+    positive = _check_conditioning(positive, node, "positive")
+    negative = _check_conditioning(negative, node, "negative")
+    sampler = sampler_for_name(_check_choice(sampler_name, SAMPLER_NAMES, node, "sampler_name"))
+    _check_choice(scheduler, SCHEDULER_NAMES, node, "scheduler")
+    samples = latent["samples"]
+    if disable_noise:
+        noise = torch.zeros(samples.shape, dtype=torch.float32)
+    else:
+        noise = initial_noise(samples, seed, latent.get("batch_index"))
+    schedule = DiscreteSchedule(model.sampling)
+    sigmas = denoise_sigmas(schedule, scheduler, steps, denoise, sampler.drops_penultimate)
+    if last_step is not None or start_step is not None:
+        truncated = advanced_sigmas(sigmas, start_step or 0, last_step if last_step is not None else len(sigmas),
+                                    force_full_denoise)
+        if truncated is None:  # starts at or past the end: nothing to do
+            return (dict(latent),)
+        sigmas = truncated
+    guider = Guider(model, {"positive": positive, "negative": negative}, cfg)
+    return (_sample(ctx, guider, noise, latent, sampler, sigmas, seed),)
+
+
+# --- nodes ---------------------------------------------------------------------------------------------------
+
+SeedInput = Annotated[int, Int(min=0, max=MAX_SEED, control_after_generate=True,
+                               tooltip="The random seed used for creating the noise.")]
+CfgInput = Annotated[float, Float(min=0.0, max=100.0, step=0.1, round=0.01,
+                                  tooltip="Classifier-free guidance scale.")]
+
+
+class KSampler(Node):
+    category = "sampling"
+    description = "Uses the provided model, positive and negative conditioning to denoise the latent image."
+    outputs = (Output(LATENT, tooltip="The denoised latent."),)
+
+    model: Annotated[Any, Socket(MODEL, tooltip="The model used for denoising the input latent.")]
+    seed: SeedInput = 0
+    steps: Annotated[int, Int(min=1, max=10000, tooltip="The number of steps used in the denoising process.")] = 20
+    cfg: CfgInput = 8.0
+    sampler_name: Annotated[str, Combo(SAMPLER_NAMES, tooltip="The algorithm used when sampling.")] = "euler"
+    scheduler: Annotated[str, Combo(SCHEDULER_NAMES, tooltip="How noise is removed over the steps.")] = "simple"
+    positive: Annotated[Any, Socket(CONDITIONING, tooltip="What to include in the image.")]
+    negative: Annotated[Any, Socket(CONDITIONING, tooltip="What to exclude from the image.")]
+    latent_image: Annotated[Any, Socket(LATENT, tooltip="The latent image to denoise.")]
+    denoise: Annotated[float, Float(min=0.0, max=1.0, step=0.01,
+                                    tooltip="The amount of denoising applied.")] = 1.0
+
+    def run(self, ctx):
+        return common_ksampler(ctx, "KSampler", self.model, self.seed, self.steps, self.cfg, self.sampler_name,
+                               self.scheduler, self.positive, self.negative, self.latent_image,
+                               denoise=self.denoise)
+
+
+class KSamplerAdvanced(Node):
+    display_name = "KSampler (Advanced)"
+    category = "sampling"
+    outputs = (Output(LATENT),)
+
+    model: Annotated[Any, Socket(MODEL)]
+    add_noise: Annotated[str, Combo(("enable", "disable"))] = "enable"
+    noise_seed: SeedInput = 0
+    steps: Annotated[int, Int(min=1, max=10000)] = 20
+    cfg: CfgInput = 8.0
+    sampler_name: Annotated[str, Combo(SAMPLER_NAMES)] = "euler"
+    scheduler: Annotated[str, Combo(SCHEDULER_NAMES)] = "simple"
+    positive: Annotated[Any, Socket(CONDITIONING)]
+    negative: Annotated[Any, Socket(CONDITIONING)]
+    latent_image: Annotated[Any, Socket(LATENT)]
+    start_at_step: Annotated[int, Int(min=0, max=10000)] = 0
+    end_at_step: Annotated[int, Int(min=0, max=10000)] = 10000
+    return_with_leftover_noise: Annotated[str, Combo(("disable", "enable"))] = "disable"
+
+    def run(self, ctx):
+        node = "KSamplerAdvanced"
+        _check_choice(self.add_noise, ("enable", "disable"), node, "add_noise")
+        _check_choice(self.return_with_leftover_noise, ("disable", "enable"), node, "return_with_leftover_noise")
+        return common_ksampler(ctx, node, self.model, self.noise_seed, self.steps, self.cfg, self.sampler_name,
+                               self.scheduler, self.positive, self.negative, self.latent_image, denoise=1.0,
+                               disable_noise=self.add_noise == "disable", start_step=self.start_at_step,
+                               last_step=self.end_at_step,
+                               force_full_denoise=self.return_with_leftover_noise != "enable")
+
+
+def _custom_outputs(latent: dict, out: dict, model: DiffusionModel, x0_sink: dict) -> tuple[dict, dict]:
+    """(output, denoised_output): the second is the last x0 estimate, unscaled (the output when none ran)."""
+    if "x0" not in x0_sink:
+        return out, out
+    denoised = dict(latent)
+    denoised["samples"] = model.latent_format.process_out(x0_sink["x0"].float().cpu())
+    return out, denoised
+
+
+class SamplerCustom(Node):
+    category = CUSTOM
+    outputs = (Output(LATENT, "output"), Output(LATENT, "denoised_output"))
+
+    model: Annotated[Any, Socket(MODEL)]
+    add_noise: Annotated[bool, Boolean()] = True
+    noise_seed: SeedInput = 0
+    cfg: CfgInput = 8.0
+    positive: Annotated[Any, Socket(CONDITIONING)]
+    negative: Annotated[Any, Socket(CONDITIONING)]
+    sampler: Annotated[Any, Socket(SAMPLER)]
+    sigmas: Annotated[Any, Socket(SIGMAS)]
+    latent_image: Annotated[Any, Socket(LATENT)]
+
+    def run(self, ctx):
+        node = "SamplerCustom"
+        model = _check_model(self.model, node)
+        latent = dict(_check_latent(self.latent_image, node))
+        if not isinstance(self.sampler, Sampler):
+            raise ValueError(f"{node}: input 'sampler' must be a SAMPLER")
+        sigmas = _check_sigmas(self.sigmas, node)
+        source = RandomNoiseSource(self.noise_seed) if self.add_noise else NoNoise()
+        guider = Guider(model, {"positive": _check_conditioning(self.positive, node, "positive"),
+                                "negative": _check_conditioning(self.negative, node, "negative")}, self.cfg)
+        x0_sink: dict = {}
+        out = _sample(ctx, guider, source.generate_noise(latent), latent, self.sampler, sigmas, self.noise_seed,
+                      x0_sink)
+        return _custom_outputs(latent, out, model, x0_sink)
+
+
+class SamplerCustomAdvanced(Node):
+    category = CUSTOM
+    outputs = (Output(LATENT, "output"), Output(LATENT, "denoised_output"))
+
+    noise: Annotated[Any, Socket(NOISE)]
+    guider: Annotated[Any, Socket(GUIDER)]
+    sampler: Annotated[Any, Socket(SAMPLER)]
+    sigmas: Annotated[Any, Socket(SIGMAS)]
+    latent_image: Annotated[Any, Socket(LATENT)]
+
+    def run(self, ctx):
+        node = "SamplerCustomAdvanced"
+        latent = dict(_check_latent(self.latent_image, node))
+        if not hasattr(self.noise, "generate_noise"):
+            raise ValueError(f"{node}: input 'noise' must be a NOISE")
+        if not isinstance(self.guider, Guider):
+            raise ValueError(f"{node}: input 'guider' must be a GUIDER")
+        if not isinstance(self.sampler, Sampler):
+            raise ValueError(f"{node}: input 'sampler' must be a SAMPLER")
+        sigmas = _check_sigmas(self.sigmas, node)
+        x0_sink: dict = {}
+        out = _sample(ctx, self.guider, self.noise.generate_noise(latent), latent, self.sampler, sigmas,
+                      self.noise.seed, x0_sink)
+        return _custom_outputs(latent, out, self.guider.model, x0_sink)
+
+
+class KSamplerSelect(Node):
+    category = f"{CUSTOM}/samplers"
+    outputs = (Output(SAMPLER),)
+
+    sampler_name: Annotated[str, Combo(SAMPLER_NAMES)] = "euler"
+
+    def run(self, ctx):
+        return (sampler_for_name(_check_choice(self.sampler_name, SAMPLER_NAMES, "KSamplerSelect", "sampler_name")),)
+
+
+StepsInput = Annotated[int, Int(min=1, max=10000)]
+DenoiseInput = Annotated[float, Float(min=0.0, max=1.0, step=0.01)]
+SigmaInput = Annotated[float, Float(min=0.0, max=5000.0, step=0.01, round=False)]
+
+
+class BasicScheduler(Node):
+    category = f"{CUSTOM}/schedulers"
+    outputs = (Output(SIGMAS),)
+
+    model: Annotated[Any, Socket(MODEL)]
+    scheduler: Annotated[str, Combo(SCHEDULER_NAMES)] = "simple"
+    steps: StepsInput = 20
+    denoise: DenoiseInput = 1.0
+
+    def run(self, ctx):
+        model = _check_model(self.model, "BasicScheduler")
+        scheduler = _check_choice(self.scheduler, SCHEDULER_NAMES, "BasicScheduler", "scheduler")
+        return (basic_scheduler_sigmas(DiscreteSchedule(model.sampling), scheduler, self.steps, self.denoise),)
+
+
+class KarrasScheduler(Node):
+    category = f"{CUSTOM}/schedulers"
+    outputs = (Output(SIGMAS),)
+
+    steps: StepsInput = 20
+    sigma_max: SigmaInput = 14.614642
+    sigma_min: SigmaInput = 0.0291675
+    rho: Annotated[float, Float(min=0.0, max=100.0, step=0.01, round=False)] = 7.0
+
+    def run(self, ctx):
+        return (karras_sigmas(self.steps, self.sigma_min, self.sigma_max, self.rho),)
+
+
+class ExponentialScheduler(Node):
+    category = f"{CUSTOM}/schedulers"
+    outputs = (Output(SIGMAS),)
+
+    steps: StepsInput = 20
+    sigma_max: SigmaInput = 14.614642
+    sigma_min: SigmaInput = 0.0291675
+
+    def run(self, ctx):
+        return (exponential_sigmas(self.steps, self.sigma_min, self.sigma_max),)
+
+
+class SDTurboScheduler(Node):
+    category = f"{CUSTOM}/schedulers"
+    outputs = (Output(SIGMAS),)
+
+    model: Annotated[Any, Socket(MODEL)]
+    steps: Annotated[int, Int(min=1, max=10)] = 1
+    denoise: DenoiseInput = 1.0
+
+    def run(self, ctx):
+        model = _check_model(self.model, "SDTurboScheduler")
+        return (sd_turbo_sigmas(DiscreteSchedule(model.sampling), self.steps, self.denoise),)
+
+
+class RandomNoise(Node):
+    category = f"{CUSTOM}/noise"
+    outputs = (Output(NOISE),)
+
+    noise_seed: SeedInput = 0
+
+    def run(self, ctx):
+        return (RandomNoiseSource(self.noise_seed),)
+
+
+class DisableNoise(Node):
+    category = f"{CUSTOM}/noise"
+    outputs = (Output(NOISE),)
+
+    def run(self, ctx):
+        return (NoNoise(),)
+
+
+class CFGGuider(Node):
+    category = f"{CUSTOM}/guiders"
+    outputs = (Output(GUIDER),)
+
+    model: Annotated[Any, Socket(MODEL)]
+    positive: Annotated[Any, Socket(CONDITIONING)]
+    negative: Annotated[Any, Socket(CONDITIONING)]
+    cfg: CfgInput = 8.0
+
+    def run(self, ctx):
+        node = "CFGGuider"
+        return (Guider(_check_model(self.model, node),
+                       {"positive": _check_conditioning(self.positive, node, "positive"),
+                        "negative": _check_conditioning(self.negative, node, "negative")}, self.cfg),)
+
+
+class BasicGuider(Node):
+    category = f"{CUSTOM}/guiders"
+    outputs = (Output(GUIDER),)
+
+    model: Annotated[Any, Socket(MODEL)]
+    conditioning: Annotated[Any, Socket(CONDITIONING)]
+
+    def run(self, ctx):
+        node = "BasicGuider"
+        return (Guider(_check_model(self.model, node),
+                       {"positive": _check_conditioning(self.conditioning, node, "conditioning")}),)
+
+
+NODES = [KSampler, KSamplerAdvanced, SamplerCustom, SamplerCustomAdvanced, KSamplerSelect, BasicScheduler,
+         KarrasScheduler, ExponentialScheduler, SDTurboScheduler, RandomNoise, DisableNoise, CFGGuider, BasicGuider]
