@@ -14,6 +14,7 @@ NODE_MODULES: tuple[str, ...] = (
     "nodes.vae_nodes",
     "nodes.image",
     "nodes.primitives",
+    "nodes.conditioning",
 )
 
 

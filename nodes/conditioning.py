@@ -1,0 +1,289 @@
+"""Text encoding and conditioning nodes, with ComfyUI's class names, inputs and semantics.
+
+CONDITIONING is a list of [cond tensor [1, 77k, D], options dict] pairs. Nodes never change the lists or dicts
+they receive: each returns new pairs with copied option dicts (the tensors themselves are shared, read-only).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import torch
+
+from engine.node import Node
+from engine.types import CLIP, CONDITIONING, MASK, Combo, Float, Int, Output, Socket, String
+from nodes.diffusion.clip import EMBEDDINGS_SERVICE, MODELS_SERVICE, ClipModel, pad_token_chunks
+
+MAX_RESOLUTION = 16384
+
+Conditioning = list[list[Any]]
+
+
+def _service(ctx: Any, name: str) -> Any:
+    env = getattr(ctx, "env", None)
+    services = getattr(env, "services", None) or {}
+    return services.get(name)
+
+
+def _require_clip(node: Node, clip: Any) -> ClipModel:
+    if not isinstance(clip, ClipModel):
+        raise ValueError(f"{node.class_type()}: input 'clip' is not a CLIP model (got {type(clip).__name__}); if it "
+                         "comes from a checkpoint loader, that checkpoint has no usable text encoder")
+    return clip
+
+
+def _encode(ctx: Any, clip: ClipModel, tokens: dict, extra: dict[str, Any] | None = None) -> Conditioning:
+    cond, pooled = clip.encode_tokens(tokens, manager=_service(ctx, MODELS_SERVICE))
+    return [[cond, {"pooled_output": pooled, **(extra or {})}]]
+
+
+def _tokenize(ctx: Any, clip: ClipModel, text: str) -> dict:
+    warn = getattr(ctx, "warn", None)
+    return clip.tokenize(text, resolve_embedding=_service(ctx, EMBEDDINGS_SERVICE), warn=warn)
+
+
+def set_values(conditioning: Conditioning, values: dict[str, Any]) -> Conditioning:
+    """Each pair with `values` merged into a copy of its options."""
+    return [[cond, {**options, **values}] for cond, options in conditioning]
+
+
+PROMPT = String(multiline=True, dynamicPrompts=True, tooltip="The text to encode.")
+
+
+class CLIPTextEncode(Node):
+    display_name = "CLIP Text Encode (Prompt)"
+    category = "conditioning"
+    description = "Encodes a text prompt with a CLIP model into conditioning that guides the diffusion model."
+    outputs = (Output(CONDITIONING, tooltip="The encoded text, used to guide the diffusion model."),)
+
+    text: Annotated[str, PROMPT]
+    clip: Annotated[Any, Socket(CLIP, tooltip="The CLIP model used for encoding the text.")]
+
+    def run(self, ctx):
+        clip = _require_clip(self, self.clip)
+        return (_encode(ctx, clip, _tokenize(ctx, clip, self.text)),)
+
+
+class CLIPSetLastLayer(Node):
+    display_name = "CLIP Set Last Layer"
+    category = "conditioning"
+    outputs = (Output(CLIP),)
+
+    clip: Annotated[Any, Socket(CLIP)]
+    stop_at_clip_layer: Annotated[int, Int(min=-24, max=-1, step=1)] = -1
+
+    def run(self, ctx):
+        return (_require_clip(self, self.clip).clone_with_layer(self.stop_at_clip_layer),)
+
+
+class CLIPTextEncodeSDXL(Node):
+    category = "advanced/conditioning"
+    outputs = (Output(CONDITIONING),)
+
+    clip: Annotated[Any, Socket(CLIP)]
+    width: Annotated[int, Int(min=0, max=MAX_RESOLUTION)] = 1024
+    height: Annotated[int, Int(min=0, max=MAX_RESOLUTION)] = 1024
+    crop_w: Annotated[int, Int(min=0, max=MAX_RESOLUTION)] = 0
+    crop_h: Annotated[int, Int(min=0, max=MAX_RESOLUTION)] = 0
+    target_width: Annotated[int, Int(min=0, max=MAX_RESOLUTION)] = 1024
+    target_height: Annotated[int, Int(min=0, max=MAX_RESOLUTION)] = 1024
+    text_g: Annotated[str, String(multiline=True, dynamicPrompts=True)]
+    text_l: Annotated[str, String(multiline=True, dynamicPrompts=True)]
+
+    def run(self, ctx):
+        clip = _require_clip(self, self.clip)
+        if set(clip.roles) != {"l", "g"}:
+            raise ValueError(f"CLIPTextEncodeSDXL: input 'clip' must be an SDXL CLIP (clip_l + clip_g), "
+                             f"got a {clip.family} one")
+        tokens = _tokenize(ctx, clip, self.text_g)
+        tokens["l"] = _tokenize(ctx, clip, self.text_l)["l"]
+        # Different prompts can chunk differently; the shorter side is filled with empty-prompt chunks.
+        tokens = pad_token_chunks(tokens, clip.empty_tokens())
+        extra = {"width": self.width, "height": self.height, "crop_w": self.crop_w, "crop_h": self.crop_h,
+                 "target_width": self.target_width, "target_height": self.target_height}
+        return (_encode(ctx, clip, tokens, extra),)
+
+
+class CLIPTextEncodeSDXLRefiner(Node):
+    category = "advanced/conditioning"
+    outputs = (Output(CONDITIONING),)
+
+    ascore: Annotated[float, Float(min=0.0, max=1000.0, step=0.01)] = 6.0
+    width: Annotated[int, Int(min=0, max=MAX_RESOLUTION)] = 1024
+    height: Annotated[int, Int(min=0, max=MAX_RESOLUTION)] = 1024
+    text: Annotated[str, String(multiline=True, dynamicPrompts=True)]
+    clip: Annotated[Any, Socket(CLIP)]
+
+    def run(self, ctx):
+        clip = _require_clip(self, self.clip)
+        extra = {"aesthetic_score": self.ascore, "width": self.width, "height": self.height}
+        return (_encode(ctx, clip, _tokenize(ctx, clip, self.text), extra),)
+
+
+class ConditioningCombine(Node):
+    display_name = "Conditioning (Combine)"
+    category = "conditioning"
+    outputs = (Output(CONDITIONING),)
+
+    conditioning_1: Annotated[Any, Socket(CONDITIONING)]
+    conditioning_2: Annotated[Any, Socket(CONDITIONING)]
+
+    def run(self, ctx):
+        return (list(self.conditioning_1) + list(self.conditioning_2),)
+
+
+def _first_of(ctx: Any, node: str, conditioning_from: Conditioning) -> tuple[torch.Tensor, Any]:
+    if not conditioning_from:
+        raise ValueError(f"{node}: input 'conditioning_from' is empty")
+    if len(conditioning_from) > 1 and hasattr(ctx, "warn"):
+        ctx.warn(f"{node}: conditioning_from contains more than one entry; only the first is used")
+    cond, options = conditioning_from[0]
+    return cond, options.get("pooled_output")
+
+
+class ConditioningAverage(Node):
+    display_name = "Conditioning (Average)"
+    category = "conditioning"
+    outputs = (Output(CONDITIONING),)
+
+    conditioning_to: Annotated[Any, Socket(CONDITIONING)]
+    conditioning_from: Annotated[Any, Socket(CONDITIONING)]
+    conditioning_to_strength: Annotated[float, Float(min=0.0, max=1.0, step=0.01)] = 1.0
+
+    def run(self, ctx):
+        cond_from, pooled_from = _first_of(ctx, "ConditioningAverage", self.conditioning_from)
+        strength = self.conditioning_to_strength
+        result = []
+        for cond_to, options in self.conditioning_to:
+            # `from` is cut or zero-padded to the length of `to` along the token axis.
+            matched = cond_from[:, :cond_to.shape[1]]
+            if matched.shape[1] < cond_to.shape[1]:
+                padding = torch.zeros(1, cond_to.shape[1] - matched.shape[1], cond_to.shape[2],
+                                      dtype=matched.dtype, device=matched.device)
+                matched = torch.cat([matched, padding], dim=1)
+            new_options = dict(options)
+            pooled_to = options.get("pooled_output", pooled_from)
+            if pooled_from is not None and pooled_to is not None:
+                new_options["pooled_output"] = pooled_to * strength + pooled_from * (1.0 - strength)
+            elif pooled_from is not None:
+                new_options["pooled_output"] = pooled_from
+            result.append([cond_to * strength + matched * (1.0 - strength), new_options])
+        return (result,)
+
+
+class ConditioningConcat(Node):
+    display_name = "Conditioning (Concat)"
+    category = "conditioning"
+    outputs = (Output(CONDITIONING),)
+
+    conditioning_to: Annotated[Any, Socket(CONDITIONING)]
+    conditioning_from: Annotated[Any, Socket(CONDITIONING)]
+
+    def run(self, ctx):
+        cond_from, _ = _first_of(ctx, "ConditioningConcat", self.conditioning_from)
+        return ([[torch.cat([cond_to, cond_from], dim=1), dict(options)]
+                 for cond_to, options in self.conditioning_to],)
+
+
+class ConditioningSetArea(Node):
+    display_name = "Conditioning (Set Area)"
+    category = "conditioning"
+    outputs = (Output(CONDITIONING),)
+
+    conditioning: Annotated[Any, Socket(CONDITIONING)]
+    width: Annotated[int, Int(min=64, max=MAX_RESOLUTION, step=8)] = 64
+    height: Annotated[int, Int(min=64, max=MAX_RESOLUTION, step=8)] = 64
+    x: Annotated[int, Int(min=0, max=MAX_RESOLUTION, step=8)] = 0
+    y: Annotated[int, Int(min=0, max=MAX_RESOLUTION, step=8)] = 0
+    strength: Annotated[float, Float(min=0.0, max=10.0, step=0.01)] = 1.0
+
+    def run(self, ctx):
+        # The area is kept in latent cells (pixels // 8), ordered (height, width, y, x).
+        area = (self.height // 8, self.width // 8, self.y // 8, self.x // 8)
+        return (set_values(self.conditioning, {"area": area, "strength": self.strength,
+                                               "set_area_to_bounds": False}),)
+
+
+class ConditioningSetAreaPercentage(Node):
+    display_name = "Conditioning (Set Area with Percentage)"
+    category = "conditioning"
+    outputs = (Output(CONDITIONING),)
+
+    conditioning: Annotated[Any, Socket(CONDITIONING)]
+    width: Annotated[float, Float(min=0.0, max=1.0, step=0.01)] = 1.0
+    height: Annotated[float, Float(min=0.0, max=1.0, step=0.01)] = 1.0
+    x: Annotated[float, Float(min=0.0, max=1.0, step=0.01)] = 0.0
+    y: Annotated[float, Float(min=0.0, max=1.0, step=0.01)] = 0.0
+    strength: Annotated[float, Float(min=0.0, max=10.0, step=0.01)] = 1.0
+
+    def run(self, ctx):
+        area = ("percentage", self.height, self.width, self.y, self.x)
+        return (set_values(self.conditioning, {"area": area, "strength": self.strength,
+                                               "set_area_to_bounds": False}),)
+
+
+class ConditioningSetAreaStrength(Node):
+    category = "conditioning"
+    outputs = (Output(CONDITIONING),)
+
+    conditioning: Annotated[Any, Socket(CONDITIONING)]
+    strength: Annotated[float, Float(min=0.0, max=10.0, step=0.01)] = 1.0
+
+    def run(self, ctx):
+        return (set_values(self.conditioning, {"strength": self.strength}),)
+
+
+class ConditioningSetMask(Node):
+    display_name = "Conditioning (Set Mask)"
+    category = "conditioning"
+    outputs = (Output(CONDITIONING),)
+
+    conditioning: Annotated[Any, Socket(CONDITIONING)]
+    mask: Annotated[Any, Socket(MASK)]
+    strength: Annotated[float, Float(min=0.0, max=10.0, step=0.01)] = 1.0
+    set_cond_area: Annotated[str, Combo(("default", "mask bounds"))] = "default"
+
+    def run(self, ctx):
+        mask = self.mask
+        if not isinstance(mask, torch.Tensor) or mask.dim() not in (2, 3):
+            raise ValueError("ConditioningSetMask: input 'mask' must be a MASK tensor [H,W] or [B,H,W]")
+        if mask.dim() < 3:
+            mask = mask.unsqueeze(0)
+        return (set_values(self.conditioning, {"mask": mask, "set_area_to_bounds": self.set_cond_area != "default",
+                                               "mask_strength": self.strength}),)
+
+
+class ConditioningZeroOut(Node):
+    category = "advanced/conditioning"
+    outputs = (Output(CONDITIONING),)
+
+    conditioning: Annotated[Any, Socket(CONDITIONING)]
+
+    def run(self, ctx):
+        result = []
+        for cond, options in self.conditioning:
+            new_options = dict(options)
+            if new_options.get("pooled_output") is not None:
+                new_options["pooled_output"] = torch.zeros_like(new_options["pooled_output"])
+            result.append([torch.zeros_like(cond), new_options])
+        return (result,)
+
+
+class ConditioningSetTimestepRange(Node):
+    category = "advanced/conditioning"
+    outputs = (Output(CONDITIONING),)
+
+    conditioning: Annotated[Any, Socket(CONDITIONING)]
+    start: Annotated[float, Float(min=0.0, max=1.0, step=0.001)] = 0.0
+    end: Annotated[float, Float(min=0.0, max=1.0, step=0.001)] = 1.0
+
+    def run(self, ctx):
+        return (set_values(self.conditioning, {"start_percent": self.start, "end_percent": self.end}),)
+
+
+NODES = [
+    CLIPTextEncode, CLIPSetLastLayer, CLIPTextEncodeSDXL, CLIPTextEncodeSDXLRefiner,
+    ConditioningCombine, ConditioningAverage, ConditioningConcat,
+    ConditioningSetArea, ConditioningSetAreaPercentage, ConditioningSetAreaStrength, ConditioningSetMask,
+    ConditioningZeroOut, ConditioningSetTimestepRange,
+]
