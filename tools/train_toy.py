@@ -1,0 +1,365 @@
+"""Train the bundled toy latent-diffusion family ("toy-shapes") from scratch, in SD1.5's architectures.
+
+Parts (run in order; each reads the previous parts' results from work-training/):
+  vae         AutoencoderKL (4 latent channels, /8), on random 32x32 crops then whole 64x64 images; the latent is
+              then re-normalised (folded into quant_conv/post_quant_conv) so that latent * 0.18215 has unit
+              variance and zero mean, as the engine's SD1 latent format expects.
+  unet        CLIPTextModel (real CLIP token ids, trained from scratch) + UNet2DConditionModel with cross-attention,
+              eps-prediction on SD's scaled-linear schedule, 10 % caption dropout so classifier-free guidance works.
+  controlnet  ControlNetModel.from_unet(unet), hint = the shape's silhouette mask (white on black), base frozen.
+  lora        rank-8 LoRA on the UNet attention projections that draws outlined shapes instead of filled ones.
+  all         the four in order.
+
+Usage: .venv/bin/python tools/train_toy.py --part all [--device cpu] [--threads 2]
+Every part is seeded; the results do not depend on the device (a GPU only makes it faster). Times go to
+work-training/times.json. tools/pack_toy.py writes the shipped files from work-training/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import toy_dataset  # noqa: E402
+from toy_common import (  # noqa: E402
+    WORK_DIR, build_text_encoder, build_unet, build_vae, encode_prompts, inject_lora, kohya_state_dict,
+    load_tokenizer, sd_alphas_cumprod, tokenize,
+)
+
+LATENT_SCALE = 0.18215
+CAPTION_DROPOUT = 0.1
+
+
+def _log(part: str, step: int, total: int, loss: float, started: float) -> None:
+    print(f"[{part}] step {step}/{total} loss {loss:.4f} ({time.time() - started:.0f} s)", flush=True)
+
+
+def _record_time(part: str, seconds: float, extra: dict | None = None) -> None:
+    path = WORK_DIR / "times.json"
+    times = json.loads(path.read_text()) if path.exists() else {}
+    times[part] = {"seconds": round(seconds, 1), "threads": torch.get_num_threads(), **(extra or {})}
+    path.write_text(json.dumps(times, indent=2))
+
+
+def _images_to_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------- VAE
+
+def train_vae(args: argparse.Namespace) -> None:
+    started = time.time()
+    torch.manual_seed(1)
+    rng = np.random.default_rng(1)
+    count = args.vae_images
+    filled, _, _ = toy_dataset.make_arrays(count // 2, start_seed=1_000_000)
+    outline, _, _ = toy_dataset.make_arrays(count // 2, start_seed=2_000_000, style="outline")
+    pixels = _images_to_tensor(np.concatenate([filled, outline]))
+    vae = build_vae().to(args.device).train()
+    optimiser = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    total = args.vae_crop_steps + args.vae_full_steps
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda step: min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / total)))
+    for step in range(total):
+        index = torch.from_numpy(rng.integers(0, len(pixels), args.vae_batch))
+        batch = pixels[index]
+        if step < args.vae_crop_steps:
+            # Random 32x32 crops on the 8-pixel latent grid: 4x cheaper, and convolutions do not care.
+            oy, ox = (int(v) * 8 for v in rng.integers(0, 5, 2))
+            batch = batch[:, :, oy:oy + 32, ox:ox + 32]
+        batch = batch.to(args.device)
+        posterior = vae.encode(batch).latent_dist
+        reconstruction = vae.decode(posterior.sample()).sample
+        loss = (reconstruction - batch).abs().mean() + F.mse_loss(reconstruction, batch)
+        loss = loss + 1e-6 * posterior.kl().mean()
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimiser.step()
+        schedule.step()
+        if step % 100 == 0 or step == total - 1:
+            _log("vae", step, total, loss.item(), started)
+    vae = vae.eval().cpu()
+    _normalise_latents(vae, pixels[:2000])
+    vae.save_pretrained(WORK_DIR / "vae")
+    _record_time("vae", time.time() - started, {"steps": total, "batch": args.vae_batch})
+
+
+@torch.no_grad()
+def _normalise_latents(vae, pixels: torch.Tensor) -> None:
+    """Fold an affine map into the VAE so latent_mean * 0.18215 has zero mean and unit variance per channel.
+
+    quant_conv emits (mean, logvar); the new mean is (mean - mu) * k, the new logvar + 2 log k; post_quant_conv
+    receives z / k + mu instead of z. The decoded image is unchanged.
+    """
+    means = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in pixels.split(250)])
+    mu = means.mean(dim=(0, 2, 3))
+    std = means.std(dim=(0, 2, 3))
+    k = 1.0 / (std * LATENT_SCALE)
+    channels = mu.numel()
+    quant = vae.quant_conv
+    quant.weight[:channels] *= k[:, None, None, None]
+    quant.bias[:channels] = (quant.bias[:channels] - mu) * k
+    quant.bias[channels:] += 2 * torch.log(k)
+    post = vae.post_quant_conv
+    # post(z/k + mu) = W (z/k) + (W mu + b)
+    post.bias += (post.weight[:, :, 0, 0] @ mu)
+    post.weight /= k[None, :, None, None]
+    check = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in pixels[:500].split(250)]) * LATENT_SCALE
+    print(f"[vae] latent stats after folding: mean {check.mean().item():.3f} std {check.std().item():.3f}")
+
+
+# ------------------------------------------------------------------------------------- latents for the UNet
+
+def _load_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(WORK_DIR / "vae").eval()
+
+
+@torch.no_grad()
+def prepare_latents(style: str, count: int, start_seed: int, tokenizer) -> dict:
+    """Encode `count` dataset images once (VAE mean, x 0.18215) and tokenize their four caption variants."""
+    cache = WORK_DIR / f"latents_{style}_{count}_{start_seed}.pt"
+    if cache.exists():
+        return torch.load(cache)
+    vae = _load_vae()
+    samples = list(toy_dataset.iter_samples(count, start_seed=start_seed, style=style))
+    pixels = _images_to_tensor(np.stack([s.image for s in samples]))
+    latents = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in pixels.split(200)]) * LATENT_SCALE
+    variants = [toy_dataset.caption_for(s.spec, with_size, with_position)
+                for s in samples for with_size in (False, True) for with_position in (False, True)]
+    token_ids = tokenize(tokenizer, variants).view(count, 4, -1)
+    masks = torch.from_numpy(np.stack([s.mask for s in samples])).to(torch.float16)
+    data = {"latents": latents, "token_ids": token_ids, "masks": masks}
+    torch.save(data, cache)
+    return data
+
+
+class _Batches:
+    """Random batches: latent, one random caption variant (dropped to "" with CAPTION_DROPOUT), optional hint."""
+
+    def __init__(self, data: dict, tokenizer, seed: int, device: str):
+        self.data = data
+        self.generator = torch.Generator().manual_seed(seed)
+        self.empty_ids = tokenize(tokenizer, [""])[0]
+        self.device = device
+
+    def next(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        count = len(self.data["latents"])
+        index = torch.randint(0, count, (batch_size,), generator=self.generator)
+        variant = torch.randint(0, 4, (batch_size,), generator=self.generator)
+        ids = self.data["token_ids"][index, variant].clone()
+        dropped = torch.rand(batch_size, generator=self.generator) < CAPTION_DROPOUT
+        ids[dropped] = self.empty_ids
+        hint = self.data["masks"][index].float()[:, None].expand(-1, 3, -1, -1)
+        return (self.data["latents"][index].to(self.device), ids.to(self.device), hint.contiguous().to(self.device))
+
+    def noised(self, latents: torch.Tensor, alphas: torch.Tensor):
+        timesteps = torch.randint(0, 1000, (len(latents),), generator=self.generator)
+        noise = torch.randn(latents.shape, generator=self.generator).to(latents.device)
+        alpha = alphas[timesteps].to(latents.device).view(-1, 1, 1, 1)
+        noisy = alpha.sqrt() * latents + (1 - alpha).sqrt() * noise
+        # min-SNR-5 weighting (eps form): spends less effort on the nearly clean, easy timesteps.
+        snr = alpha / (1 - alpha)
+        weight = snr.clamp(max=5.0) / snr
+        return noisy, timesteps.to(latents.device), noise, weight.view(-1)
+
+
+def _weighted_mse(prediction: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return (weight * ((prediction - target) ** 2).mean(dim=(1, 2, 3))).mean()
+
+
+def _lr_schedule(optimiser, total: int, warmup: int = 100):
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda step: min(1.0, (step + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / total))))
+
+
+class _Ema:
+    def __init__(self, modules: list[torch.nn.Module], decay: float):
+        self.decay = decay
+        self.params = [p for m in modules for p in m.parameters() if p.requires_grad]
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for shadow, param in zip(self.shadow, self.params):
+            shadow.lerp_(param.detach(), 1 - self.decay)
+
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        for shadow, param in zip(self.shadow, self.params):
+            param.copy_(shadow)
+
+
+# ---------------------------------------------------------------------------------------------- UNet + CLIP
+
+def train_unet(args: argparse.Namespace) -> None:
+    started = time.time()
+    torch.manual_seed(2)
+    tokenizer = load_tokenizer()
+    data = prepare_latents("filled", args.unet_images, 0, tokenizer)
+    prepared = time.time() - started
+    unet, text_encoder = build_unet().to(args.device).train(), build_text_encoder().to(args.device).train()
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    optimiser = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=0.01)
+    schedule = _lr_schedule(optimiser, args.unet_steps)
+    ema = _Ema([unet, text_encoder], decay=args.ema_decay)
+    batches = _Batches(data, tokenizer, seed=2, device=args.device)
+    alphas = sd_alphas_cumprod().float()
+    running = 0.0
+    for step in range(args.unet_steps):
+        latents, ids, _ = batches.next(args.batch)
+        noisy, timesteps, noise, weight = batches.noised(latents, alphas)
+        context = encode_prompts(text_encoder, ids)
+        prediction = unet(noisy, timesteps, encoder_hidden_states=context).sample
+        loss = _weighted_mse(prediction, noise, weight)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimiser.step()
+        schedule.step()
+        ema.update()
+        running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
+        if step % 100 == 0 or step == args.unet_steps - 1:
+            _log("unet", step, args.unet_steps, running, started)
+        if (step + 1) % 1000 == 0 and step + 1 < args.unet_steps:
+            unet.save_pretrained(WORK_DIR / "unet_raw")
+            text_encoder.save_pretrained(WORK_DIR / "text_encoder_raw")
+    unet.save_pretrained(WORK_DIR / "unet_raw")
+    text_encoder.save_pretrained(WORK_DIR / "text_encoder_raw")
+    ema.copy_to_model()
+    unet.cpu().save_pretrained(WORK_DIR / "unet")
+    text_encoder.cpu().save_pretrained(WORK_DIR / "text_encoder")
+    _record_time("unet", time.time() - started,
+                 {"steps": args.unet_steps, "batch": args.batch, "data_prep_seconds": round(prepared, 1)})
+
+
+def _load_base(device: str):
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    unet = UNet2DConditionModel.from_pretrained(WORK_DIR / "unet").to(device).eval().requires_grad_(False)
+    text_encoder = CLIPTextModel.from_pretrained(WORK_DIR / "text_encoder").to(device).eval().requires_grad_(False)
+    return unet, text_encoder
+
+
+# ----------------------------------------------------------------------------------------------- ControlNet
+
+def train_controlnet(args: argparse.Namespace) -> None:
+    from diffusers import ControlNetModel
+
+    started = time.time()
+    torch.manual_seed(3)
+    tokenizer = load_tokenizer()
+    data = prepare_latents("filled", args.unet_images, 0, tokenizer)
+    unet, text_encoder = _load_base(args.device)
+    controlnet = ControlNetModel.from_unet(unet).to(args.device).train().requires_grad_(True)
+    optimiser = torch.optim.AdamW(controlnet.parameters(), lr=args.controlnet_lr, weight_decay=0.0)
+    schedule = _lr_schedule(optimiser, args.controlnet_steps, warmup=50)
+    batches = _Batches(data, tokenizer, seed=3, device=args.device)
+    alphas = sd_alphas_cumprod().float()
+    running = 0.0
+    for step in range(args.controlnet_steps):
+        latents, ids, hint = batches.next(args.batch)
+        noisy, timesteps, noise, weight = batches.noised(latents, alphas)
+        with torch.no_grad():
+            context = encode_prompts(text_encoder, ids)
+        down, mid = controlnet(noisy, timesteps, encoder_hidden_states=context, controlnet_cond=hint,
+                               return_dict=False)
+        prediction = unet(noisy, timesteps, encoder_hidden_states=context, down_block_additional_residuals=down,
+                          mid_block_additional_residual=mid).sample
+        loss = _weighted_mse(prediction, noise, weight)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(controlnet.parameters(), 1.0)
+        optimiser.step()
+        schedule.step()
+        running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
+        if step % 100 == 0 or step == args.controlnet_steps - 1:
+            _log("controlnet", step, args.controlnet_steps, running, started)
+    controlnet.cpu().save_pretrained(WORK_DIR / "controlnet")
+    _record_time("controlnet", time.time() - started, {"steps": args.controlnet_steps, "batch": args.batch})
+
+
+# ----------------------------------------------------------------------------------------------------- LoRA
+
+def train_lora(args: argparse.Namespace) -> None:
+    from safetensors.torch import save_file
+
+    started = time.time()
+    torch.manual_seed(4)
+    tokenizer = load_tokenizer()
+    data = prepare_latents("outline", args.lora_images, 3_000_000, tokenizer)
+    unet, text_encoder = _load_base(args.device)
+    adapters = inject_lora(unet, rank=args.lora_rank, alpha=args.lora_rank)
+    params = [p for adapter in adapters.values() for p in adapter.parameters()]
+    optimiser = torch.optim.AdamW(params, lr=args.lora_lr, weight_decay=0.0)
+    schedule = _lr_schedule(optimiser, args.lora_steps, warmup=50)
+    batches = _Batches(data, tokenizer, seed=4, device=args.device)
+    alphas = sd_alphas_cumprod().float()
+    running = 0.0
+    for step in range(args.lora_steps):
+        latents, ids, _ = batches.next(args.batch)
+        noisy, timesteps, noise, weight = batches.noised(latents, alphas)
+        with torch.no_grad():
+            context = encode_prompts(text_encoder, ids)
+        prediction = unet(noisy, timesteps, encoder_hidden_states=context).sample
+        loss = _weighted_mse(prediction, noise, weight)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimiser.step()
+        schedule.step()
+        running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
+        if step % 100 == 0 or step == args.lora_steps - 1:
+            _log("lora", step, args.lora_steps, running, started)
+    save_file(kohya_state_dict(adapters, alpha=args.lora_rank), WORK_DIR / "lora_outline.safetensors")
+    _record_time("lora", time.time() - started,
+                 {"steps": args.lora_steps, "batch": args.batch, "rank": args.lora_rank})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", required=True, choices=["vae", "unet", "controlnet", "lora", "all"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--vae-images", type=int, default=8000)
+    parser.add_argument("--vae-batch", type=int, default=32)
+    parser.add_argument("--vae-crop-steps", type=int, default=1800)
+    parser.add_argument("--vae-full-steps", type=int, default=150)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--unet-images", type=int, default=20000)
+    parser.add_argument("--unet-steps", type=int, default=2400)
+    parser.add_argument("--unet-lr", type=float, default=1e-3)
+    parser.add_argument("--ema-decay", type=float, default=0.995)
+    parser.add_argument("--controlnet-steps", type=int, default=1000)
+    parser.add_argument("--controlnet-lr", type=float, default=5e-4)
+    parser.add_argument("--lora-images", type=int, default=6000)
+    parser.add_argument("--lora-steps", type=int, default=800)
+    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--lora-lr", type=float, default=1e-3)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    WORK_DIR.mkdir(parents=True, exist_ok=True)
+    parts = ["vae", "unet", "controlnet", "lora"] if args.part == "all" else [args.part]
+    trainers = {"vae": train_vae, "unet": train_unet, "controlnet": train_controlnet, "lora": train_lora}
+    for part in parts:
+        trainers[part](args)
+
+
+if __name__ == "__main__":
+    main()
