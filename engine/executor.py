@@ -153,6 +153,9 @@ class _Run:
         self.cacheable: dict[str, bool] = {}
         self.values: dict[str, list[list[Any]]] = {}   # outputs available to this run, by node id
         self.ui: dict[str, dict] = {}
+        self.output_set = set(graph.outputs)
+        self.holds: dict[str, set[str]] = {}           # node -> producers whose values it may still read
+        self.claims: dict[str, int] = {}                # producer -> nodes holding it
         self.blockers: dict[str, int] = {}              # pending node -> unfinished producers it waits on
         self.waiters: dict[str, list[str]] = {}         # producer -> pending nodes waiting on it
         self.ready: deque[str] = deque()
@@ -232,6 +235,7 @@ class _Run:
                 self.release_waiters(node_id)
                 continue
             node = self.nodes[node_id]
+            self.claim(node_id, [link.source for link in node.links.values() if link.source in self.nodes])
             missing = [link.source for _, link in node.dependency_links() if link.source not in self.values]
             self.blockers[node_id] = 0
             for source in dict.fromkeys(missing):
@@ -243,6 +247,7 @@ class _Run:
 
     def wait_for(self, node_id: str, sources: list[str]) -> None:
         """Park a node until `sources` are available (lazy inputs, expansion results)."""
+        self.claim(node_id, sources)
         pending = [s for s in dict.fromkeys(sources) if s not in self.values]
         self.schedule(pending)
         pending = [s for s in pending if s not in self.values]
@@ -261,7 +266,24 @@ class _Run:
             self.cache.put(self.keys[node_id], outputs, ui)
         del self.blockers[node_id]
         self.release_waiters(node_id)
+        self.release_claims(node_id)
         self.set_state(node, "finished", 1, 1)
+
+    # Run-local values are kept only while a pending node may still read them. A dropped value needed again later
+    # (a lazy request) comes back from the output cache or is recomputed, so only deterministic values are dropped.
+    def claim(self, node_id: str, sources: list[str]) -> None:
+        held = self.holds.setdefault(node_id, set())
+        for source in sources:
+            if source not in held:
+                held.add(source)
+                self.claims[source] = self.claims.get(source, 0) + 1
+
+    def release_claims(self, node_id: str) -> None:
+        for source in self.holds.pop(node_id, ()):
+            self.claims[source] -= 1
+            if self.claims[source] == 0 and source in self.values and source not in self.output_set \
+                    and self.cacheable[source]:
+                del self.values[source]
 
     def release_waiters(self, node_id: str) -> None:
         for waiter in self.waiters.pop(node_id, []):
@@ -330,7 +352,9 @@ class _Run:
 
         dag = dependency_graph(self.nodes)
         needed = upstream_of(dag, targets)
-        return list(nx.topological_sort(dag.subgraph(needed)))
+        if len(needed) < len(self.nodes):
+            dag = dependency_graph(self.nodes, needed)
+        return list(nx.topological_sort(dag))
 
     async def loop(self) -> None:
         while self.ready or self.running:

@@ -304,12 +304,11 @@ def run_custom_validator(node: GraphNode, env: Any, received: dict[str, str], er
 
 
 def dependency_graph(nodes: dict[str, GraphNode], members: Iterable[str] | None = None) -> nx.DiGraph:
+    members = list(members if members is not None else nodes)
     dag = nx.DiGraph()
-    for node_id in (members if members is not None else nodes):
-        dag.add_node(node_id)
-        for _, link in nodes[node_id].links.items():
-            if link.source in nodes:
-                dag.add_edge(link.source, node_id)
+    dag.add_nodes_from(members)
+    dag.add_edges_from((link.source, node_id) for node_id in members for link in nodes[node_id].links.values()
+                       if link.source in nodes)
     return dag
 
 
@@ -337,6 +336,8 @@ def downstream_of(dag: nx.DiGraph, starts: Iterable[str]) -> set[str]:
 
 def find_cycles(dag: nx.DiGraph) -> list[list[str]]:
     """One representative cycle (as a node path) per strongly connected component that has one."""
+    if nx.is_directed_acyclic_graph(dag):
+        return []
     cycles = []
     for component in nx.strongly_connected_components(dag):
         if len(component) == 1:
@@ -384,7 +385,8 @@ def validate_prompt(prompt: Any, registry: NodeRegistry, env: Any = None,
         if not errors_by_node[node_id]:
             run_custom_validator(nodes[node_id], env, received_types[node_id], errors_by_node[node_id])
 
-    dag = full_dag.subgraph(needed)
+    # `needed` is closed upstream, so its own graph has every edge that matters (and no slow subgraph views).
+    dag = full_dag if len(needed) == len(nodes) else dependency_graph(nodes, needed)
     for cycle in find_cycles(dag):
         path = " -> ".join(f"#{n} {nodes[n].class_type}" for n in cycle + cycle[:1])
         for node_id in cycle:

@@ -340,5 +340,51 @@ class Variadic(Node):
         return (self.first + sum(extra),)
 
 
-NODES = [Const, IntConst, Add, Mix, Collect, Passthrough, Sleep, Fail, AsyncFail, MakeList, Sum, Pair, Gate, BlockEqual, Repeat,
+class Blob:
+    """A value whose lifetime tests can watch (weak references in env.services["blobs"])."""
+
+    def cache_nbytes(self) -> int:
+        return 10**15  # too big for any cache: only the run holds it
+
+
+class MakeBlob(Node):
+    category = "test"
+    outputs = (Output("BLOB"),)
+    seed: Annotated[int, Int(min=0, max=100)] = 0
+
+    def run(self, ctx):
+        import weakref
+
+        _log(ctx)
+        blob = Blob()
+        ctx.env.services.setdefault("blobs", []).append(weakref.ref(blob))
+        return (blob,)
+
+
+class UseBlob(Node):
+    category = "test"
+    outputs = (Output(FLOAT),)
+    blob: Annotated[Any, Socket("BLOB")]
+
+    def run(self, ctx):
+        _log(ctx)
+        return (1.0,)
+
+
+class LiveBlobs(Node):
+    """Reports how many blobs are still alive when it runs."""
+
+    category = "test"
+    outputs = (Output(FLOAT),)
+    value: Annotated[Any, Socket(FLOAT)]
+
+    def run(self, ctx):
+        import gc
+
+        _log(ctx)
+        gc.collect()
+        return (float(sum(ref() is not None for ref in ctx.env.services.get("blobs", []))),)
+
+
+NODES = [MakeBlob, UseBlob, LiveBlobs, Const, IntConst, Add, Mix, Collect, Passthrough, Sleep, Fail, AsyncFail, MakeList, Sum, Pair, Gate, BlockEqual, Repeat,
          CyclicExpand, ReadFile, Random, EvenOnly, FloatOnly, Pick, Steps, Variadic]

@@ -96,6 +96,15 @@ def test_byte_budget_evicts_least_recently_used(tmp_path):
     assert calls == ["1", "2"]
 
 
+def test_intermediate_values_are_released_once_consumed(setup):
+    engine, _ = setup
+    prompt = {"blob": {"class_type": "MakeBlob", "inputs": {"seed": 1}},
+              "use": {"class_type": "UseBlob", "inputs": {"blob": ["blob", 0]}},
+              "step": add("use", 1), "live": {"class_type": "LiveBlobs", "inputs": {"value": ["step", 0]}},
+              "out": collect("live")}
+    assert run_ok(engine, prompt).outputs["out"]["values"] == [0.0]  # the blob was gone before "live" ran
+
+
 def test_two_identical_outputs_each_report(setup):
     engine, _ = setup
     result = run_ok(engine, {"1": const(2), "2": collect("1"), "3": collect("1")})

@@ -1,0 +1,130 @@
+"""The `latentloom` command: exit codes, readable node errors, JSON output, the catalogue, custom node folders."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from server.cli import main
+
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A folder with the test node pack installed as a custom_nodes module."""
+    custom = tmp_path / "custom_nodes"
+    custom.mkdir()
+    shutil.copy(TESTS / "engine_nodes.py", custom / "testpack.py")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def write(path: Path, document) -> str:
+    path.write_text(document if isinstance(document, str) else json.dumps(document))
+    return str(path)
+
+
+GOOD = {"1": {"class_type": "Const", "inputs": {"value": 2}},
+        "2": {"class_type": "Add", "inputs": {"a": ["1", 0], "b": 3}},
+        "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}}}
+
+
+def run_cli(*argv) -> int:
+    return main(list(argv))
+
+
+def test_run_json_reports_outputs(workdir, capsys):
+    path = write(workdir / "g.json", GOOD)
+    assert run_cli("run", path, "--json") == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["status"] == "success" and summary["text"] == ["5.0"] and summary["format"] == "api"
+
+
+def test_run_with_override(workdir, capsys):
+    path = write(workdir / "g.json", GOOD)
+    assert run_cli("run", path, "--json", "--set", "2.b=10") == 0
+    assert json.loads(capsys.readouterr().out)["text"] == ["12.0"]
+
+
+@pytest.mark.parametrize("override", ["2.b", "9.b=1", "nodot=1"])
+def test_bad_override_is_invalid(workdir, capsys, override):
+    path = write(workdir / "g.json", GOOD)
+    assert run_cli("run", path, "--set", override) == 2
+    assert "override" in capsys.readouterr().err
+
+
+def test_invalid_graph_exit_2_names_the_node(workdir, capsys):
+    bad = json.loads(json.dumps(GOOD))
+    bad["2"]["inputs"]["b"] = 5000  # above the max
+    path = write(workdir / "g.json", bad)
+    assert run_cli("run", path) == 2
+    err = capsys.readouterr().err
+    assert "node #2 Add" in err and "bigger than max" in err and "Traceback" not in err
+
+
+def test_cycle_exit_2(workdir, capsys):
+    cyclic = {"1": {"class_type": "Add", "inputs": {"a": ["2", 0], "b": 1}},
+              "2": {"class_type": "Add", "inputs": {"a": ["1", 0], "b": 1}},
+              "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}}}
+    path = write(workdir / "g.json", cyclic)
+    assert run_cli("validate", path) == 2
+    err = capsys.readouterr().err
+    assert "cycle" in err.lower() and "#1 Add" in err
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", "", "\x89PNG garbage"])
+def test_unreadable_files_exit_2_without_traceback(workdir, capsys, content):
+    path = write(workdir / "g.json", content)
+    assert run_cli("run", path) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "Traceback" not in err
+
+
+def test_missing_file(workdir, capsys):
+    assert run_cli("validate", str(workdir / "nope.json")) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_unknown_node_type(workdir, capsys):
+    path = write(workdir / "g.json", {"1": {"class_type": "NoSuchNode", "inputs": {}}})
+    assert run_cli("validate", path, "--json") == 2
+    body = json.loads(capsys.readouterr().out)
+    assert body["valid"] is False and body["error"]["type"] == "missing_node_type"
+
+
+def test_runtime_error_exit_1(workdir, capsys):
+    failing = {"1": {"class_type": "Const", "inputs": {"value": 1}},
+               "2": {"class_type": "Fail", "inputs": {"value": ["1", 0], "message": "kaput"}},
+               "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}}}
+    path = write(workdir / "g.json", failing)
+    assert run_cli("run", path) == 1
+    err = capsys.readouterr().err
+    assert "node #2 Fail" in err and "kaput" in err and "Traceback" not in err
+
+
+def test_nodes_json_is_a_comfyui_catalogue(workdir, capsys):
+    assert run_cli("nodes", "--json") == 0
+    catalogue = json.loads(capsys.readouterr().out)
+    preview = catalogue["PreviewAny"]
+    for key in ("input", "input_order", "output", "output_is_list", "output_name", "name", "display_name",
+                "description", "python_module", "category", "output_node"):
+        assert key in preview
+    assert preview["output_node"] is True and preview["input"]["required"]["source"] == ["*"]
+    add = catalogue["Add"]
+    assert add["python_module"] == "custom_nodes.testpack"
+    assert add["input"]["required"]["b"] == ["FLOAT", {"default": 0.0, "min": -1000.0, "max": 1000.0}]
+    assert add["input"]["required"]["a"] == ["FLOAT", {"forceInput": True}]
+    assert catalogue["Pick"]["input"]["required"]["choice"] == [["red", "green", "blue"], {"default": "red"}]
+    assert catalogue["MakeList"]["output_is_list"] == [True]
+
+
+def test_console_script_runs(workdir):
+    path = write(workdir / "g.json", GOOD)
+    done = subprocess.run([sys.executable, "-m", "server.cli", "run", path, "--json"], capture_output=True,
+                          text=True, cwd=workdir, env={"PYTHONPATH": str(TESTS.parent), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["text"] == ["5.0"]
