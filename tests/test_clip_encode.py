@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import socket
 
 import pytest
@@ -222,6 +223,22 @@ def test_encoding_goes_through_the_memory_manager_and_patches(sd1):
     torch.testing.assert_close(patched - module.final_layer_norm.bias.detach(),
                                2 * (plain - module.final_layer_norm.bias.detach()), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sd1.encode("a cat")[0], plain, rtol=0, atol=0)   # restored after the block
+
+
+def test_half_precision_weights_are_computed_in_float32(sd1):
+    # ComfyUI keeps text encoders in half precision on GPUs but computes in float32: the result must equal a
+    # float32 run of the rounded weights, not a bfloat16 run.
+    half = ClipModel({"l": copy.deepcopy(sd1.encoders["l"]).to(torch.bfloat16)}, "sd1")
+    rounded = ClipModel({"l": copy.deepcopy(half.encoders["l"]).float()}, "sd1")
+    cond, pooled = half.encode("a (photo:1.2) of a cat")
+    assert cond.dtype == torch.float32 and half.encoders["l"].final_layer_norm.weight.dtype == torch.bfloat16
+    expected, expected_pooled = rounded.encode("a (photo:1.2) of a cat")
+    torch.testing.assert_close(cond, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(pooled, expected_pooled, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        ids = ids_tensor("a photo of a cat")
+        in_bf16 = half.encoders["l"](ids).last_hidden_state.float()
+    assert not torch.allclose(half.encode("a photo of a cat")[0], in_bf16, atol=1e-3)
 
 
 def test_family_and_encoder_keys_are_checked():

@@ -8,7 +8,9 @@ Encoders by family (keys as ComfyUI names its clip models):
                                                      cond 768 ‖ 1280, both penultimate *without* final LayerNorm
   sdxl_refiner  {"g": CLIPTextModelWithProjection}   cond 1280, penultimate without final LayerNorm
 The pooled output is the final-LayerNorm state at the first EOS of the first chunk, projected by the encoder's
-`text_projection` when it has one (SD2/SDXL g); for SDXL it comes from g.
+`text_projection` when it has one (SD2/SDXL g); for SDXL it comes from g. Loaders should give SD1 and SDXL's
+clip_l a plain CLIPTextModel (ComfyUI's clip_l pooled output is unprojected). Everything is computed in float32,
+whatever the storage dtype, and returned on the CPU.
 
 The weights belong to the model memory manager (env.services["models"]): `encoders` is one nn.ModuleDict shared
 by every clone, so the manager tracks and moves it as one module, and LoRA patches address its parameters by
@@ -22,6 +24,7 @@ service exists; without one, "embedding:NAME" is encoded as plain text.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
@@ -77,51 +80,60 @@ def encoder_depth(module: torch.nn.Module) -> int:
     return len(text_transformer(module).encoder.layers)
 
 
-def _token_embeddings(module: torch.nn.Module, chunks: list[Chunk], device: torch.device,
-                      dtype: torch.dtype) -> torch.Tensor:
-    """[B, 77, D] input embeddings; embedding vectors (textual inversion) replace the lookup at their slots."""
+def in_float32(module: torch.nn.Module) -> torch.nn.Module:
+    """The module itself when its weights are float32, else a float32 copy of it. ComfyUI stores text encoders in
+    half precision on accelerators but computes in float32, upcasting weights op by op; copying one layer at a
+    time gives the same numbers at the cost of one layer's worth of memory."""
+    if all(parameter.dtype == torch.float32 for parameter in module.parameters()):
+        return module
+    return copy.deepcopy(module).float()
+
+
+def _token_embeddings(module: torch.nn.Module, chunks: list[Chunk], device: torch.device) -> torch.Tensor:
+    """[B, 77, D] float32 input embeddings; embedding vectors (textual inversion) replace the lookup at their
+    slots."""
     embedding = text_transformer(module).embeddings.token_embedding
     placeholder = 0
     ids = torch.tensor([[token if isinstance(token, int) else placeholder for token, _ in chunk] for chunk in chunks],
                        dtype=torch.long, device=device)
-    embeds = embedding(ids).to(dtype)
+    embeds = embedding(ids).float()
     for row, chunk in enumerate(chunks):
         for position, (token, _) in enumerate(chunk):
             if isinstance(token, torch.Tensor):
-                embeds[row, position] = token.to(device=device, dtype=dtype)
+                embeds[row, position] = token.to(device=device, dtype=torch.float32)
     return embeds
 
 
 def run_text_encoder(module: torch.nn.Module, chunks: list[Chunk], layer: int | None,
                      norm_hidden: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(selected hidden state [B,77,D], last layer after final LayerNorm [B,77,D]) for a batch of chunks.
+    """(selected hidden state [B,77,D], last layer after final LayerNorm [B,77,D]) for a batch of chunks, float32.
 
     Computed from the submodules rather than `module(...)` so that embedding vectors can be injected and any
     layer read: positions are 0..76 straight from the weight (a checkpoint's position_ids buffer is ignored), the
     attention mask is causal only (no padding mask), as ComfyUI runs it.
     """
     text = text_transformer(module)
-    weight = text.embeddings.position_embedding.weight
-    device, dtype = weight.device, weight.dtype
-    hidden = _token_embeddings(module, chunks, device, dtype)
+    device = text.embeddings.position_embedding.weight.device
+    hidden = _token_embeddings(module, chunks, device)
     length = hidden.shape[1]
-    hidden = hidden + text.embeddings.position_embedding(torch.arange(length, device=device))[None]
-    causal = torch.full((length, length), torch.finfo(dtype).min, device=device, dtype=dtype).triu(1)[None, None]
+    hidden = hidden + text.embeddings.position_embedding.weight[:length].float()[None]
+    causal = torch.full((length, length), torch.finfo(torch.float32).min, device=device).triu(1)[None, None]
 
     layers = text.encoder.layers
     # Out-of-range indices fall back to the last layer after the LayerNorm, as CLIPSetLastLayer does in ComfyUI.
     pick = None if layer is None or abs(layer) > len(layers) else len(layers) + layer
     selected = None
     for index, encoder_layer in enumerate(layers):
-        output = encoder_layer(hidden, causal)
+        output = in_float32(encoder_layer)(hidden, causal)
         hidden = output[0] if isinstance(output, tuple) else output
         if index == pick:
             selected = hidden
-    last = text.final_layer_norm(hidden)
+    final_norm = in_float32(text.final_layer_norm)
+    last = final_norm(hidden)
     if selected is None:
         selected = last
     elif norm_hidden:
-        selected = text.final_layer_norm(selected)
+        selected = final_norm(selected)
     return selected, last
 
 
@@ -149,7 +161,7 @@ def encode_chunks(module: torch.nn.Module, chunks: list[Chunk], role: EncoderRol
         pooled = last[0:1, _first_eos_position(chunks[0], role.chunks.eos_id)]
         projection = getattr(module, "text_projection", None)
         if projection is not None:
-            pooled = projection(pooled)
+            pooled = in_float32(projection)(pooled)
     hidden = hidden.float().cpu()
     pooled = pooled.float().cpu()
     cond = hidden[:len(chunks)]
