@@ -1,0 +1,128 @@
+"""The ComfyUI-compatible server: `create_app(engine, config)` builds the Starlette app, `serve(args)` runs it.
+
+Every API route answers at `/X` and `/api/X` (the frontend uses the prefix, scripts often do not); `/internal/*`
+has no alias; the editor's static files are served at `/`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Mount, Route, WebSocketRoute
+
+from . import frontend, routes_files, routes_prompt, routes_system, routes_userdata
+from .queue_store import QueueStore
+from .security import SecurityMiddleware, SecurityPolicy
+from .state import LogBuffer, ServerConfig, ServerState
+from .worker import Worker
+from .ws import Hub
+
+log = logging.getLogger("latentloom.server")
+REPO_GRAPHS = Path(__file__).resolve().parent.parent / "graphs"
+
+
+def with_api_alias(routes: list[Route]) -> list[Route]:
+    aliased = list(routes)
+    for route in routes:
+        aliased.append(Route("/api" + route.path, route.endpoint, methods=sorted(route.methods or ())))
+    return aliased
+
+
+async def http_error(request: Request, exc: HTTPException):
+    headers = getattr(exc, "headers", None)
+    return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=headers)
+
+
+async def server_error(request: Request, exc: Exception):
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return JSONResponse({"error": "internal server error"}, status_code=500)
+
+
+def create_app(engine, config: ServerConfig | None = None) -> Starlette:
+    config = config or ServerConfig()
+    if config.graphs_dir is None and REPO_GRAPHS.is_dir():
+        config.graphs_dir = REPO_GRAPHS
+    store = QueueStore(config.database_path)
+    logs = LogBuffer()
+    hub = Hub(store, {})
+    worker = Worker(engine, store, hub)
+    state = ServerState(engine, config, store, hub, worker, logs)
+    hub.features = routes_system.features(state)
+
+    api = (routes_prompt.ROUTES + routes_files.ROUTES + routes_system.ROUTES + routes_userdata.ROUTES
+           + frontend.api_routes())
+    routes = with_api_alias(api)
+    routes += [Route("/api" + r.path, r.endpoint, methods=sorted(r.methods or ()))
+               for r in routes_system.API_ONLY_ROUTES]
+    routes.append(Mount("/internal", routes=routes_system.INTERNAL_ROUTES + routes_files.INTERNAL_ROUTES))
+    routes.append(WebSocketRoute("/ws", hub.endpoint))
+    routes += frontend.static_routes(config.frontend_root or frontend.frontend_root())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        hub.attach(asyncio.get_running_loop(), worker)
+        logs.listeners.append(hub.post_log)
+        server_logger = logging.getLogger("latentloom")
+        server_logger.addHandler(logs)
+        if server_logger.level == logging.NOTSET or server_logger.level > logging.INFO:
+            server_logger.setLevel(logging.INFO)
+        if config.start_worker:
+            worker.start()
+        try:
+            yield
+        finally:
+            await asyncio.get_running_loop().run_in_executor(None, worker.stop)
+            await hub.close_all()
+            server_logger.removeHandler(logs)
+            store.close()
+
+    policy = SecurityPolicy(config.auth_token, config.allowed_hosts, config.max_upload_bytes)
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    middleware=[Middleware(SecurityMiddleware, policy=policy)],
+                    exception_handlers={HTTPException: http_error, Exception: server_error})
+    app.state.server = state
+    return app
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def config_from_args(args) -> ServerConfig:
+    return ServerConfig(listen=args.listen, port=args.port, user_dir=Path(args.user_dir),
+                        database=Path(args.database) if args.database else None,
+                        auth_token=args.auth_token or None,
+                        allowed_hosts=tuple(getattr(args, "allowed_hosts", None) or ()))
+
+
+def serve(args) -> int:
+    import uvicorn
+
+    from .cli import make_engine
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    config = config_from_args(args)
+    if not is_loopback(config.listen) and not config.auth_token:
+        log.warning("listening on %s without --auth-token: anyone who can reach this port can run workflows "
+                    "and read your files. Set --auth-token.", config.listen)
+    engine = make_engine(args, cache_bytes=args.cache_bytes)
+    app = create_app(engine, config)
+    host = "0.0.0.0" if config.listen in ("", "0.0.0.0") else config.listen
+    print(f"latentloom: serving the editor at http://{'127.0.0.1' if host == '0.0.0.0' else host}:{config.port}/",
+          flush=True)
+    uvicorn.run(app, host=host, port=config.port, log_level="warning", ws="websockets")
+    return 0

@@ -1,0 +1,281 @@
+"""The prompt queue and the history, kept in SQLite (stdlib) so that both survive a restart, even `kill -9`.
+
+Every change is one committed transaction in WAL mode, so a crash loses at most the change in flight. A prompt
+that was running when the process died goes back to pending at its original priority and runs again.
+
+Priority follows ComfyUI: the lowest `number` runs first; `front` prompts get negative numbers (later front
+prompts first); ties run in submission order.
+
+Secrets (API keys and tokens in extra_data) are never written to disk and never returned by listings: they are
+split off at submission and kept in memory only for the worker (so after a restart they are gone).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HISTORY_LIMIT = 10_000
+# extra_data keys that carry credentials: ComfyUI's comfy.org keys and anything that looks like one.
+SECRET_KEY = re.compile(r"(auth_token|api_key|apikey|token|secret|password)", re.IGNORECASE)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS queue (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    prompt_id TEXT NOT NULL UNIQUE,
+    number REAL NOT NULL,
+    prompt TEXT NOT NULL,
+    extra_data TEXT NOT NULL,
+    outputs TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    created REAL NOT NULL,
+    started REAL
+);
+CREATE INDEX IF NOT EXISTS queue_order ON queue (state, number, seq);
+CREATE TABLE IF NOT EXISTS history (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    prompt_id TEXT NOT NULL UNIQUE,
+    entry TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+def split_secrets(extra_data: dict) -> tuple[dict, dict]:
+    """(extra_data without credential keys, the credential keys)."""
+    public = {k: v for k, v in extra_data.items() if not SECRET_KEY.search(str(k))}
+    secret = {k: v for k, v in extra_data.items() if SECRET_KEY.search(str(k))}
+    return public, secret
+
+
+def _number_json(number: float) -> int | float:
+    return int(number) if float(number).is_integer() else number
+
+
+@dataclass
+class QueueItem:
+    number: float
+    prompt_id: str
+    prompt: dict
+    extra_data: dict
+    outputs: list[str]
+    state: str = "pending"
+    created: float = 0.0
+    started: float | None = None
+    secrets: dict = field(default_factory=dict)
+
+    def as_tuple(self) -> list:
+        """ComfyUI's queue item: [number, prompt_id, prompt, extra_data, outputs_to_execute] (no secrets)."""
+        return [_number_json(self.number), self.prompt_id, self.prompt, self.extra_data, self.outputs]
+
+    @property
+    def client_id(self) -> str | None:
+        value = self.extra_data.get("client_id")
+        return str(value) if value else None
+
+
+class DuplicatePromptId(ValueError):
+    pass
+
+
+class QueueStore:
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._lock = threading.RLock()
+        self._secrets: dict[str, dict] = {}
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(SCHEMA)
+            # A prompt that was running when the process died runs again.
+            self._db.execute("UPDATE queue SET state='pending', started=NULL WHERE state='running'")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # Submission ---------------------------------------------------------------------------------------------
+
+    def next_number(self, front: bool) -> int:
+        """ComfyUI's counter: advances on every submission without an explicit number; front ones are negative."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key='counter'").fetchone()
+            counter = int(row[0]) if row else 0
+            self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('counter', ?)", (str(counter + 1),))
+            return -counter if front else counter
+
+    def put(self, item: QueueItem) -> None:
+        public, secret = split_secrets(item.extra_data)
+        item.extra_data = public
+        with self._lock:
+            if self._db.execute("SELECT 1 FROM queue WHERE prompt_id=?", (item.prompt_id,)).fetchone():
+                raise DuplicatePromptId(f"prompt_id '{item.prompt_id}' is already queued")
+            item.created = item.created or time.time()
+            self._db.execute(
+                "INSERT INTO queue (prompt_id, number, prompt, extra_data, outputs, created) VALUES (?,?,?,?,?,?)",
+                (item.prompt_id, float(item.number), json.dumps(item.prompt), json.dumps(public),
+                 json.dumps(item.outputs), item.created))
+            if secret:
+                self._secrets[item.prompt_id] = secret
+
+    # Worker side --------------------------------------------------------------------------------------------
+
+    def take_next(self) -> QueueItem | None:
+        """Move the highest-priority pending prompt to running and return it (with its secrets)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT number, prompt_id, prompt, extra_data, outputs, state, created, started FROM queue "
+                "WHERE state='pending' ORDER BY number, seq LIMIT 1").fetchone()
+            if row is None:
+                return None
+            started = time.time()
+            self._db.execute("UPDATE queue SET state='running', started=? WHERE prompt_id=?", (started, row[1]))
+            item = self._item(row)
+            item.state, item.started = "running", started
+            item.secrets = self._secrets.pop(item.prompt_id, {})
+            return item
+
+    def finish(self, item: QueueItem, entry: dict, status: str) -> None:
+        """Record the history entry and drop the prompt from the queue in one transaction."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("DELETE FROM queue WHERE prompt_id=?", (item.prompt_id,))
+                # A reused prompt_id replaces its old entry (ComfyUI overwrites it too) and moves to the end.
+                self._db.execute("DELETE FROM history WHERE prompt_id=?", (item.prompt_id,))
+                self._db.execute(
+                    "INSERT INTO history (prompt_id, entry, status, created, started, finished) VALUES (?,?,?,?,?,?)",
+                    (item.prompt_id, json.dumps(entry), status, item.created, item.started, time.time()))
+                self._db.execute(
+                    "DELETE FROM history WHERE seq NOT IN (SELECT seq FROM history ORDER BY seq DESC LIMIT ?)",
+                    (HISTORY_LIMIT,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def requeue(self, prompt_id: str) -> None:
+        with self._lock:
+            self._db.execute("UPDATE queue SET state='pending', started=NULL WHERE prompt_id=?", (prompt_id,))
+
+    # Queue views and edits ----------------------------------------------------------------------------------
+
+    def _item(self, row) -> QueueItem:
+        number, prompt_id, prompt, extra_data, outputs, state, created, started = row
+        return QueueItem(number, prompt_id, json.loads(prompt), json.loads(extra_data), json.loads(outputs),
+                         state, created, started)
+
+    def items(self, state: str | None = None) -> list[QueueItem]:
+        query = "SELECT number, prompt_id, prompt, extra_data, outputs, state, created, started FROM queue"
+        args: tuple = ()
+        if state:
+            query += " WHERE state=?"
+            args = (state,)
+        with self._lock:
+            rows = self._db.execute(query + " ORDER BY number, seq", args).fetchall()
+        return [self._item(r) for r in rows]
+
+    def counts(self) -> tuple[int, int]:
+        """(pending, running)."""
+        with self._lock:
+            rows = dict(self._db.execute("SELECT state, COUNT(*) FROM queue GROUP BY state").fetchall())
+        return rows.get("pending", 0), rows.get("running", 0)
+
+    def remaining(self) -> int:
+        pending, running = self.counts()
+        return pending + running
+
+    def delete_pending(self, prompt_ids: list[str]) -> int:
+        with self._lock:
+            removed = 0
+            for prompt_id in prompt_ids:
+                removed += self._db.execute("DELETE FROM queue WHERE prompt_id=? AND state='pending'",
+                                            (str(prompt_id),)).rowcount
+                self._secrets.pop(str(prompt_id), None)
+            return removed
+
+    def clear_pending(self) -> int:
+        with self._lock:
+            pending = [r[0] for r in self._db.execute("SELECT prompt_id FROM queue WHERE state='pending'")]
+            for prompt_id in pending:
+                self._secrets.pop(prompt_id, None)
+            return self._db.execute("DELETE FROM queue WHERE state='pending'").rowcount
+
+    def queued(self, prompt_id: str) -> QueueItem | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT number, prompt_id, prompt, extra_data, outputs, state, created, started FROM queue "
+                "WHERE prompt_id=?", (prompt_id,)).fetchone()
+        return self._item(row) if row else None
+
+    # History --------------------------------------------------------------------------------------------------
+
+    def history(self, max_items: int | None = None, offset: int | None = None) -> dict[str, dict]:
+        """ComfyUI's slicing: oldest first; max_items alone = the last N; offset = start index."""
+        with self._lock:
+            total = self._db.execute("SELECT COUNT(*) FROM history").fetchone()[0]
+            start = 0
+            if offset is not None and offset >= 0:
+                start = offset
+            elif max_items is not None:
+                start = max(0, total - max_items)
+            limit = -1 if max_items is None else max(0, max_items)
+            rows = self._db.execute("SELECT prompt_id, entry FROM history ORDER BY seq LIMIT ? OFFSET ?",
+                                    (limit, start)).fetchall()
+        return {prompt_id: json.loads(entry) for prompt_id, entry in rows}
+
+    def history_entry(self, prompt_id: str) -> dict | None:
+        with self._lock:
+            row = self._db.execute("SELECT entry FROM history WHERE prompt_id=?", (prompt_id,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def history_rows(self, statuses: set[str] | None, limit: int, offset: int) -> tuple[list[dict], int]:
+        """Newest first, for the jobs API: ({prompt_id, entry, status, created, started, finished}, total)."""
+        where, args = "", []
+        if statuses is not None:
+            where = f" WHERE status IN ({','.join('?' * len(statuses))})"
+            args = sorted(statuses)
+        with self._lock:
+            total = self._db.execute("SELECT COUNT(*) FROM history" + where, args).fetchone()[0]
+            rows = self._db.execute(
+                "SELECT prompt_id, entry, status, created, started, finished FROM history" + where
+                + " ORDER BY seq DESC LIMIT ? OFFSET ?", (*args, limit, offset)).fetchall()
+        keys = ("prompt_id", "entry", "status", "created", "started", "finished")
+        out = []
+        for row in rows:
+            record = dict(zip(keys, row))
+            record["entry"] = json.loads(record["entry"])
+            out.append(record)
+        return out, total
+
+    def history_record(self, prompt_id: str) -> dict | None:
+        with self._lock:
+            row = self._db.execute("SELECT prompt_id, entry, status, created, started, finished FROM history "
+                                   "WHERE prompt_id=?", (prompt_id,)).fetchone()
+        if row is None:
+            return None
+        record = dict(zip(("prompt_id", "entry", "status", "created", "started", "finished"), row))
+        record["entry"] = json.loads(record["entry"])
+        return record
+
+    def delete_history(self, prompt_ids: list[str]) -> None:
+        with self._lock:
+            for prompt_id in prompt_ids:
+                self._db.execute("DELETE FROM history WHERE prompt_id=?", (str(prompt_id),))
+
+    def clear_history(self) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM history")
