@@ -71,7 +71,7 @@ class Engine:
         return prompt
 
     def load_with_format(self, source: str | Path | dict | bytes) -> tuple[dict, dict | None, str]:
-        """(API prompt, UI workflow or None, detected format: "api" | "ui" | "png")."""
+        """(API prompt, UI workflow or None, detected format: api_json | ui_json | png_prompt | png_workflow)."""
         from .workflow import WorkflowFormatError, load_workflow
 
         try:

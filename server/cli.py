@@ -252,7 +252,7 @@ def command_convert(args: argparse.Namespace) -> int:
         else:
             from engine.workflow import api_to_ui
 
-            document = workflow if workflow is not None and detected != "api" else api_to_ui(prompt,
+            document = workflow if workflow is not None else api_to_ui(prompt,
                                                                                               engine.catalogue())
     except WorkflowLoadError as exc:
         return _fail_invalid(args, str(exc))

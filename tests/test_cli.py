@@ -41,7 +41,7 @@ def test_run_json_reports_outputs(workdir, capsys):
     path = write(workdir / "g.json", GOOD)
     assert run_cli("run", path, "--json") == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["status"] == "success" and summary["text"] == ["5.0"] and summary["format"] == "api"
+    assert summary["status"] == "success" and summary["text"] == ["5.0"] and summary["format"] == "api_json"
 
 
 def test_run_with_override(workdir, capsys):
