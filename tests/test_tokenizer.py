@@ -26,6 +26,14 @@ def test_tokenizer_lowercases_and_collapses_whitespace():
     assert bpe_ids("A   PHOTO\n of a\tCat") == bpe_ids("a photo of a cat")
 
 
+def test_cjk_ideographs_are_separate_words_and_control_characters_vanish():
+    # As transformers' Python CLIPTokenizer (ComfyUI's) prepares text: ideographs set apart, controls dropped.
+    assert bpe_ids("猫の写真") == bpe_ids("猫") + bpe_ids("の") + bpe_ids("写") + bpe_ids("真")
+    assert bpe_ids("猫の写真") != list(tk.clip_tokenizer()("猫の写真", add_special_tokens=False)["input_ids"])
+    assert bpe_ids("a\x07cat\u200b") == bpe_ids("acat")
+    assert bpe_ids("a\u00a0cat") == bpe_ids("a cat")
+
+
 WEIGHT_TABLE = [
     ("a cat", [("a cat", 1.0)]),
     ("(cat)", [("cat", 1.1)]),

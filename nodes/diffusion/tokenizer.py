@@ -18,6 +18,7 @@ import gzip
 import json
 import logging
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Union
@@ -112,9 +113,37 @@ def clip_tokenizer():
     return tokenizer
 
 
+# CJK ideograph blocks: each such character is a word of its own before BPE.
+_CJK_RANGES = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
+               (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
+
+
+def _is_cjk(code: int) -> bool:
+    return any(low <= code <= high for low, high in _CJK_RANGES)
+
+
+def clean_text(text: str) -> str:
+    """The text clean-up of the CLIP tokenizer ComfyUI runs (transformers' Python CLIPTokenizer without ftfy): drop
+    control characters, NUL and U+FFFD, make other whitespace a space, and set CJK ideographs apart as words. The
+    tokenizers-backed CLIPTokenizer skips this step; everything else (NFC, lowercase, the split regex) is shared."""
+    out = []
+    for char in text:
+        code = ord(char)
+        if char in " \t\n\r" or unicodedata.category(char) == "Zs":
+            out.append(" ")
+        elif code == 0 or code == 0xFFFD or unicodedata.category(char).startswith("C"):
+            continue
+        elif _is_cjk(code):
+            out.append(f" {char} ")
+        else:
+            out.append(char)
+    return "".join(out)
+
+
 def bpe_ids(text: str) -> list[int]:
     """Token ids of a piece of text, without BOS/EOS."""
-    if not text:
+    text = clean_text(text)
+    if not text.strip():
         return []
     return list(clip_tokenizer()(text, add_special_tokens=False)["input_ids"])
 
