@@ -45,11 +45,37 @@ def crop_to_multiple(pixels: torch.Tensor, multiple: int = DOWNSCALE) -> torch.T
     return pixels[:, top:top + new_height, left:left + new_width, :]
 
 
-def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
-    if size <= tile:
-        return [0]
-    stride = max(1, tile - overlap)
-    return [max(0, min(size - overlap, start)) for start in range(0, size - overlap, stride)]
+@dataclass(frozen=True)
+class TilePlan:
+    """Where the tiles of one image go. Tile sizes, overlap and positions are multiples of `align` (8 when
+    encoding, so every tile maps to whole latent cells), and the overlap stays below the tile size so tiles
+    always advance (ComfyUI fails on such settings instead)."""
+
+    tile_h: int
+    tile_w: int
+    overlap: int
+    rows: tuple[int, ...]
+    cols: tuple[int, ...]
+
+    @classmethod
+    def create(cls, size_hw: tuple[int, int], tile_hw: tuple[int, int], overlap: int, align: int = 1) -> "TilePlan":
+        tile_h, tile_w = (max(align, size // align * align) for size in tile_hw)
+        overlap = max(0, min(overlap // align * align, min(tile_h, tile_w) - align))
+        if size_hw[0] <= tile_h and size_hw[1] <= tile_w:
+            return cls(tile_h, tile_w, overlap, (0,), (0,))
+        return cls(tile_h, tile_w, overlap, cls._starts(size_hw[0], tile_h, overlap),
+                   cls._starts(size_hw[1], tile_w, overlap))
+
+    @staticmethod
+    def _starts(size: int, tile: int, overlap: int) -> tuple[int, ...]:
+        # Every (tile - overlap) cells; the last start is pulled back so it does not begin inside the overlap.
+        if size <= tile:
+            return (0,)
+        return tuple(max(0, min(size - overlap, start)) for start in range(0, size - overlap, tile - overlap))
+
+    @property
+    def count(self) -> int:
+        return len(self.rows) * len(self.cols)
 
 
 def _feather(length: int, feather: int) -> torch.Tensor:
@@ -62,35 +88,27 @@ def _feather(length: int, feather: int) -> torch.Tensor:
     return weights
 
 
-def tile_count(size_hw: tuple[int, int], tile_hw: tuple[int, int], overlap: int) -> int:
-    """How many tiles (one per function call) a single image of size_hw needs."""
-    if size_hw[0] <= tile_hw[0] and size_hw[1] <= tile_hw[1]:
-        return 1
-    return len(_tile_starts(size_hw[0], tile_hw[0], overlap)) * len(_tile_starts(size_hw[1], tile_hw[1], overlap))
-
-
 def tiled_apply(samples: torch.Tensor, function: Callable[[torch.Tensor], torch.Tensor], tile_hw: tuple[int, int],
-                overlap: int, scale: float, out_channels: int, on_tile: Callable[[], None] | None = None
-                ) -> torch.Tensor:
+                overlap: int, scale: float, out_channels: int, on_tile: Callable[[], None] | None = None,
+                align: int = 1) -> torch.Tensor:
     """Apply a resolution-changing `function` ([1,C,h,w] -> [1,out_channels,h*scale,w*scale]) tile by tile to
     [B,C,H,W], blending overlaps with linear feathers; one image at a time to bound memory."""
     batch, _, height, width = samples.shape
-    tile_h, tile_w = tile_hw
-    overlap = min(overlap, max(0, min(tile_h, tile_w) - 1))  # a tile must advance by at least one cell
+    plan = TilePlan.create((height, width), tile_hw, overlap, align)
     out_h, out_w = round(height * scale), round(width * scale)
-    feather = round(overlap * scale)
+    feather = round(plan.overlap * scale)
     output = torch.empty(batch, out_channels, out_h, out_w)
     for index in range(batch):
         image = samples[index:index + 1]
-        if height <= tile_h and width <= tile_w:
+        if plan.count == 1:
             output[index:index + 1] = function(image).float().cpu()
             if on_tile:
                 on_tile()
             continue
         total = torch.zeros(1, out_channels, out_h, out_w)
         weight = torch.zeros(1, 1, out_h, out_w)
-        for top, left in itertools.product(_tile_starts(height, tile_h, overlap), _tile_starts(width, tile_w, overlap)):
-            piece = image[:, :, top:top + min(tile_h, height - top), left:left + min(tile_w, width - left)]
+        for top, left in itertools.product(plan.rows, plan.cols):
+            piece = image[:, :, top:top + plan.tile_h, left:left + plan.tile_w]
             result = function(piece).float().cpu()
             piece_h, piece_w = result.shape[-2:]
             mask = _feather(piece_h, feather)[:, None] * _feather(piece_w, feather)[None, :]
@@ -241,7 +259,8 @@ class VAEModel:
         # Three tilings, averaged: tall, wide, then square (ComfyUI's order, so the float sums agree).
         tilings = [(tile_h * 2, max(1, tile_w // 2)), (max(1, tile_h // 2), tile_w * 2), (tile_h, tile_w)]
         size_hw = (latent.shape[2], latent.shape[3])
-        counter = _ProgressCounter(latent.shape[0] * sum(tile_count(size_hw, t, overlap) for t in tilings), progress)
+        tiles = sum(TilePlan.create(size_hw, tiling, overlap).count for tiling in tilings)
+        counter = _ProgressCounter(latent.shape[0] * tiles, progress)
         out_channels = int(getattr(getattr(module, "config", None), "out_channels", 3))
         decoded = None
         for tiling in tilings:
@@ -280,10 +299,11 @@ class VAEModel:
         # Square, wide, then tall (ComfyUI's order for encode).
         tilings = [(tile_h, tile_w), (max(1, tile_h // 2), tile_w * 2), (tile_h * 2, max(1, tile_w // 2))]
         size_hw = (nchw.shape[2], nchw.shape[3])
-        counter = _ProgressCounter(nchw.shape[0] * sum(tile_count(size_hw, t, overlap) for t in tilings), progress)
+        tiles = sum(TilePlan.create(size_hw, tiling, overlap, self.downscale_ratio).count for tiling in tilings)
+        counter = _ProgressCounter(nchw.shape[0] * tiles, progress)
         encoded = None
         for tiling in tilings:
             part = tiled_apply(nchw, lambda x: self._encode_raw(module, x), tiling, overlap, 1 / self.downscale_ratio,
-                               self.latent_channels, counter.step)
+                               self.latent_channels, counter.step, align=self.downscale_ratio)
             encoded = part if encoded is None else encoded + part
         return encoded / 3.0
