@@ -18,4 +18,5 @@ run: install
 	$(BIN)/latentloom run graphs/txt2img.json --output-dir output
 
 test: install
+	bash tools/install_browser.sh
 	$(BIN)/python -m pytest tests
