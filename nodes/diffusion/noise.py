@@ -86,8 +86,8 @@ class BrownianNoise:
         if t_a > t_b:
             t_a, t_b, sign = t_b, t_a, -1.0
         with warnings.catch_warnings():
-            # torchsde stores t1 as a Python float; querying at float32 sigma_max trips its "tb <= t1" check.
-            warnings.filterwarnings("ignore", message="Should have tb<=t1")
+            # torchsde keeps its ends as Python floats; float32 sigmas at the ends trip its range check.
+            warnings.filterwarnings("ignore", message="Should have t[ab]")
             if self.on_cpu:
                 w = self.tree(t_a.cpu().float(), t_b.cpu().float()).to(t_a.dtype).to(t_a.device)
             else:
