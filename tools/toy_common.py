@@ -89,11 +89,13 @@ def _bytes_to_unicode() -> dict[int, str]:
 def load_tokenizer():
     """The real CLIP tokenizer (ids as openai/clip-vit-large-patch14): the engine's when it exists, else built
     from the BPE merges archive in a temporary folder."""
+    import sys
+
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
     try:
-        from nodes.diffusion import tokenizer as engine_tokenizer  # type: ignore[attr-defined]
-        for name in ("load_clip_tokenizer", "clip_tokenizer", "load_tokenizer", "get_tokenizer"):
-            if hasattr(engine_tokenizer, name):
-                return getattr(engine_tokenizer, name)()
+        from nodes.diffusion.tokenizer import clip_tokenizer
+        return clip_tokenizer()
     except ImportError:
         pass
     from transformers import CLIPTokenizer
@@ -131,8 +133,9 @@ def sd_alphas_cumprod() -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------------- LoRA
 
+# The attention projections of every transformer block (self- and cross-attention), as kohya's LoRA trains them.
 LORA_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
-                "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2")
+                "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
 
 
 class LoraLinear(torch.nn.Module):

@@ -47,6 +47,16 @@ def _log(part: str, step: int, total: int, loss: float, started: float) -> None:
     print(f"[{part}] step {step}/{total} loss {loss:.4f} ({time.time() - started:.0f} s)", flush=True)
 
 
+def _stop_requested(part: str) -> bool:
+    """`touch work-training/STOP_<part>` ends that part's loop early (it still saves); for a contended machine."""
+    flag = WORK_DIR / f"STOP_{part}"
+    if flag.exists():
+        flag.unlink()
+        print(f"[{part}] stop requested: finishing early", flush=True)
+        return True
+    return False
+
+
 def _record_time(part: str, seconds: float, extra: dict | None = None) -> None:
     path = WORK_DIR / "times.json"
     times = json.loads(path.read_text()) if path.exists() else {}
@@ -92,10 +102,12 @@ def train_vae(args: argparse.Namespace) -> None:
         schedule.step()
         if step % 100 == 0 or step == total - 1:
             _log("vae", step, total, loss.item(), started)
+            if _stop_requested("vae"):
+                break
     vae = vae.eval().cpu()
     _normalise_latents(vae, pixels[:2000])
     vae.save_pretrained(WORK_DIR / "vae")
-    _record_time("vae", time.time() - started, {"steps": total, "batch": args.vae_batch})
+    _record_time("vae", time.time() - started, {"steps": step + 1, "batch": args.vae_batch})
 
 
 @torch.no_grad()
@@ -236,6 +248,8 @@ def train_unet(args: argparse.Namespace) -> None:
         running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
         if step % 100 == 0 or step == args.unet_steps - 1:
             _log("unet", step, args.unet_steps, running, started)
+            if _stop_requested("unet"):
+                break
         if (step + 1) % 1000 == 0 and step + 1 < args.unet_steps:
             unet.save_pretrained(WORK_DIR / "unet_raw")
             text_encoder.save_pretrained(WORK_DIR / "text_encoder_raw")
@@ -245,7 +259,7 @@ def train_unet(args: argparse.Namespace) -> None:
     unet.cpu().save_pretrained(WORK_DIR / "unet")
     text_encoder.cpu().save_pretrained(WORK_DIR / "text_encoder")
     _record_time("unet", time.time() - started,
-                 {"steps": args.unet_steps, "batch": args.batch, "data_prep_seconds": round(prepared, 1)})
+                 {"steps": step + 1, "batch": args.batch, "data_prep_seconds": round(prepared, 1)})
 
 
 def _load_base(device: str):
@@ -291,8 +305,10 @@ def train_controlnet(args: argparse.Namespace) -> None:
         running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
         if step % 100 == 0 or step == args.controlnet_steps - 1:
             _log("controlnet", step, args.controlnet_steps, running, started)
+            if _stop_requested("controlnet"):
+                break
     controlnet.cpu().save_pretrained(WORK_DIR / "controlnet")
-    _record_time("controlnet", time.time() - started, {"steps": args.controlnet_steps, "batch": args.batch})
+    _record_time("controlnet", time.time() - started, {"steps": step + 1, "batch": args.batch})
 
 
 # ----------------------------------------------------------------------------------------------------- LoRA
@@ -327,9 +343,11 @@ def train_lora(args: argparse.Namespace) -> None:
         running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
         if step % 100 == 0 or step == args.lora_steps - 1:
             _log("lora", step, args.lora_steps, running, started)
+            if _stop_requested("lora"):
+                break
     save_file(kohya_state_dict(adapters, alpha=args.lora_rank), WORK_DIR / "lora_outline.safetensors")
     _record_time("lora", time.time() - started,
-                 {"steps": args.lora_steps, "batch": args.batch, "rank": args.lora_rank})
+                 {"steps": step + 1, "batch": args.batch, "rank": args.lora_rank})
 
 
 def main() -> None:
@@ -339,8 +357,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--vae-images", type=int, default=8000)
     parser.add_argument("--vae-batch", type=int, default=32)
-    parser.add_argument("--vae-crop-steps", type=int, default=1800)
-    parser.add_argument("--vae-full-steps", type=int, default=150)
+    parser.add_argument("--vae-crop-steps", type=int, default=1000)
+    parser.add_argument("--vae-full-steps", type=int, default=100)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--unet-images", type=int, default=20000)
     parser.add_argument("--unet-steps", type=int, default=2400)
