@@ -124,5 +124,5 @@ def serve(args) -> int:
     host = "0.0.0.0" if config.listen in ("", "0.0.0.0") else config.listen
     print(f"latentloom: serving the editor at http://{'127.0.0.1' if host == '0.0.0.0' else host}:{config.port}/",
           flush=True)
-    uvicorn.run(app, host=host, port=config.port, log_level="warning", ws="websockets")
+    uvicorn.run(app, host=host, port=config.port, log_level="warning", ws="websockets-sansio")
     return 0
