@@ -1,0 +1,311 @@
+"""UI <-> API workflow conversion against hand-written fixtures and a hand-made core SD catalogue."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from engine.workflow import MissingNodeTypesError, WorkflowFormatError, api_to_ui, ui_to_api
+from engine.workflow.catalogue import node_layout
+from engine.workflow.ui_to_api import process_dynamic_prompt
+
+FIXTURES = Path(__file__).parent / "workflow_fixtures"
+CATALOGUE = json.loads((FIXTURES / "catalogue.json").read_text())
+FIXTURE_NAMES = sorted(p.name.removesuffix(".ui.json") for p in FIXTURES.glob("*.ui.json"))
+
+
+def load_fixture(name: str) -> tuple[dict, dict]:
+    ui = json.loads((FIXTURES / f"{name}.ui.json").read_text())
+    api = json.loads((FIXTURES / f"{name}.api.json").read_text())
+    return ui, api
+
+
+def renumbered(prompt: dict, mapping: dict[str, str]) -> dict:
+    """The prompt with node ids (and the link references to them) renamed through `mapping`."""
+    out = {}
+    for node_id, entry in prompt.items():
+        inputs = {
+            name: [mapping[value[0]], value[1]] if isinstance(value, list) and len(value) == 2 and value[0] in mapping
+            else value
+            for name, value in entry["inputs"].items()
+        }
+        out[mapping[node_id]] = {**entry, "inputs": inputs}
+    return out
+
+
+def test_fixture_set_covers_every_feature():
+    assert {"notes_groups_seed", "reroute_chain", "bypass", "mute", "primitive_node", "converted_widget",
+            "subgraph_nested"} <= set(FIXTURE_NAMES)
+
+
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_ui_fixture_converts_to_expected_api(name):
+    ui, expected = load_fixture(name)
+    assert ui_to_api(ui, CATALOGUE) == expected
+
+
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_fixture_round_trip_ui_api_ui_api_is_stable(name):
+    ui, _ = load_fixture(name)
+    first = ui_to_api(ui, CATALOGUE)
+    second = ui_to_api(api_to_ui(first, CATALOGUE), CATALOGUE)
+    if all(node_id.isdigit() for node_id in first):
+        assert second == first
+    else:
+        # Flattened subgraph ids ("12:5:3") cannot be editor node ids; they are renumbered, nothing else changes.
+        assert len(second) == len(first)
+        mapping = dict(zip(first, second))
+        assert all(a == b for a, b in mapping.items() if a.isdigit())
+        assert renumbered(first, mapping) == second
+        third = ui_to_api(api_to_ui(second, CATALOGUE), CATALOGUE)
+        assert third == second
+
+
+def test_output_is_in_execution_order():
+    ui, _ = load_fixture("subgraph_nested")
+    prompt = ui_to_api(ui, CATALOGUE)
+    position = {node_id: index for index, node_id in enumerate(prompt)}
+    for node_id, entry in prompt.items():
+        for value in entry["inputs"].values():
+            if isinstance(value, list):
+                assert position[value[0]] < position[node_id]
+
+
+def test_unknown_node_types_are_refused_with_all_names():
+    ui, _ = load_fixture("notes_groups_seed")
+    ui["nodes"][1]["type"] = "FancyUpscaler"
+    ui["nodes"][2]["type"] = "AnotherMissingNode"
+    with pytest.raises(MissingNodeTypesError) as caught:
+        ui_to_api(ui, CATALOGUE)
+    assert caught.value.missing == ["AnotherMissingNode", "FancyUpscaler"]
+    assert "AnotherMissingNode" in str(caught.value) and "FancyUpscaler" in str(caught.value)
+
+
+def test_unknown_type_inside_a_subgraph_is_refused():
+    ui, _ = load_fixture("subgraph_nested")
+    ui["definitions"]["subgraphs"][1]["nodes"][0]["type"] = "EmptyFluxLatent"
+    with pytest.raises(MissingNodeTypesError, match="EmptyFluxLatent"):
+        ui_to_api(ui, CATALOGUE)
+
+
+def test_unknown_slotless_decoration_and_muted_unknown_nodes_are_ignored():
+    ui, expected = load_fixture("notes_groups_seed")
+    ui["nodes"].append({"id": 40, "type": "Label (somepack)", "mode": 0, "inputs": [], "outputs": [],
+                        "widgets_values": ["Title"]})
+    ui["nodes"].append({"id": 41, "type": "MissingButMuted", "mode": 2,
+                        "inputs": [{"name": "image", "type": "IMAGE", "link": None}], "outputs": []})
+    assert ui_to_api(ui, CATALOGUE) == expected
+
+
+def test_bypassed_unknown_node_is_passed_through_by_slot_types():
+    ui, expected = load_fixture("bypass")
+    lora = next(n for n in ui["nodes"] if n["id"] == 10)
+    lora["type"] = "SomeCustomLoraStack"
+    assert ui_to_api(ui, CATALOGUE) == expected
+
+
+def test_broken_link_reference_is_a_clear_error():
+    ui, _ = load_fixture("reroute_chain")
+    ui["links"] = [link for link in ui["links"] if link[0] != 12]
+    with pytest.raises(WorkflowFormatError, match="missing link 12"):
+        ui_to_api(ui, CATALOGUE)
+
+
+def test_not_a_ui_workflow():
+    with pytest.raises(WorkflowFormatError, match="nodes"):
+        ui_to_api({"3": {"class_type": "KSampler", "inputs": {}}}, CATALOGUE)
+
+
+def test_named_widget_values_are_read_by_name():
+    ui, expected = load_fixture("notes_groups_seed")
+    sampler = next(n for n in ui["nodes"] if n["id"] == 3)
+    sampler["widgets_values"] = {"seed": 156680208700286, "control_after_generate": "fixed", "steps": 24, "cfg": 6.5,
+                                 "sampler_name": "dpmpp_2m", "scheduler": "karras", "denoise": 0.85}
+    assert ui_to_api(ui, CATALOGUE) == expected
+
+
+def test_missing_widget_values_fall_back_to_catalogue_defaults():
+    ui, _ = load_fixture("notes_groups_seed")
+    next(n for n in ui["nodes"] if n["id"] == 5)["widgets_values"] = [640]
+    latent = ui_to_api(ui, CATALOGUE)["5"]["inputs"]
+    assert latent == {"width": 640, "height": 512, "batch_size": 1}
+
+
+def test_list_widget_values_are_wrapped():
+    ui, _ = load_fixture("notes_groups_seed")
+    next(n for n in ui["nodes"] if n["id"] == 9)["widgets_values"] = [["a", "b"]]
+    assert ui_to_api(ui, CATALOGUE)["9"]["inputs"]["filename_prefix"] == {"__value__": ["a", "b"]}
+
+
+def test_widget_layout_places_companion_widgets():
+    layout = node_layout("KSamplerAdvanced", CATALOGUE)
+    assert [w.name for w in layout.persisted_widgets] == [
+        "add_noise", "noise_seed", "control_after_generate", "steps", "cfg", "sampler_name", "scheduler",
+        "start_at_step", "end_at_step", "return_with_leftover_noise"]
+    assert [w.name for w in node_layout("LoadImageMask", CATALOGUE).persisted_widgets] == ["image", "channel", "upload"]
+    assert [s.name for s in node_layout("ControlNetApplyAdvanced", CATALOGUE).sockets] == [
+        "positive", "negative", "control_net", "image", "vae"]
+
+
+def test_dynamic_prompt_syntax():
+    rng = random.Random(0)
+    assert process_dynamic_prompt("plain text", rng) == "plain text"
+    assert process_dynamic_prompt("a /* block */cat // trailing", rng) == "a cat "
+    assert process_dynamic_prompt("line one // c\nline two", rng) == "line one \nline two"
+    assert process_dynamic_prompt(r"literal \{braces\} and \| bar", rng) == "literal {braces} and | bar"
+    seen = {process_dynamic_prompt("{red|green|{blue|cyan}} fox", random.Random(seed)) for seed in range(200)}
+    assert seen == {"red fox", "green fox", "blue fox", "cyan fox"}
+
+
+def test_dynamic_prompts_apply_only_to_flagged_widgets():
+    ui, _ = load_fixture("notes_groups_seed")
+    next(n for n in ui["nodes"] if n["id"] == 6)["widgets_values"] = ["{only}"]
+    next(n for n in ui["nodes"] if n["id"] == 9)["widgets_values"] = ["{kept}"]
+    prompt = ui_to_api(ui, CATALOGUE, rng=random.Random(1))
+    assert prompt["6"]["inputs"]["text"] == "only"
+    assert prompt["9"]["inputs"]["filename_prefix"] == "{kept}"
+
+
+# --- API -> UI --------------------------------------------------------------------------------------------
+
+
+def test_api_to_ui_layout_and_structure():
+    _, api = load_fixture("notes_groups_seed")
+    ui = api_to_ui(api, CATALOGUE)
+    assert ui["version"] == 0.4
+    nodes = {node["id"]: node for node in ui["nodes"]}
+    assert set(nodes) == {3, 4, 5, 6, 7, 8, 9}
+    assert ui["last_node_id"] == 9
+    assert ui["last_link_id"] == len(ui["links"]) == 9
+    # Every link goes left to right, and its ends agree with the nodes' slots.
+    for link_id, source, source_slot, target, target_slot, link_type in ui["links"]:
+        assert nodes[source]["pos"][0] + nodes[source]["size"][0] < nodes[target]["pos"][0]
+        assert link_id in nodes[source]["outputs"][source_slot]["links"]
+        assert nodes[target]["inputs"][target_slot]["link"] == link_id
+        assert nodes[source]["outputs"][source_slot]["type"] == link_type
+    # Nodes sharing a column do not overlap.
+    by_column: dict[float, list[dict]] = {}
+    for node in ui["nodes"]:
+        by_column.setdefault(node["pos"][0], []).append(node)
+    for column in by_column.values():
+        column.sort(key=lambda n: n["pos"][1])
+        for upper, lower in zip(column, column[1:]):
+            assert upper["pos"][1] + upper["size"][1] <= lower["pos"][1]
+    assert nodes[3]["widgets_values"] == [156680208700286, "fixed", 24, 6.5, "dpmpp_2m", "karras", 0.85]
+    assert nodes[6]["title"] == "Positive"
+    assert nodes[4]["properties"]["cnr_id"] == "comfy-core"
+
+
+def test_api_to_ui_layers_follow_longest_path():
+    _, api = load_fixture("notes_groups_seed")
+    nodes = {n["id"]: n for n in api_to_ui(api, CATALOGUE)["nodes"]}
+    columns = sorted({n["pos"][0] for n in nodes.values()})
+    column_of = {node_id: columns.index(n["pos"][0]) for node_id, n in nodes.items()}
+    # Checkpoint and latent start; encoders next; sampler after the encoders (not next to the latent).
+    assert column_of[4] == column_of[5] == 0
+    assert column_of[6] == column_of[7] == 1
+    assert (column_of[3], column_of[8], column_of[9]) == (2, 3, 4)
+
+
+def test_api_to_ui_linked_widget_gets_an_input_slot_and_default_value():
+    _, api = load_fixture("converted_widget")
+    nodes = {n["id"]: n for n in api_to_ui(api, CATALOGUE)["nodes"]}
+    sampler = nodes[3]
+    cfg_input = next(i for i in sampler["inputs"] if i["name"] == "cfg")
+    assert cfg_input["widget"] == {"name": "cfg"} and cfg_input["link"] is not None
+    assert sampler["widgets_values"][3] == 8.0  # catalogue default stands in for the linked value
+    assert nodes[16]["widgets_values"] == ["mask.png", "red", "image"]
+
+
+def test_api_to_ui_reports_inputs_it_cannot_place():
+    _, api = load_fixture("notes_groups_seed")
+    api = copy.deepcopy(api)
+    api["9"]["inputs"]["not_an_input"] = 3
+    ui = api_to_ui(api, CATALOGUE)
+    assert any("not_an_input" in w for w in ui["extra"]["conversion_warnings"])
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda p: p["3"].update(class_type="NoSuchSampler"), "NoSuchSampler"),
+        (lambda p: p["3"]["inputs"].update(model=["99", 0]), "'99'"),
+        (lambda p: p["3"]["inputs"].update(model=["4", 7]), "output 7"),
+        (lambda p: p["4"]["inputs"].update(ckpt_name=["9", 0]), "cycle"),
+        (lambda p: p.clear(), "non-empty"),
+    ],
+)
+def test_api_to_ui_errors(mutate, message):
+    _, api = load_fixture("notes_groups_seed")
+    api = copy.deepcopy(api)
+    mutate(api)
+    with pytest.raises(WorkflowFormatError, match=message):
+        api_to_ui(api, CATALOGUE)
+
+
+# --- Property: random DAGs of catalogue nodes survive API -> UI -> API unchanged ------------------------
+
+SAFE_TEXT = st.text(alphabet=st.characters(blacklist_characters="{}|\\/", blacklist_categories=("Cs",)), max_size=20)
+PRIMITIVE_FOR = {"INT": "PrimitiveInt", "FLOAT": "PrimitiveFloat", "STRING": "PrimitiveString",
+                 "BOOLEAN": "PrimitiveBoolean"}
+
+
+@st.composite
+def widget_value(draw, spec: list):
+    type_name = spec[0]
+    options = spec[1] if len(spec) > 1 else {}
+    if isinstance(type_name, list):
+        return draw(st.sampled_from(type_name))
+    if type_name == "INT":
+        return draw(st.integers(options.get("min", -(2**63)), options.get("max", 2**63)))
+    if type_name == "FLOAT":
+        return draw(st.floats(max(float(options.get("min", -1e9)), -1e9), min(float(options.get("max", 1e9)), 1e9)))
+    if type_name == "BOOLEAN":
+        return draw(st.booleans())
+    return draw(SAFE_TEXT)
+
+
+@st.composite
+def random_prompt(draw):
+    class_types = sorted(CATALOGUE)
+    prompt: dict[str, dict] = {}
+    outputs_by_type: dict[str, list[list]] = {}
+    used_ids = draw(st.lists(st.integers(1, 500), min_size=1, max_size=12, unique=True))
+    for node_id in map(str, used_ids):
+        class_type = draw(st.sampled_from(class_types))
+        entry = CATALOGUE[class_type]
+        inputs = {}
+        specs = {**entry["input"].get("required", {}), **entry["input"].get("optional", {})}
+        for name, spec in specs.items():
+            type_name = spec[0]
+            sources = outputs_by_type.get(type_name if isinstance(type_name, str) else "COMBO", [])
+            if isinstance(type_name, list) or type_name in ("INT", "FLOAT", "STRING", "BOOLEAN"):
+                primitive_sources = [s for s in sources if prompt[s[0]]["class_type"] == PRIMITIVE_FOR.get(type_name)]
+                if primitive_sources and draw(st.booleans()):
+                    inputs[name] = list(draw(st.sampled_from(primitive_sources)))
+                else:
+                    inputs[name] = draw(widget_value(spec))
+            elif sources and draw(st.integers(0, 4)) > 0:
+                inputs[name] = list(draw(st.sampled_from(sources)))
+        title = draw(st.one_of(st.just(entry["display_name"]), SAFE_TEXT))
+        prompt[node_id] = {"inputs": inputs, "class_type": class_type, "_meta": {"title": title}}
+        for slot, out_type in enumerate(entry["output"]):
+            outputs_by_type.setdefault(out_type, []).append([node_id, slot])
+    return prompt
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(random_prompt())
+def test_random_prompts_survive_api_ui_api(prompt):
+    ui = api_to_ui(prompt, CATALOGUE)
+    assert "conversion_warnings" not in ui["extra"]
+    back = ui_to_api(ui, CATALOGUE)
+    assert back == prompt
+    # and one more lap through the editor format changes nothing
+    assert ui_to_api(api_to_ui(back, CATALOGUE), CATALOGUE) == prompt
