@@ -15,6 +15,7 @@ NODE_MODULES: tuple[str, ...] = (
     "nodes.image",
     "nodes.primitives",
     "nodes.conditioning",
+    "nodes.loaders",
 )
 
 

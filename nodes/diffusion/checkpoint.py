@@ -91,7 +91,11 @@ def _materialize(model: torch.nn.Module, state: Mapping[str, torch.Tensor], dtyp
         raise ModelFileError(f"{what}: weights do not fit the detected architecture "
                              f"(missing {missing[:4]}{'...' if len(missing) > 4 else ''}, "
                              f"unexpected {unexpected[:4]}{'...' if len(unexpected) > 4 else ''})")
-    state = {key: value.to(dtype) if value.is_floating_point() else value for key, value in state.items()}
+    # Copies, not views into the file's buffer: safetensors packs tensors at 8-byte offsets, and CPU kernels
+    # take different (last-bit different) paths on such unaligned weights than on the freshly allocated ones
+    # a diffusers model has; own allocations keep results bit-identical to the original modules.
+    state = {key: value.to(dtype, copy=True) if value.is_floating_point() else value.clone()
+             for key, value in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     for module in model.modules():
         for name, buffer in list(module._buffers.items()):

@@ -1,0 +1,230 @@
+"""Model loader nodes with ComfyUI's class names, inputs and outputs.
+
+Every load goes through the model memory manager (env.services["models"]) under an identity key made of the
+resolved path, size and modification time (plus options that change what is built), so two loader nodes on the
+same file share one set of networks, and a file replaced on disk is loaded afresh.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Callable
+
+from engine.node import Node
+from engine.types import CLIP, MODEL, VAE, Combo, Output
+
+from .diffusion import checkpoint
+
+UNET_WEIGHT_DTYPES = ["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"]
+# ComfyUI's CLIPLoader / DualCLIPLoader types (kept so workflows validate); the SD ones are supported.
+CLIP_TYPES = ["stable_diffusion", "stable_cascade", "sd3", "stable_audio", "mochi", "ltxv", "pixart", "cosmos",
+              "lumina2", "wan", "hidream", "chroma", "ace", "omnigen2", "qwen_image", "hunyuan_image"]
+DUAL_CLIP_TYPES = ["sdxl", "sd3", "flux", "hunyuan_video", "hidream", "hunyuan_image"]
+SUPPORTED_CLIP_TYPES = {"stable_diffusion", "sdxl"}
+
+
+def _choices(folder: str) -> Callable[[Any], list[str]]:
+    return lambda env: env.list_models(folder) if env is not None else []
+
+
+def _manager(ctx: Any) -> Any:
+    """The shared model memory manager; created on first use when the engine did not install one."""
+    env = ctx.env
+    manager = env.services.get("models")
+    if manager is None:
+        from engine.memory import ModelManager
+
+        manager = env.services.setdefault("models", ModelManager())
+    return manager
+
+
+def _file_identity(path: Path) -> tuple[str, int, int]:
+    stat = path.stat()
+    return str(path.resolve()), stat.st_size, stat.st_mtime_ns
+
+
+def _fingerprint(env: Any, folder: str, name: Any) -> Any:
+    """Size and mtime of the named file: the cache re-runs the loader when the file changes."""
+    if env is None or not isinstance(name, str):
+        return None
+    try:
+        path = env.find_model(folder, name)
+    except FileNotFoundError:
+        return None
+    if path.is_dir():
+        return [_file_identity(p)[1:] for p in sorted(path.rglob("*")) if p.is_file()]
+    return _file_identity(path)[1:]
+
+
+def _locate(ctx: Any, node: str, input_name: str, folder: str, name: str) -> Path:
+    if not name:
+        raise ValueError(f"{node}: input '{input_name}' is empty; choose a file from models/{folder}")
+    try:
+        return ctx.env.find_model(folder, name)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{node}: input '{input_name}': {error}") from error
+
+
+def _load(ctx: Any, node: str, input_name: str, name: str, key: tuple, loader: Callable[[], Any]) -> Any:
+    """Load through the manager; file and architecture errors are re-raised naming the node input and file."""
+    try:
+        return _manager(ctx).get_or_load(key, loader)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{node}: input '{input_name}' ({name}): {error}") from error
+    except (checkpoint.ModelFileError, ValueError) as error:
+        raise ValueError(f"{node}: input '{input_name}' ({name}): {error}") from error
+
+
+class CheckpointLoaderSimple(Node):
+    display_name = "Load Checkpoint"
+    category = "loaders"
+    description = "Loads a diffusion model checkpoint; diffusion models are used to denoise latents."
+    outputs = (Output(MODEL, tooltip="The model used for denoising latents."),
+               Output(CLIP, tooltip="The CLIP model used for encoding text prompts."),
+               Output(VAE, tooltip="The VAE model used for encoding and decoding images to and from latent space."))
+    ckpt_name: Annotated[str, Combo(_choices("checkpoints"), tooltip="The name of the checkpoint (model) to load.")]
+
+    @classmethod
+    def fingerprint(cls, env, constants):
+        return _fingerprint(env, "checkpoints", constants.get("ckpt_name"))
+
+    def run(self, ctx):
+        node = type(self).__name__
+        path = _locate(ctx, node, "ckpt_name", "checkpoints", self.ckpt_name)
+        manager = _manager(ctx)
+        loaded = _load(ctx, node, "ckpt_name", self.ckpt_name, ("checkpoint",) + _file_identity(path),
+                       lambda: checkpoint.load_checkpoint(path, manager))
+        if loaded.clip is None:
+            ctx.warn(f"{node}: {self.ckpt_name} contains no text encoder; its CLIP output is empty")
+        if loaded.vae is None:
+            ctx.warn(f"{node}: {self.ckpt_name} contains no VAE; its VAE output is empty")
+        return (loaded.model, loaded.clip, loaded.vae)
+
+
+class VAELoader(Node):
+    display_name = "Load VAE"
+    category = "loaders"
+    outputs = (Output(VAE),)
+    vae_name: Annotated[str, Combo(_choices("vae"))]
+
+    @classmethod
+    def fingerprint(cls, env, constants):
+        return _fingerprint(env, "vae", constants.get("vae_name"))
+
+    def run(self, ctx):
+        node = type(self).__name__
+        path = _locate(ctx, node, "vae_name", "vae", self.vae_name)
+        manager = _manager(ctx)
+        # Latents between nodes are unscaled, so a VAE does not need to know its model family; the SDXL latent
+        # format only matters for previews, so take the hint from the file name as ComfyUI's users name them.
+        family = "sdxl" if "xl" in path.name.lower() else "sd1"
+        vae = _load(ctx, node, "vae_name", self.vae_name, ("vae", family) + _file_identity(path),
+                    lambda: checkpoint.load_vae_file(path, manager, family))
+        return (vae,)
+
+
+class UNETLoader(Node):
+    display_name = "Load Diffusion Model"
+    category = "advanced/loaders"
+    outputs = (Output(MODEL),)
+    unet_name: Annotated[str, Combo(_choices("unet"))]
+    weight_dtype: Annotated[str, Combo(UNET_WEIGHT_DTYPES)] = "default"
+
+    @classmethod
+    def fingerprint(cls, env, constants):
+        return _fingerprint(env, "unet", constants.get("unet_name"))
+
+    def run(self, ctx):
+        node = type(self).__name__
+        path = _locate(ctx, node, "unet_name", "unet", self.unet_name)
+        manager = _manager(ctx)
+        if self.weight_dtype != "default":
+            ctx.warn(f"{node}: weight_dtype {self.weight_dtype} (fp8 storage) is not supported; "
+                     f"loading in {manager.dtype_for('diffusion')}")
+        model = _load(ctx, node, "unet_name", self.unet_name, ("unet",) + _file_identity(path),
+                      lambda: checkpoint.load_unet_file(path, manager))
+        return (model,)
+
+
+def _clip_type_supported(node: str, clip_type: str) -> None:
+    if clip_type not in SUPPORTED_CLIP_TYPES:
+        raise ValueError(f"{node}: input 'type': {clip_type!r} text encoders are not supported "
+                         f"(supported: {', '.join(sorted(SUPPORTED_CLIP_TYPES))})")
+
+
+class CLIPLoader(Node):
+    display_name = "Load CLIP"
+    category = "advanced/loaders"
+    description = ("stable_diffusion: a CLIP-L file (SD1.x), a CLIP-H file (SD2.x) or a CLIP-G file "
+                   "(SDXL refiner).")
+    outputs = (Output(CLIP),)
+    clip_name: Annotated[str, Combo(_choices("clip"))]
+    type: Annotated[str, Combo(CLIP_TYPES)] = "stable_diffusion"
+    device: Annotated[str, Combo(["default", "cpu"], optional=True, advanced=True)] = "default"
+
+    @classmethod
+    def fingerprint(cls, env, constants):
+        return _fingerprint(env, "clip", constants.get("clip_name"))
+
+    def run(self, ctx):
+        node = type(self).__name__
+        _clip_type_supported(node, self.type)
+        path = _locate(ctx, node, "clip_name", "clip", self.clip_name)
+        manager = _manager(ctx)
+        clip = _load(ctx, node, "clip_name", self.clip_name, ("clip", self.type) + _file_identity(path),
+                     lambda: checkpoint.load_clip_files([path], self.type, manager))
+        return (clip,)
+
+
+class DualCLIPLoader(Node):
+    display_name = "DualCLIPLoader"
+    category = "advanced/loaders"
+    description = "sdxl: a CLIP-L file and a CLIP-G file, in either order."
+    outputs = (Output(CLIP),)
+    clip_name1: Annotated[str, Combo(_choices("clip"))]
+    clip_name2: Annotated[str, Combo(_choices("clip"))]
+    type: Annotated[str, Combo(DUAL_CLIP_TYPES)] = "sdxl"
+    device: Annotated[str, Combo(["default", "cpu"], optional=True, advanced=True)] = "default"
+
+    @classmethod
+    def fingerprint(cls, env, constants):
+        return [_fingerprint(env, "clip", constants.get("clip_name1")),
+                _fingerprint(env, "clip", constants.get("clip_name2"))]
+
+    def run(self, ctx):
+        node = type(self).__name__
+        _clip_type_supported(node, self.type)
+        first = _locate(ctx, node, "clip_name1", "clip", self.clip_name1)
+        second = _locate(ctx, node, "clip_name2", "clip", self.clip_name2)
+        manager = _manager(ctx)
+        names = f"{self.clip_name1}, {self.clip_name2}"
+        key = ("dual_clip", self.type) + _file_identity(first) + _file_identity(second)
+        clip = _load(ctx, node, "clip_name1/clip_name2", names, key,
+                     lambda: checkpoint.load_clip_files([first, second], self.type, manager))
+        return (clip,)
+
+
+class DiffusersLoader(Node):
+    display_name = "DiffusersLoader"
+    category = "advanced/loaders/deprecated"
+    outputs = (Output(MODEL), Output(CLIP), Output(VAE))
+    model_path: Annotated[str, Combo(_choices("diffusers"))]
+
+    @classmethod
+    def fingerprint(cls, env, constants):
+        return _fingerprint(env, "diffusers", constants.get("model_path"))
+
+    def run(self, ctx):
+        node = type(self).__name__
+        path = _locate(ctx, node, "model_path", "diffusers", self.model_path)
+        manager = _manager(ctx)
+        index = path / "model_index.json"
+        if not index.is_file():
+            raise FileNotFoundError(f"{node}: input 'model_path' ({self.model_path}): no model_index.json in {path}")
+        key = ("diffusers", str(path.resolve())) + _file_identity(index)[1:]
+        loaded = _load(ctx, node, "model_path", self.model_path, key,
+                       lambda: checkpoint.load_diffusers_folder(path, manager))
+        return (loaded.model, loaded.clip, loaded.vae)
+
+
+NODES = [CheckpointLoaderSimple, VAELoader, UNETLoader, CLIPLoader, DualCLIPLoader, DiffusersLoader]
