@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nodes.diffusion import tokenizer as tk
 from nodes.diffusion.tokenizer import (BOS_ID, EOS_ID, OPENCLIP_CHUNKS, SD1_CHUNKS, bpe_ids, chunk_ids, chunk_tokens,
@@ -193,3 +195,32 @@ def test_long_embedding_is_a_group_that_can_split():
                           SD1_CHUNKS)
     assert sum(isinstance(t, torch.Tensor) for t, _ in chunks[0]) == 5
     assert sum(isinstance(t, torch.Tensor) for t, _ in chunks[1]) == 5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Chunking invariants on arbitrary token groups
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(min_value=1, max_value=90), max_size=12))
+def test_chunking_invariants(group_sizes):
+    # Token ids encode (group, position) so order and group splits can be read back.
+    groups = [[(1000 * g + i, 1.0) for i in range(size)] for g, size in enumerate(group_sizes)]
+    chunks = chunk_tokens(groups, SD1_CHUNKS)
+    assert all(len(c) == 77 and chunk_ids(c)[0] == BOS_ID for c in chunks)
+    contents = []
+    for chunk in chunks:
+        ids = chunk_ids(chunk)
+        eos = ids.index(EOS_ID)
+        assert eos <= 76 and all(i == EOS_ID for i in ids[eos:])
+        contents.append(ids[1:eos])
+    flat = [t for content in contents for t in content]
+    assert flat == [t for g in groups for t, _ in g]                         # nothing lost, order kept
+    for g, size in enumerate(group_sizes):
+        holders = {n for n, content in enumerate(contents) if any(t // 1000 == g for t in content)}
+        if size < 8:
+            assert len(holders) == 1                                         # short groups never split
+    # A chunk is closed early only when the next (short) group would not fit.
+    for n in range(len(contents) - 1):
+        next_group = contents[n + 1][0] // 1000 if contents[n + 1] else None
+        if len(contents[n]) < 75 and next_group is not None:
+            assert len(contents[n]) + group_sizes[next_group] > 75
