@@ -258,3 +258,55 @@ def test_primitives_pass_their_value_through(ctx):
     assert run(PrimitiveString, ctx, value="x") == ("x",)
     assert run(PrimitiveBoolean, ctx, value=True) == (True,)
     assert PrimitiveInt.input_specs()["value"].extra["control_after_generate"] is True
+
+
+# Through the engine ---------------------------------------------------------------------------------------------
+
+
+def test_load_encode_upscale_decode_save_through_the_engine(tmp_path):
+    from typing import ClassVar
+
+    from engine.registry import NodeRegistry
+    from engine.session import Engine
+    from engine.types import VAE, Output
+    from nodes import image as image_nodes, latent as latent_nodes, vae_nodes
+    from nodes.diffusion.vae import VAEModel
+    from test_vae import LocalAutoencoder
+
+    class TestVAELoader(image_nodes.Node):
+        outputs: ClassVar = (Output(VAE),)
+
+        def run(self, ctx):
+            return (VAEModel(LocalAutoencoder()),)
+
+    registry = NodeRegistry(latent_nodes.NODES + vae_nodes.NODES + image_nodes.NODES + [TestVAELoader])
+    ctx = make_context(tmp_path)
+    engine = Engine(registry, ctx.env)
+    write_rgba(ctx.env.input_dir / "pic.png", height=16, width=24)
+    prompt = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "pic.png [input]"}},
+        "2": {"class_type": "TestVAELoader", "inputs": {}},
+        "3": {"class_type": "VAEEncode", "inputs": {"pixels": ["1", 0], "vae": ["2", 0]}},
+        "4": {"class_type": "LatentUpscaleBy", "inputs": {"samples": ["3", 0], "upscale_method": "bislerp",
+                                                          "scale_by": 2.0}},
+        "5": {"class_type": "VAEDecode", "inputs": {"samples": ["4", 0], "vae": ["2", 0]}},
+        "6": {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": "e2e/out"}},
+    }
+    result = engine.run(prompt, extra_data={"extra_pnginfo": {"workflow": {"id": 1}}})
+    assert result.ok, getattr(result, "error", None) or result.node_errors
+    assert result.outputs["6"]["images"] == [{"filename": "out_00001_.png", "subfolder": "e2e", "type": "output"}]
+    with Image.open(ctx.env.output_dir / "e2e" / "out_00001_.png") as saved:
+        assert saved.size == (48, 32)
+        assert json.loads(saved.text["prompt"])["1"]["inputs"]["image"] == "pic.png [input]"
+        assert json.loads(saved.text["workflow"]) == {"id": 1}
+
+    again = engine.run(prompt)
+    assert "1" in again.cached and "6" in again.cached  # unchanged file: nothing re-runs, no new file
+    write_rgba(ctx.env.input_dir / "pic.png", height=8, width=24)  # new content: the loader must run again
+    changed = engine.run(prompt)
+    assert "1" in changed.executed and changed.outputs["6"]["images"][0]["filename"] == "out_00002_.png"
+
+    prompt["1"]["inputs"]["image"] = "nope.png"
+    invalid = engine.run(prompt)
+    assert not invalid.ok
+    assert "Invalid image file: nope.png" in json.dumps(invalid.node_errors)
