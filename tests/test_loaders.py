@@ -109,7 +109,8 @@ def test_loaded_networks_compute_what_the_originals_compute(tmp_path, tiny_famil
             if slot in ("h", "g"):
                 assert torch.equal(want_text.text_embeds, got_text.text_embeds)
         image = torch.rand(1, 3, 16, 16, generator=generator) * 2 - 1
-        assert torch.equal(original.vae.encode(image).latent_dist.mean, loaded.vae.autoencoder.encode(image).latent_dist.mean)
+        want_latent = original.vae.encode(image).latent_dist.mean
+        assert torch.equal(want_latent, loaded.vae.autoencoder.encode(image).latent_dist.mean)
 
 
 def test_two_loader_nodes_on_one_file_share_the_networks(env, ctx):
@@ -273,3 +274,25 @@ def test_loading_never_touches_the_network(env, ctx, monkeypatch):
     CheckpointLoaderSimple.model_construct(ckpt_name="offline.safetensors").run(ctx)
     DiffusersLoader.model_construct(model_path="offline").run(ctx)
     assert attempts == []
+
+
+def test_lightning_ckpt_with_callback_objects_loads(tmp_path, monkeypatch):
+    """Original .ckpt files pickle a Lightning ModelCheckpoint beside the weights; it is admitted inert."""
+    import sys
+    import types
+
+    module_name = "pytorch_lightning.callbacks.model_checkpoint"
+    callback_class = type("ModelCheckpoint", (), {"__module__": module_name})
+    for name in ("pytorch_lightning", "pytorch_lightning.callbacks", module_name):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    sys.modules[module_name].ModelCheckpoint = callback_class
+    callback = callback_class()
+    callback.monitor = "val/loss"
+    from tiny_models import checkpoint_state
+
+    state = checkpoint_state(tiny_components("sd1", seed=0))
+    path = tmp_path / "lightning.ckpt"
+    torch.save({"state_dict": state, "callbacks": {callback_class: callback}, "global_step": 5}, path)
+    for name in ("pytorch_lightning", "pytorch_lightning.callbacks", module_name):
+        monkeypatch.delitem(sys.modules, name)
+    assert set(checkpoint.read_state_dict(path)) == set(state)

@@ -28,6 +28,10 @@ from .vae import VAEModel  # noqa: E402
 StateDict = dict[str, torch.Tensor]
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+# Classes that PyTorch Lightning pickles next to the weights of many original .ckpt files. They are admitted as
+# inert stand-ins (plain objects with no behaviour), so such files load without running any of their code.
+LIGHTNING_CLASSES = (("pytorch_lightning.callbacks.model_checkpoint", "ModelCheckpoint"),
+                     ("lightning.pytorch.callbacks.model_checkpoint", "ModelCheckpoint"))
 
 
 class ModelFileError(ValueError):
@@ -53,7 +57,9 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
 
             state: Any = load_file(str(path), device="cpu")
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            stand_ins = [type(name, (), {"__module__": module}) for module, name in LIGHTNING_CLASSES]
+            with torch.serialization.safe_globals(stand_ins):
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise ModelFileError(
             f"{path.name}: refused to load: the pickle needs more than tensors (arbitrary code is never run "
