@@ -110,6 +110,18 @@ def test_bypassed_unknown_node_is_passed_through_by_slot_types():
     assert ui_to_api(ui, CATALOGUE) == expected
 
 
+def test_set_and_get_nodes_act_as_named_links():
+    ui, expected = load_fixture("reroute_chain")
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    nodes[20].update(type="SetNode", widgets_values=["main_vae"], title="Set_main_vae")
+    nodes[20]["outputs"][0]["links"] = []
+    nodes[21].update(type="GetNode", widgets_values=["main_vae"], inputs=[])
+    ui["links"] = [link for link in ui["links"] if link[0] != 12]
+    assert ui_to_api(ui, CATALOGUE) == expected
+    nodes[21]["widgets_values"] = ["no_such_name"]
+    assert "vae" not in ui_to_api(ui, CATALOGUE)["8"]["inputs"]
+
+
 def test_broken_link_reference_is_a_clear_error():
     ui, _ = load_fixture("reroute_chain")
     ui["links"] = [link for link in ui["links"] if link[0] != 12]

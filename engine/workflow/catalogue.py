@@ -35,13 +35,17 @@ SEED_NAMES = ("seed", "noise_seed")
 NOTE_TYPES = frozenset({"Note", "MarkdownNote"})
 REROUTE_TYPE = "Reroute"
 PRIMITIVE_NODE_TYPE = "PrimitiveNode"
-VIRTUAL_TYPES = NOTE_TYPES | {REROUTE_TYPE, PRIMITIVE_NODE_TYPE}
+# Named wireless links from the KJNodes pack, common in shared workflows: a GetNode outputs whatever the
+# SetNode with the same name (its first widget value) receives.
+SET_NODE_TYPE = "SetNode"
+GET_NODE_TYPE = "GetNode"
+VIRTUAL_TYPES = NOTE_TYPES | {REROUTE_TYPE, PRIMITIVE_NODE_TYPE, SET_NODE_TYPE, GET_NODE_TYPE}
 # Purely decorative custom-node types seen in shared workflows (labels, bookmarks, group togglers).
 DECORATIVE_TYPES = frozenset(
     {
         "Label (rgthree)", "Bookmark (rgthree)", "Fast Groups Bypasser (rgthree)",
         "Fast Groups Muter (rgthree)", "Fast Bypasser (rgthree)", "Fast Muter (rgthree)",
-        "Note Plus (mtb)", "workflow/note",
+        "Note Plus (mtb)",
     }
 )
 

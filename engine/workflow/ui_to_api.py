@@ -20,9 +20,11 @@ import networkx as nx
 
 from engine.workflow.catalogue import (
     DECORATIVE_TYPES,
+    GET_NODE_TYPE,
     NOTE_TYPES,
     PRIMITIVE_NODE_TYPE,
     REROUTE_TYPE,
+    SET_NODE_TYPE,
     VIRTUAL_TYPES,
     NodeLayout,
     WorkflowFormatError,
@@ -388,7 +390,12 @@ def _resolve_input(flow: _Workflow, placed: Placed, slot: int) -> tuple[str, int
             state = ("out", Placed(inner_path, inner_link.origin_id, inner_scope.key), inner_link.origin_slot)
             continue
         node_type = source_node.get("type")
-        if node_type == REROUTE_TYPE:
+        if node_type == GET_NODE_TYPE:
+            setter = _find_setter(flow, source)
+            if setter is None:
+                return None
+            source, node_type, source_node = setter, SET_NODE_TYPE, flow.node(setter)
+        if node_type in (REROUTE_TYPE, SET_NODE_TYPE):
             link_id = _input_link(flow, source, 0) if source_node.get("inputs") else None
             if link_id is None:
                 return None
@@ -397,6 +404,16 @@ def _resolve_input(flow: _Workflow, placed: Placed, slot: int) -> tuple[str, int
         if node_type in VIRTUAL_TYPES:
             return None
         return source.exec_id, out_slot
+
+
+def _find_setter(flow: _Workflow, getter: Placed) -> Placed | None:
+    """The SetNode a GetNode reads from: same name, in the getter's own graph level first, then the root."""
+    name = (flow.node(getter).get("widgets_values") or [None])[0]
+    for scope_key, path in ((getter.scope_key, getter.path), ("", ())):
+        for node_id, node in flow.scopes[scope_key].nodes.items():
+            if node.get("type") == SET_NODE_TYPE and (node.get("widgets_values") or [None])[0] == name:
+                return Placed(path, node_id, scope_key)
+    return None
 
 
 def _apply_primitive_nodes(flow: _Workflow) -> None:
