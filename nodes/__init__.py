@@ -16,6 +16,7 @@ NODE_MODULES: tuple[str, ...] = (
     "nodes.primitives",
     "nodes.conditioning",
     "nodes.loaders",
+    "nodes.sampling",
 )
 
 

@@ -16,8 +16,7 @@ MU, S = 0.3, 0.5
 DETERMINISTIC = ["euler", "euler_cfg_pp", "heun", "dpm_2", "lms", "dpmpp_2m", "ipndm", "deis", "gradient_estimation",
                  "ddim", "uni_pc", "uni_pc_bh2"]
 STOCHASTIC = ["euler_ancestral", "euler_ancestral_cfg_pp", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde",
-              "dpmpp_sde_gpu", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu",
-              "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm"]
+              "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "ddpm"]
 SECOND_ORDER = ["heun", "dpm_2", "lms", "dpmpp_2m", "deis", "uni_pc", "uni_pc_bh2"]
 
 
@@ -34,6 +33,14 @@ class ExactDenoiser:
 
 def ode_solution(x, sigma_from, sigma_to):
     return MU + (x - MU) * ((S ** 2 + sigma_to ** 2) / (S ** 2 + sigma_from ** 2)) ** 0.5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +99,14 @@ def test_stochastic_samplers_sample_the_distribution(name):
     other = sampler(ExactDenoiser(), noise * sigmas[0], sigmas, {"seed": 6})
     assert torch.equal(out, again)
     assert (out - other).abs().max().item() > 0.1
+
+
+@pytest.mark.parametrize("name", ["dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"])
+def test_gpu_variants_differ_only_in_tree_device(name, start):
+    sigmas = calculate_sigmas(DiscreteSchedule(), "karras", 5)
+    x = start * sigmas[0]
+    on_cpu = SAMPLERS[name](ExactDenoiser(), x, sigmas, {"seed": 3})
+    assert torch.equal(SAMPLERS[name + "_gpu"](ExactDenoiser(), x, sigmas, {"seed": 3}), on_cpu)  # x is on CPU
 
 
 def test_lcm_renoises_to_each_sigma():

@@ -48,7 +48,8 @@ class DiscreteSchedule:
         t = torch.clamp(timestep.float(), min=0, max=len(self.sigmas) - 1)
         low, high = t.floor().long(), t.ceil().long()
         weight = t.frac()
-        log_sigma = (1 - weight) * self.log_sigmas[low] + weight * self.log_sigmas[high]
+        log_sigmas = self.log_sigmas.to(t.device)
+        log_sigma = (1 - weight) * log_sigmas[low] + weight * log_sigmas[high]
         return log_sigma.exp()
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
