@@ -139,30 +139,14 @@ def tiny_components(family: str = "sd1", seed: int = 0) -> TinyComponents:
 
 def checkpoint_state(components: TinyComponents) -> dict[str, torch.Tensor]:
     """The components as one LDM single-file state dict (written with our diffusers→LDM writer)."""
-    layout = {
-        "sd1": [("l", convert.SD1_CLIP_PREFIX, "hf")],
-        "sd2": [("h", convert.SD2_CLIP_PREFIX, "open_clip")],
-        "sdxl": [("l", convert.SDXL_CLIP_L_PREFIX, "hf"), ("g", convert.SDXL_CLIP_G_PREFIX, "open_clip")],
-        "sdxl_refiner": [("g", convert.REFINER_CLIP_G_PREFIX, "open_clip")],
-    }[components.family]
-    return convert.build_single_file(
-        components.unet.state_dict(), components.unet.config.layers_per_block, components.vae.state_dict(),
-        [(prefix, kind, components.text_encoders[slot].state_dict()) for slot, prefix, kind in layout],
-    )
+    return convert.ldm_checkpoint(components.family, components.unet, components.vae, components.text_encoders)
 
 
 def save_state(state: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
     """Write a state dict as .safetensors, or as a weights-only pickle {"state_dict": ...} for .ckpt/.pt."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {key: value.detach().contiguous().clone() for key, value in state.items()}
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
+    from nodes.diffusion.checkpoint import save_state_dict
 
-        save_file(tensors, str(path))
-    else:
-        torch.save({"state_dict": tensors}, path)
-    return path
+    return save_state_dict(state, path)
 
 
 def write_tiny_checkpoint(path: str | os.PathLike, family: str = "sd1", seed: int = 0) -> Path:

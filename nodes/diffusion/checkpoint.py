@@ -79,6 +79,21 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
     return tensors
 
 
+def save_state_dict(state: Mapping[str, torch.Tensor], path: str | os.PathLike) -> Path:
+    """Write tensors as .safetensors (contiguous copies, so views and shared storage are fine), or for
+    .ckpt/.pt/.pth as a weights-only pickle {"state_dict": ...} that read_state_dict accepts."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {key: value.detach().contiguous().clone() for key, value in state.items()}
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES:
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(path))
+    else:
+        torch.save({"state_dict": tensors}, path)
+    return path
+
+
 def sidecar_yaml(path: str | os.PathLike) -> str | None:
     """The text of `<name>.yaml` beside a checkpoint (ComfyUI honours its `parameterization`), if present."""
     candidate = Path(path).with_suffix(".yaml")

@@ -221,6 +221,31 @@ def build_single_file(unet: StateDict, unet_layers_per_block: int, vae: StateDic
     return checkpoint
 
 
+# Where each family's text encoders sit in a single file, and in which layout.
+CHECKPOINT_TEXT_ENCODERS: dict[str, list[tuple[str, str, str]]] = {  # family -> [(slot, prefix, layout)]
+    "sd1": [("l", SD1_CLIP_PREFIX, "hf")],
+    "sd2": [("h", SD2_CLIP_PREFIX, "open_clip")],
+    "sdxl": [("l", SDXL_CLIP_L_PREFIX, "hf"), ("g", SDXL_CLIP_G_PREFIX, "open_clip")],
+    "sdxl_refiner": [("g", REFINER_CLIP_G_PREFIX, "open_clip")],
+}
+
+
+def ldm_checkpoint(family: str, unet: torch.nn.Module, vae: torch.nn.Module | None = None,
+                   text_encoders: Mapping[str, torch.nn.Module] | None = None) -> StateDict:
+    """A single-file (LDM layout) state dict from diffusers / transformers modules: a diffusers
+    UNet2DConditionModel, an AutoencoderKL, and text encoders by CLIP slot ("l", "h", "g") as the family has them
+    (SD1 {"l"}, SD2 {"h"}, SDXL {"l", "g"}, refiner {"g"})."""
+    text_encoders = dict(text_encoders or {})
+    layout = CHECKPOINT_TEXT_ENCODERS[family]
+    unknown = set(text_encoders) - {slot for slot, _, _ in layout}
+    if unknown:
+        raise ValueError(f"a {family} checkpoint has no text encoder slot {sorted(unknown)}")
+    return build_single_file(
+        unet.state_dict(), unet.config.layers_per_block, vae.state_dict() if vae is not None else None,
+        [(prefix, kind, text_encoders[slot].state_dict()) for slot, prefix, kind in layout if slot in text_encoders],
+    )
+
+
 # LDM → diffusers (through diffusers' converters) -------------------------------------------------------------
 
 def unet_from_ldm(checkpoint: Mapping[str, torch.Tensor], unet_config: Mapping[str, Any],
