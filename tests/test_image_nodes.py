@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from engine.node import NodeOutput
-from image_support import make_context
+from image_support import LocalAutoencoder, make_context
 from nodes.image import (EmptyImage, ImageBatch, ImageCrop, ImageInvert, ImagePadForOutpaint, ImageScale,
                          ImageScaleBy, ImageScaleToTotalPixels, LoadImage, LoadImageMask, PreviewImage, SaveImage)
 from nodes.image_files import list_input_images
@@ -271,7 +271,6 @@ def test_load_encode_upscale_decode_save_through_the_engine(tmp_path):
     from engine.types import VAE, Output
     from nodes import image as image_nodes, latent as latent_nodes, vae_nodes
     from nodes.diffusion.vae import VAEModel
-    from test_vae import LocalAutoencoder
 
     class TestVAELoader(image_nodes.Node):
         outputs: ClassVar = (Output(VAE),)

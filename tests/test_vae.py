@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from image_support import make_context, tiny_autoencoder
+from image_support import LocalAutoencoder, make_context, tiny_autoencoder
 from nodes.diffusion import vae as vae_module
 from nodes.diffusion.vae import VAEModel, tiled_apply
 from nodes.vae_nodes import VAEDecode, VAEDecodeTiled, VAEEncode, VAEEncodeForInpaint, VAEEncodeTiled, inpaint_inputs
@@ -26,29 +25,6 @@ def smooth_latent(height: int, width: int, batch: int = 1) -> torch.Tensor:
     ys, xs = torch.meshgrid(torch.linspace(0, 1, height), torch.linspace(0, 1, width), indexing="ij")
     channels = [torch.sin(2 * xs) + 0.3, torch.cos(2 * ys), xs * ys, 0.5 * xs - ys]
     return torch.stack(channels)[None].repeat(batch, 1, 1, 1)
-
-
-class LocalAutoencoder(torch.nn.Module):
-    """A stand-in whose outputs depend only on nearby inputs (no normalisation statistics, no attention), so
-    tiling can be compared exactly. kernel=1: pointwise in latent cells; kernel=3: one latent cell of context."""
-
-    def __init__(self, kernel: int = 1):
-        super().__init__()
-        torch.manual_seed(1)
-        self.config = SimpleNamespace(latent_channels=4, out_channels=3)
-        self.to_pixels = torch.nn.Conv2d(4, 3, kernel, padding=kernel // 2)
-        self.to_latent = torch.nn.Conv2d(3, 4, 1)
-        self.decode_sizes: list[tuple[int, int]] = []
-        self.encode_sizes: list[tuple[int, int]] = []
-
-    def decode(self, latent):
-        self.decode_sizes.append(tuple(latent.shape[-2:]))
-        return SimpleNamespace(sample=F.interpolate(self.to_pixels(latent), scale_factor=8, mode="nearest"))
-
-    def encode(self, pixels):
-        self.encode_sizes.append(tuple(pixels.shape[-2:]))
-        mean = self.to_latent(F.avg_pool2d(pixels, 8))
-        return SimpleNamespace(latent_dist=SimpleNamespace(mode=lambda: mean))
 
 
 # Conventions against diffusers called directly ---------------------------------------------------------------

@@ -169,7 +169,7 @@ class VAEModel:
     fallback_decode_overlap: int = 16
     fallback_encode_tile: int = 512
     fallback_encode_overlap: int = 64
-
+    # Pixels per latent cell along each side.
     downscale_ratio: int = DOWNSCALE
 
     @property
