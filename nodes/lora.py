@@ -1,0 +1,162 @@
+"""LoRA nodes with ComfyUI's class names, inputs and outputs: LoraLoader, LoraLoaderModelOnly.
+
+The nodes never touch the network: they return clones of MODEL / CLIP carrying a LoraPatch (applied inside the
+sampling or encoding call, restored on exit), so changing a LoRA or its strength re-runs only this node and its
+consumers, never the checkpoint loader, and no other graph ever sees a patched model. The file's tensors are
+held by the model memory manager (keyed by path, size and mtime) so a strength change does not re-read it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+
+from engine.node import Node
+from engine.types import CLIP, MODEL, Combo, Float, Output, Socket
+
+from .diffusion import lora as lora_math
+from .diffusion.checkpoint import read_state_dict
+from .diffusion.clip import ClipModel
+from .diffusion.models import DiffusionModel
+from .loaders import _choices, _file_identity, _fingerprint, _load, _locate, _manager
+
+# Spellings of text-encoder keys: ignored (not "unmatched") when there is no CLIP to patch.
+TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder", "text_encoders.", "lora_prior_te")
+STRENGTH = Float(min=-100.0, max=100.0, step=0.01)
+SHOWN_KEYS = 5
+
+
+class LoraTensors(torch.nn.Module):
+    """A LoRA file's tensors as buffers, so the memory manager counts (and can drop) them like any model."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], metadata: dict[str, Any], source: str):
+        super().__init__()
+        self.names = list(tensors)
+        for index, name in enumerate(self.names):
+            self.register_buffer(f"t{index}", tensors[name], persistent=False)
+        self.metadata = metadata
+        self.source = source
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, f"t{index}") for index, name in enumerate(self.names)}
+
+
+def read_lora_file(path: Path) -> LoraTensors:
+    metadata: dict[str, Any] = {}
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            metadata = lora_math.read_adapter_metadata(handle.metadata())
+    return LoraTensors(read_state_dict(path), metadata, str(path))
+
+
+def load_lora(ctx: Any, node: str, lora_name: str) -> LoraTensors:
+    path = _locate(ctx, node, "lora_name", "loras", lora_name)
+    return _load(ctx, node, "lora_name", lora_name, ("lora",) + _file_identity(path), lambda: read_lora_file(path))
+
+
+def _shown(keys: list[str]) -> str:
+    return ", ".join(keys[:SHOWN_KEYS]) + (f" (+{len(keys) - SHOWN_KEYS} more)" if len(keys) > SHOWN_KEYS else "")
+
+
+def apply_lora(ctx: Any, node: str, lora_name: str, lora_file: LoraTensors, model: DiffusionModel | None,
+               clip: ClipModel | None, strength_model: float, strength_clip: float) \
+        -> tuple[DiffusionModel | None, ClipModel | None]:
+    """Clones of model / clip with the file's adapters at the given strengths (strength 0: left as they are)."""
+    key_map: dict[str, lora_math.Target] = {}
+    if model is not None:
+        key_map.update(lora_math.key_map_unet(model.unet))
+    if clip is not None:
+        key_map.update(lora_math.key_map_clip(clip.encoders, clip.family))
+    parsed = lora_math.parse_lora(lora_file.tensors(), key_map, lora_file.metadata,
+                                  () if clip is not None else TEXT_ENCODER_PREFIXES)
+    where = f"{node}: input 'lora_name' ({lora_name})"
+    if not parsed.adapters:
+        family = model.family if model is not None else clip.family if clip is not None else "?"
+        found = parsed.unmatched + parsed.ignored
+        if parsed.unmatched or not found:
+            raise ValueError(f"{where}: none of its {len(found)} adapted layers match this {family} model "
+                             f"(e.g. {_shown(found) or 'no LoRA tensors at all'}); the LoRA is for another "
+                             f"architecture or is not a LoRA file")
+    if parsed.unmatched:
+        ctx.warn(f"{where}: {len(parsed.unmatched)} LoRA keys match no layer and were not loaded: "
+                 f"{_shown(parsed.unmatched)}")
+    if parsed.unusable:
+        ctx.warn(f"{where}: {len(parsed.unusable)} tensors are not supported adapter parts and were ignored: "
+                 f"{_shown(parsed.unusable)}")
+    results: list[Any] = []
+    for owner, target, strength in (("model", model, strength_model), ("clip", clip, strength_clip)):
+        entries = tuple((t.parameter, adapter, float(strength)) for t, adapter in parsed.adapters
+                        if t.owner == owner)
+        if target is None or not entries or strength == 0:
+            results.append(target)
+            continue
+        patch = lora_math.LoraPatch(entries)
+        try:
+            patch.check(target.unet if owner == "model" else target.encoders)
+        except lora_math.LoraFormatError as error:
+            raise ValueError(f"{where}: does not fit this {target.family} model: {error}") from error
+        results.append(lora_math.attach(target, patch))
+    return results[0], results[1]
+
+
+def _require(node: str, name: str, value: Any, kind: type) -> None:
+    if not isinstance(value, kind):
+        raise ValueError(f"{node}: input '{name}' is not a {kind.__name__} (got {type(value).__name__})")
+
+
+class LoraLoader(Node):
+    display_name = "Load LoRA"
+    category = "loaders"
+    description = ("LoRAs modify diffusion and CLIP models, altering how latents are denoised; several can be "
+                   "chained.")
+    outputs = (Output(MODEL, tooltip="The modified diffusion model."),
+               Output(CLIP, tooltip="The modified CLIP model."))
+    model: Annotated[Any, Socket(MODEL, tooltip="The diffusion model the LoRA will be applied to.")]
+    clip: Annotated[Any, Socket(CLIP, tooltip="The CLIP model the LoRA will be applied to.")]
+    lora_name: Annotated[str, Combo(_choices("loras"), tooltip="The name of the LoRA.")]
+    strength_model: Annotated[float, STRENGTH] = 1.0
+    strength_clip: Annotated[float, STRENGTH] = 1.0
+
+    @classmethod
+    def fingerprint(cls, env, constants):
+        return _fingerprint(env, "loras", constants.get("lora_name"))
+
+    def run(self, ctx):
+        node = type(self).__name__
+        if self.strength_model == 0 and self.strength_clip == 0:
+            return (self.model, self.clip)
+        _require(node, "model", self.model, DiffusionModel)
+        _require(node, "clip", self.clip, ClipModel)
+        lora_file = load_lora(ctx, node, self.lora_name)
+        return apply_lora(ctx, node, self.lora_name, lora_file, self.model, self.clip, self.strength_model,
+                          self.strength_clip)
+
+
+class LoraLoaderModelOnly(Node):
+    display_name = "LoraLoaderModelOnly"
+    category = "loaders"
+    description = "A LoRA applied to the diffusion model only."
+    outputs = (Output(MODEL),)
+    model: Annotated[Any, Socket(MODEL)]
+    lora_name: Annotated[str, Combo(_choices("loras"))]
+    strength_model: Annotated[float, STRENGTH] = 1.0
+
+    @classmethod
+    def fingerprint(cls, env, constants):
+        return _fingerprint(env, "loras", constants.get("lora_name"))
+
+    def run(self, ctx):
+        node = type(self).__name__
+        if self.strength_model == 0:
+            return (self.model,)
+        _require(node, "model", self.model, DiffusionModel)
+        lora_file = load_lora(ctx, node, self.lora_name)
+        model, _ = apply_lora(ctx, node, self.lora_name, lora_file, self.model, None, self.strength_model, 0.0)
+        return (model,)
+
+
+NODES = [LoraLoader, LoraLoaderModelOnly]
