@@ -128,25 +128,82 @@ def _parse_links(raw_links: Any, where: str) -> dict[str, Link]:
     return links
 
 
+def _nodes_by_id(nodes: list[dict]) -> dict[str, dict]:
+    by_id: dict[str, dict] = {}
+    for node in nodes:
+        by_id.setdefault(str(node.get("id")), node)  # the editor keeps the first of duplicated ids
+    return by_id
+
+
+def _subgraph_definitions(workflow: dict) -> list[dict]:
+    """Definitions in the editor's order: each one followed by its own nested definitions, first id wins."""
+    ordered: list[dict] = []
+    seen: set[str] = set()
+    stack = list(reversed((workflow.get("definitions") or {}).get("subgraphs") or []))
+    while stack:
+        definition = stack.pop()
+        if str(definition.get("id")) not in seen:
+            seen.add(str(definition.get("id")))
+            ordered.append(definition)
+        stack += reversed((definition.get("definitions") or {}).get("subgraphs") or [])
+    return ordered
+
+
+def _last_node_id(workflow: dict) -> int:
+    value = workflow.get("last_node_id", (workflow.get("state") or {}).get("lastNodeId", 0))
+    return value if isinstance(value, int) and value >= 0 else 0
+
+
+def _renumber_clashing_ids(scopes: list[Scope], root: Scope, last_node_id: int) -> None:
+    """Give inner nodes whose id is already taken (by the root or an earlier subgraph) a fresh number.
+
+    The editor does this on load so that node ids are unique across the whole file; the new ids are what
+    its Export (API) uses in execution ids, so we must renumber identically: next after the highest id seen.
+    """
+    used = set(root.nodes)
+    used_numbers = {int(node_id) for node_id in used if node_id.isdigit()}
+    last = last_node_id
+    for scope in scopes:
+        renamed: dict[str, str] = {}
+        for node_id in list(scope.nodes):
+            if node_id in used:
+                fresh = last + 1
+                while fresh in used_numbers:
+                    fresh += 1
+                last = fresh
+                used_numbers.add(fresh)
+                used.add(str(fresh))
+                renamed[node_id] = str(fresh)
+            else:
+                used.add(node_id)
+                if node_id.isdigit():
+                    used_numbers.add(int(node_id))
+                    last = max(last, int(node_id))
+        if not renamed:
+            continue
+        scope.nodes = {renamed.get(node_id, node_id): node for node_id, node in scope.nodes.items()}
+        scope.links = {
+            link_id: Link(link.id, renamed.get(link.origin_id, link.origin_id), link.origin_slot,
+                          renamed.get(link.target_id, link.target_id), link.target_slot, link.type)
+            for link_id, link in scope.links.items()
+        }
+
+
 def _parse_scopes(workflow: dict) -> tuple[dict[str, Scope], set[str]]:
     if not isinstance(workflow.get("nodes"), list):
         raise WorkflowFormatError("not a UI workflow: it has no 'nodes' list")
-    scopes = {
-        "": Scope("", {str(n["id"]): n for n in workflow["nodes"]}, _parse_links(workflow.get("links"), "workflow"))
-    }
-    pending = list((workflow.get("definitions") or {}).get("subgraphs") or [])
-    while pending:
-        definition = pending.pop()
-        subgraph_id = str(definition.get("id"))
-        if subgraph_id in scopes:
-            continue
-        scopes[subgraph_id] = Scope(
-            subgraph_id,
-            {str(n["id"]): n for n in definition.get("nodes") or []},
-            _parse_links(definition.get("links"), f"subgraph {definition.get('name') or subgraph_id}"),
+    root = Scope("", _nodes_by_id(workflow["nodes"]), _parse_links(workflow.get("links"), "workflow"))
+    subgraphs = [
+        Scope(
+            str(definition.get("id")),
+            _nodes_by_id(definition.get("nodes") or []),
+            _parse_links(definition.get("links"), f"subgraph {definition.get('name') or definition.get('id')}"),
             definition,
         )
-        pending += list((definition.get("definitions") or {}).get("subgraphs") or [])
+        for definition in _subgraph_definitions(workflow)
+    ]
+    _renumber_clashing_ids(subgraphs, root, _last_node_id(workflow))
+    scopes = {"": root, **{scope.key: scope for scope in subgraphs}}
     return scopes, set(scopes) - {""}
 
 
