@@ -110,6 +110,33 @@ def test_cfg_one_shortcut(cfg, runs_uncond):
             x, sigma, torch.full((1, 77, 8), 1.0)))
 
 
+def test_model_option_hooks():
+    unet = RecordingUNet(context_mean)
+    seen = []
+
+    def rescale(args):  # noise-space CFG, as RescaleCFG-style hooks return it
+        seen.append(sorted(args))
+        return args["uncond"] + (args["cond"] - args["uncond"]) * args["cond_scale"]
+
+    def post(args):
+        return args["denoised"] * 2.0
+
+    model = DiffusionModel(unet=unet, family="sd1", options={"sampler_cfg_function": rescale,
+                                                             "sampler_post_cfg_function": [post]})
+    prepared = prepare_conditioning({"positive": [cond(1.0)], "negative": [cond(3.0)]}, torch.Size((1, 4, 8, 8)),
+                                    SCHEDULE, torch.device("cpu"), unet.config, "sd1")
+    guided = GuidedDenoiser(ModelCall(model, unet, SCHEDULE), prepared["positive"], prepared["negative"], 7.5)
+    x, sigma = torch.randn(1, 4, 8, 8), torch.tensor([2.0])
+    plain = denoiser(RecordingUNet(context_mean), [cond(1.0)], [cond(3.0)], cfg=7.5)(x, sigma)
+    assert torch.allclose(guided(x, sigma), plain * 2.0, atol=1e-4)
+    assert "cond_denoised" in seen[0] and "uncond_denoised" in seen[0]
+    # disable_cfg1_optimization keeps the negative evaluated at cfg 1.
+    keep = DiffusionModel(unet=unet, family="sd1", options={"disable_cfg1_optimization": True})
+    unet.calls.clear()
+    GuidedDenoiser(ModelCall(keep, unet, SCHEDULE), prepared["positive"], prepared["negative"], 1.0)(x, sigma)
+    assert unet.calls[0]["sample"].shape[0] == 2
+
+
 def test_entries_average_by_strength_and_mask():
     unet = RecordingUNet(context_mean)
     mask = torch.zeros(8, 8)

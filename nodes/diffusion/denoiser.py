@@ -16,6 +16,11 @@ called once per UNet call with the batched UNet inputs: `x_in` the c_in-scaled l
 passed as a keyword. The object applies its own strength, σ-range gating (return None when inactive) and chain
 of previous ControlNets (summing their residuals). Entries batch together only when they share the very same
 control object. The residuals are cast to the UNet's dtype and handed to diffusers' UNet2DConditionModel.
+
+Sampler hooks in `DiffusionModel.options` (ComfyUI's model_options keys, same argument dicts):
+`sampler_cfg_function(args) -> noise` replaces the CFG formula (RescaleCFG & co.), each
+`sampler_post_cfg_function(args) -> denoised` runs after it, `disable_cfg1_optimization` keeps the negative
+evaluated at cfg 1.
 """
 
 from __future__ import annotations
@@ -147,11 +152,30 @@ class GuidedDenoiser:
         self.cfg = cfg
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, return_uncond: bool = False, **_: Any):
-        skip_uncond = math.isclose(self.cfg, 1.0) and not return_uncond
+        options = self.call.model.options
+        skip_uncond = (math.isclose(self.cfg, 1.0) and not return_uncond
+                       and not options.get("disable_cfg1_optimization", False))
         negative = None if skip_uncond else self.negative
         cond, uncond = self.weighted_predictions(x, sigma, [self.positive, negative])
-        denoised = uncond + (cond - uncond) * self.cfg
+        denoised = self.combine(x, sigma, cond, uncond, options)
         return (denoised, uncond) if return_uncond else denoised
+
+    def combine(self, x, sigma, cond, uncond, options) -> torch.Tensor:
+        """CFG on x0, or the model's `sampler_cfg_function` hook (which works on noise: x − D), then every
+        `sampler_post_cfg_function` hook, with ComfyUI's argument dicts."""
+        model = self.call.model
+        hook = options.get("sampler_cfg_function")
+        if hook is not None:
+            result = x - hook({"cond": x - cond, "uncond": x - uncond, "cond_scale": self.cfg, "timestep": sigma,
+                               "input": x, "sigma": sigma, "cond_denoised": cond, "uncond_denoised": uncond,
+                               "model": model, "model_options": options})
+        else:
+            result = uncond + (cond - uncond) * self.cfg
+        for post in options.get("sampler_post_cfg_function", ()):
+            result = post({"denoised": result, "cond": self.positive, "uncond": self.negative,
+                           "cond_scale": self.cfg, "model": model, "uncond_denoised": uncond,
+                           "cond_denoised": cond, "sigma": sigma, "model_options": options, "input": x})
+        return result
 
     def weighted_predictions(self, x: torch.Tensor, sigma: torch.Tensor,
                              groups: list[list[CondEntry] | None]) -> list[torch.Tensor]:

@@ -116,6 +116,32 @@ def heun(model, x, sigmas, extra_args=None, callback=None):
     return x
 
 
+def heunpp2(model, x, sigmas, extra_args=None, callback=None):
+    """Heun++: up to three evaluations per step, the derivatives weighted by their sigma relative to σ_0."""
+    extra_args = extra_args or {}
+    sigma_end = sigmas[-1]
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * _ones(x), **extra_args)
+        _report(callback, i, denoised, x)
+        d = _to_d(x, sigmas[i], denoised)
+        dt = sigmas[i + 1] - sigmas[i]
+        if sigmas[i + 1] == sigma_end:
+            x = x + d * dt
+            continue
+        x_2 = x + d * dt
+        d_2 = _to_d(x_2, sigmas[i + 1], model(x_2, sigmas[i + 1] * _ones(x), **extra_args))
+        if sigmas[i + 2] == sigma_end:
+            w2 = sigmas[i + 1] / (2 * sigmas[0])
+            x = x + (d * (1 - w2) + d_2 * w2) * dt
+        else:
+            x_3 = x_2 + d_2 * (sigmas[i + 2] - sigmas[i + 1])
+            d_3 = _to_d(x_3, sigmas[i + 2], model(x_3, sigmas[i + 2] * _ones(x), **extra_args))
+            w = 3 * sigmas[0]
+            w2, w3 = sigmas[i + 1] / w, sigmas[i + 2] / w
+            x = x + ((1 - w2 - w3) * d + w2 * d_2 + w3 * d_3) * dt
+    return x
+
+
 def dpm_2(model, x, sigmas, extra_args=None, callback=None):
     """DPM-Solver-2: derivative re-evaluated at the log-midpoint sigma."""
     extra_args = extra_args or {}
@@ -437,6 +463,7 @@ def _build_registry() -> Mapping[str, Sampler]:
         Sampler("euler_ancestral", euler_ancestral),
         Sampler("euler_ancestral_cfg_pp", euler_ancestral_cfg_pp),
         Sampler("heun", heun),
+        Sampler("heunpp2", heunpp2),
         Sampler("dpm_2", dpm_2, drops_penultimate=True),
         Sampler("dpm_2_ancestral", dpm_2_ancestral, drops_penultimate=True),
         Sampler("lms", lms),
