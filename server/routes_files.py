@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
-from .security import INLINE_TYPES, check_name, confine
+from .security import INLINE_TYPES, BodyTooLarge, check_name, confine
 from .state import ServerState, json_response, server_state
 
 ANNOTATED = re.compile(r"^(?P<name>.+) \[(?P<type>input|output|temp)\]$")
@@ -154,7 +154,7 @@ async def _upload_fields(request: Request) -> tuple[UploadFile, str, str, bool, 
     state = server_state(request)
     try:
         form = await request.form(max_files=4, max_fields=32)
-    except HTTPException:
+    except (HTTPException, BodyTooLarge):
         raise
     except Exception as exc:
         raise HTTPException(400, f"multipart/form-data expected: {exc}") from exc

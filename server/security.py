@@ -144,6 +144,8 @@ class SecurityMiddleware:
         if scope["type"] == "websocket":
             return await self.app(scope, receive, send)
         if policy.auth_token and query.get("token") and scope["method"] == "GET" and scope["path"] == "/":
+            if not policy.token_ok({}, query):
+                return await self._refuse(scope, receive, send, 401, "wrong token")
             return await self._set_cookie(send)
 
         length = headers.get("content-length")
@@ -218,7 +220,8 @@ def confine(base: str | os.PathLike, *parts: str, status: int = 403) -> Path:
     """`base/parts...` resolved through symlinks; refused unless it stays inside the real `base`. Absolute parts,
     '..' and symlinks that lead outside all end up outside, so one check covers them."""
     root = Path(os.path.realpath(base))
-    relative = [p for p in parts if p]
+    # Backslashes count as separators, as on Windows, so '..\\x' is '../x'.
+    relative = [p.replace("\\", "/") for p in parts if p]
     for part in relative:
         if "\x00" in part or os.path.isabs(part) or part.startswith(("/", "\\")) or ".." in Path(part).parts:
             raise HTTPException(status, "path outside the allowed folder")
