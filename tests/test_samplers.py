@@ -13,11 +13,11 @@ from nodes.diffusion.schedules import DiscreteSchedule, calculate_sigmas, karras
 
 MU, S = 0.3, 0.5
 
-DETERMINISTIC = ["euler", "euler_cfg_pp", "heun", "heunpp2", "dpm_2", "lms", "dpmpp_2m", "ipndm", "deis", "gradient_estimation",
+DETERMINISTIC = ["euler", "euler_cfg_pp", "heun", "heunpp2", "dpm_2", "lms", "dpmpp_2m", "ipndm", "ipndm_v", "deis", "gradient_estimation",
                  "ddim", "uni_pc", "uni_pc_bh2"]
 STOCHASTIC = ["euler_ancestral", "euler_ancestral_cfg_pp", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde",
               "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "ddpm"]
-SECOND_ORDER = ["heun", "dpm_2", "lms", "dpmpp_2m", "deis", "uni_pc", "uni_pc_bh2"]
+SECOND_ORDER = ["heun", "dpm_2", "lms", "dpmpp_2m", "ipndm_v", "deis", "uni_pc", "uni_pc_bh2"]
 
 
 class ExactDenoiser:

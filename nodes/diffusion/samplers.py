@@ -244,31 +244,43 @@ def dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, eta=1.0
 
 def dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, eta=1.0, s_noise=1.0, noise=None, r=0.5,
               noise_on_cpu=True):
-    """DPM-Solver++ SDE: two evaluations per step (at ratio r in λ), Brownian-tree noise."""
+    """DPM-Solver++ SDE: two evaluations per step (at ratio r in λ), Brownian-tree noise.
+
+    Written in ComfyUI's current data-prediction form with α = σ·e^λ (exactly 1 in theory for eps models, but
+    kept so the float32 rounding is the same)."""
     if len(sigmas) <= 1:
         return x
     extra_args = extra_args or {}
     noise = noise or brownian_noise_for(x, sigmas, _seed(extra_args), on_cpu=noise_on_cpu)
+    inject = eta > 0 and s_noise > 0
+    fac = 1 / (2 * r)
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * _ones(x), **extra_args)
         _report(callback, i, denoised, x)
         if sigmas[i + 1] == 0:
             x = denoised
             continue
-        t, t_next = _t_of(sigmas[i]), _t_of(sigmas[i + 1])
-        h = t_next - t
-        s = t + h * r
-        fac = 1 / (2 * r)
-        sigma_down, sigma_up = ancestral_step(_sigma_of(t), _sigma_of(s), eta)
-        s_ = _t_of(sigma_down)
-        x_2 = (_sigma_of(s_) / _sigma_of(t)) * x - (t - s_).expm1() * denoised
-        x_2 = x_2 + noise(_sigma_of(t), _sigma_of(s)) * s_noise * sigma_up
-        denoised_2 = model(x_2, _sigma_of(s) * _ones(x), **extra_args)
-        sigma_down, sigma_up = ancestral_step(_sigma_of(t), _sigma_of(t_next), eta)
-        t_next_ = _t_of(sigma_down)
+        lambda_s, lambda_t = _t_of(sigmas[i]), _t_of(sigmas[i + 1])
+        h = lambda_t - lambda_s
+        lambda_s_1 = lambda_s + r * h
+        sigma_s_1 = _sigma_of(lambda_s_1)
+        alpha_s = sigmas[i] * lambda_s.exp()
+        alpha_s_1 = sigma_s_1 * lambda_s_1.exp()
+        alpha_t = sigmas[i + 1] * lambda_t.exp()
+
+        sigma_down, sigma_up = ancestral_step(_sigma_of(lambda_s), _sigma_of(lambda_s_1), eta)
+        h_ = _t_of(sigma_down) - lambda_s
+        x_2 = (alpha_s_1 / alpha_s) * (-h_).exp() * x - alpha_s_1 * (-h_).expm1() * denoised
+        if inject:
+            x_2 = x_2 + alpha_s_1 * noise(sigmas[i], sigma_s_1) * s_noise * sigma_up
+        denoised_2 = model(x_2, sigma_s_1 * _ones(x), **extra_args)
+
+        sigma_down, sigma_up = ancestral_step(_sigma_of(lambda_s), _sigma_of(lambda_t), eta)
+        h_ = _t_of(sigma_down) - lambda_s
         denoised_d = (1 - fac) * denoised + fac * denoised_2
-        x = (_sigma_of(t_next_) / _sigma_of(t)) * x - (t - t_next_).expm1() * denoised_d
-        x = x + noise(_sigma_of(t), _sigma_of(t_next)) * s_noise * sigma_up
+        x = (alpha_t / alpha_s) * (-h_).exp() * x - alpha_t * (-h_).expm1() * denoised_d
+        if inject:
+            x = x + alpha_t * noise(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
     return x
 
 
@@ -305,15 +317,17 @@ def dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, eta=1.0, s_no
         if sigmas[i + 1] == 0:
             x = denoised
         else:
-            h = _t_of(sigmas[i + 1]) - _t_of(sigmas[i])
+            lambda_s, lambda_t = _t_of(sigmas[i]), _t_of(sigmas[i + 1])
+            h = lambda_t - lambda_s
             h_eta = h * (eta + 1)
-            x = sigmas[i + 1] / sigmas[i] * (-h * eta).exp() * x + (-h_eta).expm1().neg() * denoised
+            alpha_t = sigmas[i + 1] * lambda_t.exp()
+            x = sigmas[i + 1] / sigmas[i] * (-h * eta).exp() * x + alpha_t * (-h_eta).expm1().neg() * denoised
             if old_denoised is not None:
                 r = h_last / h
                 if solver_type == "heun":
-                    x = x + ((-h_eta).expm1().neg() / (-h_eta) + 1) * (1 / r) * (denoised - old_denoised)
+                    x = x + alpha_t * ((-h_eta).expm1().neg() / (-h_eta) + 1) * (1 / r) * (denoised - old_denoised)
                 else:
-                    x = x + 0.5 * (-h_eta).expm1().neg() * (1 / r) * (denoised - old_denoised)
+                    x = x + 0.5 * alpha_t * (-h_eta).expm1().neg() * (1 / r) * (denoised - old_denoised)
             if eta > 0 and s_noise > 0:
                 x = x + noise(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * (-2 * h * eta).expm1().neg().sqrt() * s_noise
         old_denoised = denoised
@@ -335,9 +349,11 @@ def dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, eta=1.0, s_no
         if sigmas[i + 1] == 0:
             x = denoised
         else:
-            h = _t_of(sigmas[i + 1]) - _t_of(sigmas[i])
+            lambda_s, lambda_t = _t_of(sigmas[i]), _t_of(sigmas[i + 1])
+            h = lambda_t - lambda_s
             h_eta = h * (eta + 1)
-            x = torch.exp(-h_eta) * x + (-h_eta).expm1().neg() * denoised
+            alpha_t = sigmas[i + 1] * lambda_t.exp()
+            x = sigmas[i + 1] / sigmas[i] * (-h * eta).exp() * x + alpha_t * (-h_eta).expm1().neg() * denoised
             if h_2 is not None:
                 r0, r1 = h_1 / h, h_2 / h
                 d1_0 = (denoised - denoised_1) / r0
@@ -346,11 +362,11 @@ def dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, eta=1.0, s_no
                 d2 = (d1_0 - d1_1) / (r0 + r1)
                 phi_2 = h_eta.neg().expm1() / h_eta + 1
                 phi_3 = phi_2 / h_eta - 0.5
-                x = x + phi_2 * d1 - phi_3 * d2
+                x = x + (alpha_t * phi_2) * d1 - (alpha_t * phi_3) * d2
             elif h_1 is not None:
                 d = (denoised - denoised_1) / (h_1 / h)
-                x = x + (h_eta.neg().expm1() / h_eta + 1) * d
-            if eta:
+                x = x + (alpha_t * (h_eta.neg().expm1() / h_eta + 1)) * d
+            if eta > 0 and s_noise > 0:
                 x = x + noise(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * (-2 * h * eta).expm1().neg().sqrt() * s_noise
         denoised_1, denoised_2 = denoised, denoised_1
         h_1, h_2 = h, h_1
@@ -419,6 +435,48 @@ def ipndm(model, x, sigmas, extra_args=None, callback=None, max_order=4):
     return x
 
 
+def _ipndm_v_coefficients(h: list, order: int) -> list:
+    """Variable-step Adams–Bashforth weights for [d_i, d_i−1, ...]; h[0] = σ_i+1 − σ_i, h[k] = σ_i−k+1 − σ_i−k."""
+    if order == 2:
+        return [(2 + h[0] / h[1]) / 2, -(h[0] / h[1]) / 2]
+    h0, h1, h2 = h[0], h[1], h[2]
+    temp1 = (1 - h0 / (3 * (h0 + h1)) * (h0 * (h0 + h1)) / (h1 * (h1 + h2))) / 2
+    if order == 3:
+        return [(2 + h0 / h1) / 2 + temp1, -(h0 / h1) / 2 - (1 + h1 / h2) * temp1, temp1 * h1 / h2]
+    h3 = h[3]
+    temp2 = ((1 - h0 / (3 * (h0 + h1))) / 2 + (1 - h0 / (2 * (h0 + h1))) * h0 / (6 * (h0 + h1 + h2))) \
+        * (h0 * (h0 + h1) * (h0 + h1 + h2)) / (h1 * (h1 + h2) * (h1 + h2 + h3))
+    ratio = h1 * (h1 + h2) / (h2 * (h2 + h3))
+    return [(2 + h0 / h1) / 2 + temp1 + temp2,
+            -(h0 / h1) / 2 - (1 + h1 / h2) * temp1 - (1 + h1 / h2 + ratio) * temp2,
+            temp1 * h1 / h2 + (h1 / h2 + ratio * (1 + h2 / h3)) * temp2,
+            -temp2 * ratio * h1 / h2]
+
+
+def ipndm_v(model, x, sigmas, extra_args=None, callback=None, max_order=4):
+    """iPNDM with variable-step coefficients (exact Adams–Bashforth weights for uneven sigma spacing)."""
+    extra_args = extra_args or {}
+    history: list[torch.Tensor] = []
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = model(x, sigma * _ones(x), **extra_args)
+        _report(callback, i, denoised, x)
+        d = (x - denoised) / sigma
+        order = min(max_order, i + 1)
+        if order == 1:
+            x_next = x + (sigma_next - sigma) * d
+        else:
+            steps = [sigma_next - sigma] + [sigmas[i - k] - sigmas[i - k - 1] for k in range(order - 1)]
+            weights = _ipndm_v_coefficients(steps, order)
+            combined = weights[0] * d
+            for k in range(1, order):
+                combined = combined + weights[k] * history[-k]
+            x_next = x + (sigma_next - sigma) * combined
+        history = (history + [d])[-(max_order - 1):]
+        x = x_next
+    return x
+
+
 def gradient_estimation(model, x, sigmas, extra_args=None, callback=None, ge_gamma=2.0):
     extra_args = extra_args or {}
     old_d = None
@@ -480,6 +538,7 @@ def _build_registry() -> Mapping[str, Sampler]:
         Sampler("ddpm", ddpm),
         Sampler("lcm", lcm),
         Sampler("ipndm", ipndm),
+        Sampler("ipndm_v", ipndm_v),
         Sampler("deis", solvers.deis),
         Sampler("gradient_estimation", gradient_estimation),
         Sampler("ddim", euler, inpaint_random_noise=True),
