@@ -61,7 +61,27 @@ class SaveText(Node):
         return NodeOutput(ui={"images": [{"filename": name, "subfolder": "", "type": "output"}]})
 
 
-TEST_NODES = [*engine_nodes.NODES, PreviewSteps, SaveText]
+class SaveTestImage(Node):
+    """An image output node like SaveImage: writes a small gradient PNG (brightness from `value`) to output/."""
+
+    category = "test"
+    output_node = True
+    value: Annotated[Any, Socket(FLOAT)]
+    filename_prefix: Annotated[str, String()] = "test"
+
+    def run(self, ctx):
+        from PIL import Image
+
+        folder = Path(ctx.env.output_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        level = int(max(0.0, min(1.0, float(self.value))) * 255)
+        image = Image.new("RGB", (96, 64), (level, 64, 255 - level))
+        name = f"{self.filename_prefix}_{ctx.prompt_id[:8]}.png"
+        image.save(folder / name)
+        return NodeOutput(ui={"images": [{"filename": name, "subfolder": "", "type": "output"}]})
+
+
+TEST_NODES = [*engine_nodes.NODES, PreviewSteps, SaveText, SaveTestImage]
 
 
 def make_engine(root: Path) -> Engine:

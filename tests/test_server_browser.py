@@ -1,0 +1,156 @@
+"""End to end in headless Chromium: the real ComfyUI frontend (comfyui-frontend-package) boots against our server,
+loads a graph, queues it, receives progress and previews, shows the output image; an invalid graph marks its node.
+
+Needs Debian's chromium (`apt-get install -y chromium`) and the playwright package
+(`PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 pip install playwright`; it never downloads a browser here). Screenshots go
+to tests/artifacts/ (git-ignored).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.server_support import live_server, make_app
+
+CHROMIUM = os.environ.get("LATENTLOOM_CHROMIUM", "/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+REPO = Path(__file__).resolve().parent.parent
+EDITOR_ONLY_TYPES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
+
+try:
+    from playwright.sync_api import sync_playwright
+except ImportError:  # pragma: no cover - depends on the machine
+    sync_playwright = None
+
+pytestmark = [
+    pytest.mark.skipif(sync_playwright is None, reason="playwright is not installed "
+                       "(PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 pip install playwright)"),
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM} (apt-get install -y chromium)"),
+]
+
+
+def screenshot(page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    ignore = ARTIFACTS / ".gitignore"
+    if not ignore.exists():
+        ignore.write_text("*\n")
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
+
+
+def new_user_root(root: Path) -> None:
+    """A user who has seen the tutorial, so the template browser does not cover the canvas."""
+    user = root / "user" / "default"
+    user.mkdir(parents=True, exist_ok=True)
+    (user / "comfy.settings.json").write_text(json.dumps({"Comfy.TutorialCompleted": True}))
+
+
+@pytest.fixture()
+def browser():
+    with sync_playwright() as playwright:
+        instance = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            yield instance
+        finally:
+            instance.close()
+
+
+def open_editor(browser, base: str):
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(base + "/")
+    page.wait_for_function("() => window.app && window.app.graph && window.app.api", timeout=60_000)
+    page.errors = errors
+    return page
+
+
+RECORD_EVENTS = """() => {
+    window.__events = [];
+    for (const type of ['execution_start', 'executing', 'progress', 'b_preview', 'executed',
+                        'execution_success', 'execution_error'])
+        window.app.api.addEventListener(type, (e) => window.__events.push(type));
+}"""
+
+
+def test_editor_runs_a_graph_and_shows_the_output(tmp_path, browser):
+    new_user_root(tmp_path)
+    graph = {"1": {"class_type": "Const", "inputs": {"value": 0.7}},
+             "2": {"class_type": "PreviewSteps", "inputs": {"value": ["1", 0], "steps": 5}},
+             "3": {"class_type": "SaveTestImage", "inputs": {"value": ["2", 0], "filename_prefix": "browser"}}}
+    with live_server(make_app(tmp_path)) as base:
+        page = open_editor(browser, base)
+        screenshot(page, "editor_boot")
+        page.evaluate(RECORD_EVENTS)
+        page.evaluate("async (g) => await window.app.loadApiJson(g, 'browser-test.json')", graph)
+        types = page.evaluate("() => window.app.graph._nodes.map(n => n.type).sort()")
+        assert types == ["Const", "PreviewSteps", "SaveTestImage"]
+        assert page.evaluate("async () => await window.app.queuePrompt(0, 1)") is True
+        page.wait_for_function("() => window.__events.includes('execution_success')", timeout=30_000)
+        # The output image is fetched from /api/view and drawn on the node.
+        page.wait_for_function("""() => {
+            const node = window.app.graph.getNodeById(3);
+            return node.imgs && node.imgs.length && node.imgs[0].complete && node.imgs[0].naturalWidth === 96;
+        }""", timeout=30_000)
+        events = page.evaluate("() => window.__events")
+        assert events.count("progress") == 5 and events.count("b_preview") == 5
+        assert events.index("execution_start") < events.index("executed") < events.index("execution_success")
+        src = page.evaluate("() => window.app.graph.getNodeById(3).imgs[0].src")
+        assert "/api/view?filename=browser_" in src and "type=output" in src
+        screenshot(page, "editor_output")
+        assert not page.errors, page.errors
+    outputs = list((tmp_path / "output").glob("browser_*.png"))
+    assert len(outputs) == 1
+
+
+def test_invalid_graph_marks_the_failing_node(tmp_path, browser):
+    new_user_root(tmp_path)
+    graph = {"1": {"class_type": "EvenOnly", "inputs": {"value": 3}},
+             "2": {"class_type": "Collect", "inputs": {"value": ["1", 0]}}}
+    with live_server(make_app(tmp_path)) as base:
+        page = open_editor(browser, base)
+        page.evaluate("async (g) => await window.app.loadApiJson(g, 'invalid.json')", graph)
+        assert page.evaluate("async () => await window.app.queuePrompt(0, 1)") is False
+        page.wait_for_function("() => window.app.lastNodeErrors && window.app.lastNodeErrors['1']",
+                               timeout=15_000)
+        errors = page.evaluate("() => window.app.lastNodeErrors")
+        assert errors["1"]["errors"][0]["type"] == "custom_validation_failed"
+        assert page.evaluate("() => window.app.graph.getNodeById(1).has_errors") is True
+        assert not page.evaluate("() => window.app.graph.getNodeById(2).has_errors")
+        screenshot(page, "editor_invalid_graph")
+
+
+def test_graphs_folder_opens_in_the_editor(tmp_path, browser):
+    graphs = sorted((REPO / "graphs").glob("*.json"))
+    if not graphs:
+        pytest.skip("graphs/ has no workflows yet")
+    new_user_root(tmp_path)
+    from nodes import create_engine
+    from server.app import create_app
+    from server.state import ServerConfig
+
+    engine = create_engine(models_dir=tmp_path / "models", input_dir=tmp_path / "input",
+                           output_dir=tmp_path / "output", temp_dir=tmp_path / "temp")
+    app = create_app(engine, ServerConfig(user_dir=tmp_path / "user", graphs_dir=REPO / "graphs"))
+    known = set(engine.registry.names())
+    with live_server(app) as base:
+        page = open_editor(browser, base)
+        templates = page.evaluate("async () => (await (await fetch('api/workflow_templates')).json())")
+        assert sorted(templates["latentloom"]) == sorted(p.stem for p in graphs)
+        for path in graphs:
+            document = page.evaluate(
+                "async (n) => (await fetch('api/workflow_templates/latentloom/' + n + '.json')).json()", path.stem)
+            if isinstance(document.get("nodes"), list):
+                page.evaluate("async (d) => await window.app.loadGraphData(d)", document)
+            else:
+                page.evaluate("async (d) => await window.app.loadApiJson(d, 'graph.json')", document)
+            types = set(page.evaluate("() => window.app.graph._nodes.map(n => n.type)"))
+            assert types, path.name
+            assert types - EDITOR_ONLY_TYPES <= known, f"{path.name}: unknown node types {types - known}"
+            prompt = page.evaluate("async () => (await window.app.graphToPrompt()).output")
+            assert prompt and {node["class_type"] for node in prompt.values()} <= known
+            screenshot(page, f"graph_{path.stem}")
+        assert not page.errors, page.errors
