@@ -69,10 +69,11 @@ def _load(ctx: Any, node: str, input_name: str, name: str, key: tuple, loader: C
     """Load through the manager; file and architecture errors are re-raised naming the node input and file."""
     try:
         return _manager(ctx).get_or_load(key, loader)
-    except FileNotFoundError as error:
-        raise FileNotFoundError(f"{node}: input '{input_name}' ({name}): {error}") from error
-    except (checkpoint.ModelFileError, ValueError) as error:
-        raise ValueError(f"{node}: input '{input_name}' ({name}): {error}") from error
+    except (FileNotFoundError, checkpoint.ModelFileError, ValueError) as error:
+        detail = str(error)
+        where = f"input '{input_name}'" if Path(name).name in detail else f"input '{input_name}' ({name})"
+        kind = FileNotFoundError if isinstance(error, FileNotFoundError) else ValueError
+        raise kind(f"{node}: {where}: {detail}") from error
 
 
 class CheckpointLoaderSimple(Node):

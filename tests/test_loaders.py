@@ -172,7 +172,8 @@ def test_broken_and_unknown_files_name_the_input_and_file(env, ctx):
     folder = models_dir(env, "checkpoints")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "broken.safetensors").write_bytes(b"\x00\x01 definitely not safetensors")
-    with pytest.raises(ValueError, match=r"CheckpointLoaderSimple: input 'ckpt_name' \(broken.safetensors\)"):
+    with pytest.raises(ValueError,
+                       match=r"CheckpointLoaderSimple: input 'ckpt_name': broken.safetensors: not a readable"):
         CheckpointLoaderSimple.model_construct(ckpt_name="broken.safetensors").run(ctx)
     save_state({"some.layer.weight": torch.zeros(4, 4)}, folder / "other.safetensors")
     with pytest.raises(ValueError, match=r"other.safetensors.*unknown or unsupported"):
@@ -296,3 +297,37 @@ def test_lightning_ckpt_with_callback_objects_loads(tmp_path, monkeypatch):
     for name in ("pytorch_lightning", "pytorch_lightning.callbacks", module_name):
         monkeypatch.delitem(sys.modules, name)
     assert set(checkpoint.read_state_dict(path)) == set(state)
+
+
+def test_txt2img_graph_runs_through_the_engine_on_a_tiny_checkpoint(tmp_path):
+    import nodes
+
+    write_tiny_checkpoint(tmp_path / "models" / "checkpoints" / "tiny.safetensors", "sd1")
+    (tmp_path / "models" / "checkpoints" / "bad.safetensors").write_bytes(b"not weights")
+    engine = nodes.create_engine(models_dir=tmp_path / "models", input_dir=tmp_path / "in",
+                                 output_dir=tmp_path / "out", temp_dir=tmp_path / "tmp", entry_points=False)
+    engine.env.services["models"] = ModelManager(device="cpu")
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny.safetensors"}},
+        "9": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny.safetensors"}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a cat", "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["9", 1]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "5": {"class_type": "KSampler", "inputs": {
+            "model": ["9", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "seed": 1,
+            "steps": 2, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "tiny"}},
+    }
+    result = engine.run(prompt)
+    assert result.status == "success", result.error
+    assert (tmp_path / "out" / "tiny_00001_.png").is_file()
+    stats = engine.env.services["models"].stats()
+    assert (stats.loads, len(stats.entries)) == (1, 1)  # both loader nodes got the one loaded checkpoint
+
+    broken = {**prompt, "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "bad.safetensors"}}}
+    result = engine.run(broken)
+    assert result.status == "error"
+    assert result.error["node_id"] == "1"
+    assert "input 'ckpt_name'" in result.error["exception_message"]
+    assert "bad.safetensors" in result.error["exception_message"]
