@@ -209,8 +209,9 @@ class RecordingControl:
         self.scale = scale
         self.active = active
 
-    def residuals(self, x_in, sigma, timestep, context, model):
-        self.calls.append(SimpleNamespace(x_in=x_in, sigma=sigma, timestep=timestep, context=context, model=model))
+    def residuals(self, x_in, sigma, timestep, context, model, batched_number=None):
+        self.calls.append(SimpleNamespace(x_in=x_in, sigma=sigma, timestep=timestep, context=context, model=model,
+                                          batched_number=batched_number))
         if not self.active:
             return None
         down = tuple(torch.full((x_in.shape[0], 2, 4, 4), self.scale) for _ in range(3))
@@ -230,6 +231,7 @@ def test_controlnet_hook_receives_unet_inputs_and_feeds_residuals():
     call = unet.calls[0]
     assert torch.equal(seen.x_in, call["sample"]) and seen.timestep.tolist() == [420.0, 420.0]
     assert torch.equal(seen.context, call["context"]) and isinstance(seen.model, DiffusionModel)
+    assert seen.batched_number == 2  # two conditioning chunks (negative, positive) share the batch
     assert [r[0, 0, 0, 0].item() for r in call["down_block_additional_residuals"]] == [0.5, 0.5, 0.5]
     assert call["mid_block_additional_residual"][0, 0, 0, 0].item() == 1.0
 
@@ -243,6 +245,28 @@ def test_controlnet_gating_and_separate_batches():
     assert len(unet.calls) == 2
     with_control = [c for c in unet.calls if "down_block_additional_residuals" in c]
     assert with_control == []  # residuals() returned None: the UNet runs plain
+
+
+def test_inpainting_model_gets_mask_and_masked_latent_channels():
+    unet = RecordingUNet(lambda sample, t, c: torch.zeros_like(sample[:, :4]))
+    unet.config.in_channels = 9
+    model = DiffusionModel(unet=unet, family="sd1", options={"variant": "inpaint"})
+    guider = Guider(model, {"positive": [cond(1.0)], "negative": [cond(3.0)]}, 5.0)
+    source = torch.randn(1, 4, 8, 8)
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., :8] = 1.0
+    sigmas = torch.tensor([2.0, 0.0])
+    guider.sample(torch.zeros(1, 4, 8, 8), source, sampler_for_name("euler"), sigmas, denoise_mask=mask, seed=0)
+    sample = unet.calls[0]["sample"]
+    assert sample.shape == (2, 9, 8, 8)
+    assert torch.equal(sample[:, 4], (torch.arange(8) < 4).float().expand(2, 8, 8))  # the mask, rounded
+    assert torch.allclose(sample[:, 5:], (source * 0.18215).expand(2, 4, 8, 8))  # masked latent, unscaled by c_in
+    # No mask: all-ones mask and the blank-picture latent.
+    unet.calls.clear()
+    guider.sample(torch.zeros(1, 4, 8, 8), source, sampler_for_name("euler"), sigmas, seed=0)
+    sample = unet.calls[0]["sample"]
+    assert torch.equal(sample[:, 4], torch.ones(2, 8, 8))
+    assert sample[0, 5:, 0, 0].tolist() == pytest.approx([0.8223, -0.6876, 0.6364, 0.1380])
 
 
 # --- whole sampling passes on a tiny real UNet ------------------------------------------------------------------

@@ -12,8 +12,9 @@ ControlNet protocol. A conditioning entry may carry `options["control"]`: any ob
 
 called once per UNet call with the batched UNet inputs: `x_in` the c_in-scaled latent [N, C, h, w] (float32),
 `sigma` [N] (float32), `timestep` [N] the integer timesteps the UNet receives (as float), `context` [N, T, D]
-(float32), `model` the DiffusionModel. For SDXL models `added_cond_kwargs={"text_embeds", "time_ids"}` is also
-passed as a keyword. The object applies its own strength, σ-range gating (return None when inactive) and chain
+(float32), `model` the DiffusionModel, and the keyword `batched_number` (how many conditioning chunks share the
+batch, for broadcasting a hint batch as ComfyUI does). For SDXL models `added_cond_kwargs={"text_embeds",
+"time_ids"}` is also passed as a keyword. The object applies its own strength, σ-range gating (return None when inactive) and chain
 of previous ControlNets (summing their residuals). Entries batch together only when they share the very same
 control object. The residuals are cast to the UNet's dtype and handed to diffusers' UNet2DConditionModel.
 
@@ -32,7 +33,7 @@ import torch
 
 from .models import DiffusionModel
 from .noise import seeded_randn
-from .sampling_conds import CondEntry, prepare_conditioning, repeat_to_batch
+from .sampling_conds import CondEntry, inpaint_concat, prepare_conditioning, repeat_to_batch
 from .samplers import Sampler, is_max_denoise
 from .schedules import DiscreteSchedule
 
@@ -58,7 +59,8 @@ class ModelCall:
         self.dtype = unet_dtype(unet)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
-                 added: dict[str, torch.Tensor] | None = None, control: Any = None) -> torch.Tensor:
+                 added: dict[str, torch.Tensor] | None = None, control: Any = None,
+                 concat: torch.Tensor | None = None, chunks: int = 1) -> torch.Tensor:
         sigma_b = sigma.reshape((-1,) + (1,) * (x.ndim - 1))
         x_in = x / (sigma_b ** 2 + 1.0) ** 0.5
         timestep = self.schedule.timestep(sigma)
@@ -66,12 +68,16 @@ class ModelCall:
         if added:
             kwargs["added_cond_kwargs"] = added
         if control is not None:
-            control_kwargs = {"added_cond_kwargs": added} if added else {}
+            control_kwargs: dict[str, Any] = {"batched_number": chunks}
+            if added:
+                control_kwargs["added_cond_kwargs"] = added
             residuals = control.residuals(x_in, sigma, timestep, context, self.model, **control_kwargs)
             if residuals is not None:
                 down, mid = residuals
                 kwargs["down_block_additional_residuals"] = tuple(r.to(self.dtype) for r in down)
                 kwargs["mid_block_additional_residual"] = mid.to(self.dtype) if mid is not None else None
+        if concat is not None:  # inpainting UNets: mask + masked latent, not c_in-scaled
+            x_in = torch.cat([x_in, concat], dim=1)
         output = self.unet(x_in.to(self.dtype), timestep, encoder_hidden_states=context.to(self.dtype),
                            return_dict=False, **kwargs)[0].float()
         if self.model.prediction == "v":
@@ -109,6 +115,9 @@ class _Chunk:
         self.mult = mult
         self.context = repeat_to_batch(entry.context, batch)
         self.added = {k: repeat_to_batch(v, batch) for k, v in entry.added.items()}
+        self.concat = entry.concat
+        if self.concat is not None and area is not None:
+            self.concat = self.concat[:, :, area[2]:area[2] + area[0], area[3]:area[3] + area[1]]
 
     def can_join(self, other: "_Chunk") -> bool:
         if self.input_x.shape != other.input_x.shape or self.entry.control is not other.entry.control:
@@ -117,6 +126,8 @@ class _Chunk:
         if a[0] != b[0] or a[2] != b[2]:
             return False
         if math.lcm(a[1], b[1]) // min(a[1], b[1]) > _MAX_CONTEXT_REPEAT:
+            return False
+        if (self.concat is None) != (other.concat is None):
             return False
         return self.added.keys() == other.added.keys() and all(
             self.added[k].shape == other.added[k].shape for k in self.added)
@@ -191,9 +202,10 @@ class GuidedDenoiser:
             pending = [c for c in pending if all(c is not b for b in batch)]
             n = batch[0].input_x.shape[0]
             added = {k: torch.cat([c.added[k] for c in batch]) for k in batch[0].added}
+            concat = torch.cat([c.concat for c in batch]) if batch[0].concat is not None else None
             outputs = self.call(torch.cat([c.input_x for c in batch]), sigma[:1].repeat(n * len(batch)),
                                 _concat_contexts([c.context for c in batch]), added or None,
-                                batch[0].entry.control).chunk(len(batch))
+                                batch[0].entry.control, concat, len(batch)).chunk(len(batch))
             for chunk, output in zip(batch, outputs):
                 total, weight = totals[chunk.owner], weights[chunk.owner]
                 if chunk.area is not None:
@@ -262,16 +274,17 @@ class Guider:
             sigmas = sigmas.to(device=device, dtype=torch.float32)
             if torch.count_nonzero(latent) > 0:  # an empty latent stays exactly 0
                 latent = fmt.process_in(latent)
+            mask = prepare_mask(denoise_mask, noise.shape, device) if denoise_mask is not None else None
+            concat_fn = self._inpaint_channels(unet, noise.shape, latent, mask)
             prepared = prepare_conditioning(self.conds, noise.shape, schedule, device, unet.config,
-                                            self.model.family)
+                                            self.model.family, concat_fn)
             denoiser: Callable = GuidedDenoiser(ModelCall(self.model, unet, schedule), prepared.get("positive", []),
                                                 prepared.get("negative"), self.cfg)
             if denoise_mask is not None:
                 inpaint_noise = noise
                 if sampler.inpaint_random_noise:
                     inpaint_noise = seeded_randn(noise.shape, (41 if seed is None else seed) + 1).to(device)
-                denoiser = InpaintDenoiser(denoiser, prepare_mask(denoise_mask, noise.shape, device), latent,
-                                           inpaint_noise)
+                denoiser = InpaintDenoiser(denoiser, mask, latent, inpaint_noise)
             if is_max_denoise(float(schedule.sigma_max), float(sigmas[0])):
                 x = noise * torch.sqrt(1.0 + sigmas[0] ** 2.0) + latent
             else:
@@ -283,3 +296,15 @@ class Guider:
                     callback(i, denoised, current, total)
             samples = sampler(denoiser, x, sigmas, extra_args={"seed": seed}, callback=step_callback)
             return fmt.process_out(samples.float()).cpu()
+
+    def _inpaint_channels(self, unet: torch.nn.Module, shape: torch.Size, latent: torch.Tensor,
+                          mask: torch.Tensor | None) -> Callable | None:
+        """For inpainting UNets (2·C + 1 input channels): how each conditioning entry builds its extra channels."""
+        in_channels = getattr(unet.config, "in_channels", shape[1])
+        if in_channels == shape[1]:
+            return None
+        if in_channels != shape[1] * 2 + 1:
+            raise ValueError(f"the model takes {in_channels} input channels for {shape[1]}-channel latents; only "
+                             f"inpainting models (mask + masked image) are supported")
+        process_in = self.model.latent_format.process_in
+        return lambda options: inpaint_concat(options, shape, latent, mask, process_in)

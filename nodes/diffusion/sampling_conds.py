@@ -33,6 +33,7 @@ class CondEntry:
     control: Any = None
     control_apply_to_uncond: bool = False
     added: dict[str, torch.Tensor] = field(default_factory=dict)  # SDXL text_embeds / time_ids, [n, ...]
+    concat: torch.Tensor | None = None      # inpainting models: [mask, masked latent] added to the UNet input
 
     def active_at(self, sigma: float) -> bool:
         if self.sigma_start is not None and sigma > self.sigma_start:
@@ -80,7 +81,7 @@ def _sdxl_added(options: dict, latent_shape: torch.Size, unet_config: Any, refin
 
 
 def _prepare_entry(pair: Any, latent_shape: torch.Size, schedule: DiscreteSchedule, device: torch.device,
-                   unet_config: Any, family: str, negative: bool) -> CondEntry:
+                   unet_config: Any, family: str, negative: bool, concat_fn: Any) -> CondEntry:
     if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not isinstance(pair[1], dict):
         raise ValueError("conditioning entries must be [tensor, dict] pairs")
     context, options = pair
@@ -108,6 +109,8 @@ def _prepare_entry(pair: Any, latent_shape: torch.Size, schedule: DiscreteSchedu
         entry.sigma_end = schedule.percent_to_sigma(float(options["end_percent"]))
     if getattr(unet_config, "addition_embed_type", None) == "text_time":
         entry.added = _sdxl_added(options, latent_shape, unet_config, family == "sdxl_refiner", negative, device)
+    if concat_fn is not None:
+        entry.concat = concat_fn(options)
     return entry
 
 
@@ -130,7 +133,8 @@ def _add_twin_with_same_area(others: list[CondEntry], entry: CondEntry) -> None:
                 smallest = other
     if smallest is None or smallest.area == entry.area:
         return
-    others.append(dataclasses.replace(entry, context=smallest.context, added=smallest.added))
+    others.append(dataclasses.replace(entry, context=smallest.context, added=smallest.added,
+                                      concat=smallest.concat))
 
 
 def _copy_controls_to_uncond(positive: list[CondEntry], negative: list[CondEntry]) -> None:
@@ -148,10 +152,13 @@ def _copy_controls_to_uncond(positive: list[CondEntry], negative: list[CondEntry
 
 
 def prepare_conditioning(conds: dict[str, list | None], latent_shape: torch.Size, schedule: DiscreteSchedule,
-                         device: torch.device, unet_config: Any, family: str) -> dict[str, list[CondEntry]]:
-    """All CONDITIONING lists of one sampling run ("positive", optionally "negative") → CondEntry lists."""
+                         device: torch.device, unet_config: Any, family: str,
+                         concat_fn: Any = None) -> dict[str, list[CondEntry]]:
+    """All CONDITIONING lists of one sampling run ("positive", optionally "negative") → CondEntry lists.
+    `concat_fn(options)`, for inpainting models, gives each entry its extra UNet input channels."""
     prepared = {
-        kind: [_prepare_entry(pair, latent_shape, schedule, device, unet_config, family, kind == "negative")
+        kind: [_prepare_entry(pair, latent_shape, schedule, device, unet_config, family, kind == "negative",
+                              concat_fn)
                for pair in pairs]
         for kind, pairs in conds.items() if pairs is not None
     }
@@ -166,6 +173,53 @@ def prepare_conditioning(conds: dict[str, list | None], latent_shape: torch.Size
             if kind != "positive":
                 _copy_controls_to_uncond(prepared["positive"], prepared[kind])
     return prepared
+
+
+# The SD inpainting UNet's "masked image" channels for an all-black picture (no image given), per latent channel.
+_BLANK_INPAINT_LATENT = (0.8223, -0.6876, 0.6364, 0.1380)
+
+
+def resize_to_batch(tensor: torch.Tensor, batch: int) -> torch.Tensor:
+    """ComfyUI's resize_to_batch_size: pick evenly spread items (repeat when growing)."""
+    count = tensor.shape[0]
+    if count == batch:
+        return tensor
+    if batch <= 1:
+        return tensor[:batch]
+    if batch < count:
+        scale = (count - 1) / (batch - 1)
+        picks = [min(round(i * scale), count - 1) for i in range(batch)]
+    else:
+        scale = count / batch
+        picks = [min(int((i + 0.5) * scale), count - 1) for i in range(batch)]
+    return tensor[picks]
+
+
+def inpaint_concat(options: dict, noise_shape: torch.Size, latent: torch.Tensor, denoise_mask: torch.Tensor | None,
+                   process_in: Any) -> torch.Tensor:
+    """The extra UNet input channels of SD inpainting models (ComfyUI's concat_cond): the rounded mask, then the
+    masked image's latent (conditioning's concat_latent_image, else the sampled latent itself); without a mask
+    an all-ones mask and a blank picture."""
+    from .resize import common_upscale
+
+    batch, height, width = noise_shape[0], noise_shape[2], noise_shape[3]
+    mask = options.get("concat_mask", denoise_mask)
+    image = options.get("concat_latent_image")
+    image = latent if image is None else process_in(image.to(latent.device, torch.float32))
+    if image.shape[1:] != noise_shape[1:]:
+        image = common_upscale(image, width, height, "bilinear", "center")
+    image = resize_to_batch(image, batch)
+    if mask is None:
+        blank = torch.tensor(_BLANK_INPAINT_LATENT, device=latent.device).reshape(1, -1, 1, 1)
+        return torch.cat([torch.ones_like(latent[:, :1]).expand(batch, 1, height, width),
+                          torch.ones((batch,) + tuple(noise_shape[1:]), device=latent.device) * blank], dim=1)
+    mask = mask.to(latent.device, torch.float32)
+    if mask.ndim == len(noise_shape):
+        mask = mask[:, :1]
+    mask = mask.reshape((-1, 1) + tuple(mask.shape[-2:]))
+    if mask.shape[-2:] != (height, width):
+        mask = common_upscale(mask, width, height, "bilinear", "center")
+    return torch.cat([resize_to_batch(mask.round(), batch), image], dim=1)
 
 
 def repeat_to_batch(tensor: torch.Tensor, batch: int) -> torch.Tensor:
