@@ -29,6 +29,18 @@ log = logging.getLogger(__name__)
 
 # Roles a loader can ask a dtype for; the policy maps each role to a dtype per device type.
 ROLES = ("diffusion", "text_encoder", "vae", "other")
+# Names accepted wherever a dtype is configured (command-line flags, settings files).
+DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+               "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(value: torch.dtype | str) -> torch.dtype:
+    if isinstance(value, torch.dtype):
+        return value
+    try:
+        return DTYPE_NAMES[value.lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {value!r}; use one of {', '.join(DTYPE_NAMES)}") from None
 
 
 def default_device() -> torch.device:
@@ -147,12 +159,12 @@ class ModelManager:
     """
 
     def __init__(self, device: torch.device | str | None = None,
-                 dtypes: dict[str, torch.dtype] | None = None,
+                 dtypes: dict[str, torch.dtype | str] | None = None,
                  vram_budget: int | None = None, ram_budget: int | None = None,
                  offload_device: torch.device | str = "cpu"):
         self.device = torch.device(device) if device is not None else default_device()
         self.offload_device = torch.device(offload_device)
-        dtypes = dict(dtypes or {})
+        dtypes = {role: parse_dtype(value) for role, value in (dtypes or {}).items()}
         if not set(ROLES) <= set(dtypes):
             dtypes = {**default_dtypes(self.device), **dtypes}
         self.dtypes = dtypes

@@ -86,11 +86,14 @@ def test_default_policy_on_cpu_is_fp32_and_overridable():
     assert manager.device.type == "cpu"
     assert manager.dtype_for("diffusion") == torch.float32
     assert manager.dtype_for("vae") == torch.float32
-    custom = ModelManager(device="cpu", dtypes={"diffusion": torch.bfloat16})
+    custom = ModelManager(device="cpu", dtypes={"diffusion": torch.bfloat16, "vae": "fp16"})
     assert custom.dtype_for("diffusion") == torch.bfloat16
+    assert custom.dtype_for("vae") == torch.float16
     assert custom.dtype_for("text_encoder") == torch.float32
     with pytest.raises(ValueError, match="unknown dtype role"):
         manager.dtype_for("nonsense")
+    with pytest.raises(ValueError, match="unknown dtype 'fp7'"):
+        ModelManager(device="cpu", dtypes={"vae": "fp7"})
 
 
 def test_ram_budget_drops_least_recently_used_entries():
