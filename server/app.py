@@ -109,6 +109,52 @@ def config_from_args(args) -> ServerConfig:
                         allowed_hosts=tuple(getattr(args, "allowed_hosts", None) or ()))
 
 
+class DeferredApp:
+    """Listen at once, build the engine (node modules import torch: seconds) in a thread, and hold requests until
+    it is ready. So `latentloom serve` answers its port in well under a second; models load later, lazily."""
+
+    def __init__(self, build):
+        self._build = build
+        self._app = None
+        self._lifespan = None
+        self._ready: asyncio.Event | None = None
+        self._failure: BaseException | None = None
+
+    async def _start(self) -> None:
+        try:
+            app = await asyncio.get_running_loop().run_in_executor(None, self._build)
+            self._lifespan = app.router.lifespan_context(app)
+            await self._lifespan.__aenter__()
+            self._app = app
+        except BaseException as exc:  # reported to every request instead of hanging them
+            self._failure = exc
+            log.exception("the engine failed to start")
+        finally:
+            self._ready.set()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    self._ready = asyncio.Event()
+                    self._starting = asyncio.create_task(self._start())
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await self._ready.wait()
+                    if self._lifespan is not None:
+                        await self._lifespan.__aexit__(None, None, None)
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        await self._ready.wait()
+        if self._app is None:
+            if scope["type"] == "http":
+                response = JSONResponse({"error": f"the engine failed to start: {self._failure}"}, status_code=503)
+                return await response(scope, receive, send)
+            return await send({"type": "websocket.close", "code": 1011})
+        await self._app(scope, receive, send)
+
+
 def serve(args) -> int:
     import uvicorn
 
@@ -119,8 +165,7 @@ def serve(args) -> int:
     if not is_loopback(config.listen) and not config.auth_token:
         log.warning("listening on %s without --auth-token: anyone who can reach this port can run workflows "
                     "and read your files. Set --auth-token.", config.listen)
-    engine = make_engine(args, cache_bytes=args.cache_bytes)
-    app = create_app(engine, config)
+    app = DeferredApp(lambda: create_app(make_engine(args, cache_bytes=args.cache_bytes), config))
     host = "0.0.0.0" if config.listen in ("", "0.0.0.0") else config.listen
     print(f"latentloom: serving the editor at http://{'127.0.0.1' if host == '0.0.0.0' else host}:{config.port}/",
           flush=True)

@@ -50,12 +50,18 @@ class FrontendFiles(StaticFiles):
         return response
 
 
+async def user_css(request: Request):
+    # index.html links an optional user stylesheet; an empty one keeps the console free of MIME errors.
+    return Response("", media_type="text/css")
+
+
 def api_routes() -> list:
     return [Route("/extensions", extensions, methods=["GET"]), Route("/i18n", i18n, methods=["GET"])]
 
 
 def static_routes(root: Path | None) -> list:
-    routes: list = [Route("/templates/{name:path}", templates, methods=["GET"])]
+    routes: list = [Route("/templates/{name:path}", templates, methods=["GET"]),
+                    Route("/user.css", user_css, methods=["GET"])]
     if root is None:
         async def missing(request: Request):
             return Response("comfyui-frontend-package is not installed: the API works, the editor is missing.\n",

@@ -10,8 +10,6 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.routing import Route
 
-from engine.graph import make_error
-
 from .queue_store import DuplicatePromptId, QueueItem
 from .state import ServerState, empty_ok, int_query, json_response, read_json, server_state
 
@@ -21,6 +19,8 @@ HISTORY_STATES = frozenset({"completed", "failed", "cancelled"})
 
 
 def bad_request(error_type: str, message: str, details: str = "", node_errors: dict | None = None, **extra):
+    from engine.graph import make_error  # (lazy: keeps networkx out of the server's start-up)
+
     return json_response({"error": make_error(error_type, message, details, **extra),
                           "node_errors": node_errors or {}}, 400)
 
@@ -29,14 +29,22 @@ def is_ui_workflow(document) -> bool:
     return isinstance(document, dict) and isinstance(document.get("nodes"), list) and "links" in document
 
 
+class ConversionError(ValueError):
+    def __init__(self, message: str, missing: list[str] | None = None):
+        super().__init__(message)
+        self.missing = missing or []
+
+
 def convert_ui(state: ServerState, workflow: dict) -> dict:
     """UI (LiteGraph) format -> API prompt, server-side (ComfyUI's server cannot do this)."""
-    from engine.workflow import WorkflowFormatError, ui_to_api
+    from engine.workflow import MissingNodeTypesError, WorkflowFormatError, ui_to_api
 
     try:
         return ui_to_api(workflow, state.engine.catalogue())
+    except MissingNodeTypesError as exc:
+        raise ConversionError(str(exc), exc.missing) from exc
     except WorkflowFormatError as exc:
-        raise ValueError(str(exc)) from exc
+        raise ConversionError(str(exc)) from exc
 
 
 async def post_prompt(request: Request):
@@ -61,8 +69,15 @@ async def post_prompt(request: Request):
             prompt = await run_in_threadpool(convert_ui, state, prompt)
         except ImportError:
             return bad_request("invalid_prompt", "UI-format workflows cannot be converted on this server", "")
-        except ValueError as exc:
+        except ConversionError as exc:
+            if exc.missing:
+                return bad_request("missing_node_type", f"Node '{exc.missing[0]}' not found. The custom node may "
+                                   "not be installed.", str(exc), class_type=exc.missing[0], node_id=None,
+                                   node_title=None, missing=exc.missing)
             return bad_request("invalid_prompt", "Cannot convert the UI-format workflow", str(exc))
+        except Exception as exc:  # a converter bug must still be a clear 400, not a 500
+            return bad_request("invalid_prompt", "Cannot convert the UI-format workflow",
+                               f"{type(exc).__name__}: {exc}")
     targets = body.get("partial_execution_targets")
     if targets is not None and (not isinstance(targets, list)
                                 or not all(isinstance(t, (str, int)) and not isinstance(t, bool) for t in targets)):

@@ -15,7 +15,6 @@ import traceback
 
 from engine.events import Event, ExecutionCached, ExecutionError, ExecutionInterrupted, ExecutionStart, \
     ExecutionSuccess, Executing
-from engine.executor import InterruptToken
 
 from .queue_store import QueueItem, QueueStore
 
@@ -33,7 +32,7 @@ class Worker:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._token: InterruptToken | None = None
+        self._token = None  # the running prompt's engine.executor.InterruptToken
         self._free_flags = {"unload_models": False, "free_memory": False}
         self._messages: list[list] = []
         self.current: QueueItem | None = None
@@ -125,6 +124,8 @@ class Worker:
         self.hub.post_event(event, current.client_id)
 
     async def _run(self, item: QueueItem) -> None:
+        from engine.executor import InterruptToken
+
         token = InterruptToken()
         self._messages = []
         with self._lock:

@@ -15,7 +15,7 @@ from starlette.testclient import TestClient
 
 from server import queue_store
 from server.queue_store import QueueItem, QueueStore
-from tests.server_support import const_graph, free_port, make_app, steps_graph, wait_for
+from tests.server_support import const_graph, free_port, live_server, make_app, steps_graph, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -147,3 +147,33 @@ def test_kill_9_then_restart_runs_pending_and_keeps_history(tmp_path):
     finally:
         process.terminate()
         process.wait(10)
+
+
+def test_deferred_app_listens_first_and_holds_requests_until_the_engine_is_ready(tmp_path):
+    import threading
+    import time
+
+    from server.app import DeferredApp
+
+    release = threading.Event()
+
+    def build():
+        release.wait(10)  # stands in for importing the node modules
+        return make_app(tmp_path)
+
+    with live_server(DeferredApp(build)) as base:
+        answers = []
+        waiting = threading.Thread(target=lambda: answers.append(httpx.get(f"{base}/prompt", timeout=20)))
+        waiting.start()
+        time.sleep(0.3)
+        assert not answers  # held, not refused
+        release.set()
+        waiting.join(20)
+        assert answers[0].json() == {"exec_info": {"queue_remaining": 0}}
+
+    def broken():
+        raise RuntimeError("no such models dir")
+
+    with live_server(DeferredApp(broken)) as base:
+        response = httpx.get(f"{base}/prompt", timeout=20)
+        assert response.status_code == 503 and "no such models dir" in response.json()["error"]

@@ -103,6 +103,27 @@ def test_invalid_prompt_gives_comfy_400_shape(client):
     assert client.get("/queue").json() == {"queue_running": [], "queue_pending": []}
 
 
+def test_ui_format_prompt_is_converted_server_side(client):
+    from engine.workflow import api_to_ui
+
+    workflow = api_to_ui(const_graph(3.5, 1.0), client.get("/object_info").json())
+    assert isinstance(workflow["nodes"], list)
+    response = client.post("/prompt", json={"prompt": workflow})
+    assert response.status_code == 200, response.text
+    prompt_id = response.json()["prompt_id"]
+    entry = wait_for(lambda: client.get(f"/history/{prompt_id}").json())[prompt_id]
+    assert list(entry["outputs"].values()) == [{"values": [4.5]}]
+    assert {n["class_type"] for n in entry["prompt"][2].values()} == {"Const", "Add", "Collect"}
+
+    workflow["nodes"][0]["type"] = "NotInstalled"
+    missing = client.post("/prompt", json={"prompt": workflow})
+    assert missing.status_code == 400
+    assert missing.json()["error"]["type"] == "missing_node_type"
+    assert "NotInstalled" in missing.json()["error"]["message"]
+    broken = client.post("/prompt", json={"prompt": {"nodes": [{"id": "x"}], "links": "nope"}})
+    assert broken.status_code == 400 and broken.json()["error"]["type"] == "invalid_prompt"
+
+
 def test_no_prompt(client):
     response = client.post("/prompt", json={"client_id": "x"})
     assert response.status_code == 400
@@ -405,3 +426,18 @@ def test_userdata_crud_and_move(client):
     assert any(e["path"] == "workflows/sub/b.json" and e["type"] == "file" for e in v2)
     assert client.get("/userdata").status_code == 400
 
+
+
+def test_every_api_route_also_answers_under_api_prefix(client):
+    from starlette.routing import Route
+
+    plain = {r.path for r in client.app.routes if isinstance(r, Route) and not r.path.startswith("/api/")}
+    prefixed = {r.path[4:] for r in client.app.routes if isinstance(r, Route) and r.path.startswith("/api/")}
+    static_only = {"/", "/templates/{name:path}", "/user.css"}
+    assert plain - static_only <= prefixed, plain - static_only - prefixed
+    for path in ("/prompt", "/queue", "/history", "/object_info", "/embeddings", "/extensions", "/system_stats",
+                 "/features", "/users", "/settings", "/models", "/experiment/models", "/jobs", "/i18n",
+                 "/workflow_templates", "/v2/userdata"):
+        direct, aliased = client.get(path), client.get("/api" + path)
+        assert direct.status_code == aliased.status_code == 200, path
+        assert direct.headers["content-type"].startswith("application/json"), path
