@@ -95,6 +95,8 @@ class CheckpointLoaderSimple(Node):
         manager = _manager(ctx)
         loaded = _load(ctx, node, "ckpt_name", self.ckpt_name, ("checkpoint",) + _file_identity(path),
                        lambda: checkpoint.load_checkpoint(path, manager))
+        for note in loaded.detected.notes:
+            ctx.warn(f"{node}: {self.ckpt_name}: {note}")
         if loaded.clip is None:
             ctx.warn(f"{node}: {self.ckpt_name} contains no text encoder; its CLIP output is empty")
         if loaded.vae is None:

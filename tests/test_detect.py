@@ -87,6 +87,8 @@ def test_sdxl_v_prediction_marker_and_edm_refusal():
     ldm = convert.with_prefix(convert.unet_to_ldm(meta_unet("sdxl").state_dict(), 2), convert.UNET_PREFIX)
     assert detect.detect_checkpoint(ldm).prediction == "eps"
     assert detect.detect_checkpoint({**ldm, "v_pred": torch.tensor([])}).prediction == "v"
+    zero_snr = detect.detect_checkpoint({**ldm, "v_pred": torch.tensor([]), "ztsnr": torch.tensor([])})
+    assert zero_snr.prediction == "v" and "zero-terminal-SNR" in zero_snr.notes[0]
     with pytest.raises(detect.UnknownArchitecture, match="EDM"):
         detect.detect_checkpoint({**ldm, "edm_mean": torch.zeros(4)})
 

@@ -240,7 +240,7 @@ def load_unet_file(path: str | os.PathLike, manager: Any = None, dtype: torch.dt
             raise detect.UnknownArchitecture("no SD-style UNet weights found")
         shape = detect.read_unet_shape(state, prefix)
         family = detect.unet_family(shape)
-        prediction, _ = detect._prediction(family, shape, convert.strip_prefix(state, prefix), state,
+        prediction, _ = detect.prediction_type(family, shape, convert.strip_prefix(state, prefix), state,
                                            sidecar_yaml(path))
     except detect.UnknownArchitecture as error:
         raise ModelFileError(f"{path.name}: unknown or unsupported UNet architecture: {error}") from error

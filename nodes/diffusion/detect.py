@@ -67,7 +67,7 @@ class Detected:
     variant: str = ""                    # "" | "inpaint" (9 input channels) | "instruct_pix2pix" (8)
     text_encoders: dict[str, TextEncoderShape] = field(default_factory=dict)   # "l" | "g" | "h" -> shape
     has_vae: bool = False
-    notes: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()          # things the loader should warn about
 
 
 # UNet --------------------------------------------------------------------------------------------------------
@@ -187,28 +187,27 @@ def unet_config(shape: UNetShape, family: str) -> dict[str, Any]:
     return config
 
 
-def _prediction(family: str, shape: UNetShape, unet: Mapping[str, torch.Tensor],
-                state: Mapping[str, Any], yaml_text: str | None) -> tuple[str, tuple[str, ...]]:
+def prediction_type(family: str, shape: UNetShape, unet: Mapping[str, torch.Tensor],
+                    state: Mapping[str, Any], yaml_text: str | None) -> tuple[str, tuple[str, ...]]:
     """eps or v. In order: a sidecar .yaml's `parameterization: "v"`; a `v_pred` marker key (SDXL v models);
     for SD2 with 4 input channels ComfyUI's weight statistic (std of the last output block's first transformer
-    norm1 bias above 0.09 means v); otherwise eps."""
-    notes: list[str] = []
+    norm1 bias above 0.09 means v); otherwise eps. Also returns warnings for the loader to pass on."""
     if yaml_text is not None:
         match = re.search(r"parameterization:\s*['\"]?(\w+)", yaml_text)
         if match:
-            return ("v" if match.group(1) == "v" else "eps"), ("prediction from the .yaml config",)
+            return ("v" if match.group(1) == "v" else "eps"), ()
     if "edm_mean" in state or "edm_vpred.sigma_max" in state:
         raise UnknownArchitecture("EDM-parameterised SDXL variants (Playground 2.5, EDM v-pred) are not supported")
     if "v_pred" in state:
         if "ztsnr" in state:
-            notes.append("zero-terminal-SNR marker ignored: sampled with the standard schedule")
-        return "v", tuple(notes)
+            return "v", ("zero-terminal-SNR marker ignored: sampled with the standard schedule",)
+        return "v", ()
     if family == "sd2" and shape.in_channels == 4:
         blocks = _indices(unet, r"output_blocks\.(\d+)\.1\.transformer_blocks\.0\.norm1\.bias")
         if blocks:
             bias = unet[f"output_blocks.{blocks[-1]}.1.transformer_blocks.0.norm1.bias"].float()
-            return ("v" if bias.std().item() > V_PREDICTION_STD_THRESHOLD else "eps"), ("prediction from weights",)
-    return "eps", tuple(notes)
+            return ("v" if bias.std().item() > V_PREDICTION_STD_THRESHOLD else "eps"), ()
+    return "eps", ()
 
 
 # Text encoders -----------------------------------------------------------------------------------------------
@@ -315,7 +314,7 @@ def detect_checkpoint(state: Mapping[str, torch.Tensor], yaml_text: str | None =
         raise UnknownArchitecture("no diffusion UNet found (expected model.diffusion_model.input_blocks.*)")
     shape = read_unet_shape(state, prefix)
     family = unet_family(shape, state)
-    prediction, notes = _prediction(family, shape, strip_prefix(state, prefix), state, yaml_text)
+    prediction, notes = prediction_type(family, shape, strip_prefix(state, prefix), state, yaml_text)
     variant = {9: "inpaint", 8: "instruct_pix2pix"}.get(shape.in_channels, "")
     if shape.in_channels not in (4, 8, 9):
         raise UnknownArchitecture(f"UNet with {shape.in_channels} input channels is not an SD model")
