@@ -96,3 +96,29 @@ def kohya_lora_for_all(model: DiffusionModel, clip: ClipModel | None, rank: int 
                     tensors[f"{key}.lora_down.weight"] = factors["down"]
                     tensors[f"{key}.alpha"] = torch.tensor(alpha)
     return tensors
+
+
+def tiny_controlnet(family: str = "sd1", seed: int = 0) -> torch.nn.Module:
+    """A diffusers ControlNetModel shaped like the tiny UNet of `family`, every weight perturbed (zero convs too,
+    so the residuals are not zero)."""
+    from diffusers import ControlNetModel
+
+    parts = tiny_components(family, seed)
+    net = ControlNetModel.from_unet(parts.unet)
+    generator = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for parameter in net.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    return net.eval().requires_grad_(False)
+
+
+def write_controlnet(path: Path, net: torch.nn.Module, layout: str = "ldm") -> Path:
+    """layout: "ldm" (control_model.*), "bare" (LDM names without prefix) or "diffusers"."""
+    from nodes.diffusion.controlnet import controlnet_to_ldm
+
+    state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    if layout != "diffusers":
+        state = controlnet_to_ldm(state)
+        if layout == "ldm":
+            state = {"control_model." + k: v for k, v in state.items()}
+    return save_safetensors(state, path)

@@ -1,0 +1,150 @@
+"""ControlNet nodes with ComfyUI's class names, inputs and outputs.
+
+ControlNetLoader / DiffControlNetLoader load through the model memory manager (like every model). The apply nodes
+attach an AppliedControlNet (net + hint + strength + σ window + the ControlNet already on that conditioning) to
+copies of the conditioning options; the sampler's denoiser calls it at every step.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import torch
+
+from engine.node import Node
+from engine.types import CONDITIONING, CONTROL_NET, IMAGE, MODEL, VAE, Combo, Float, Output, Socket
+
+from .diffusion.controlnet import ControlNet, load_controlnet
+from .diffusion.models import DiffusionModel
+from .loaders import _choices, _file_identity, _fingerprint, _load, _locate, _manager
+
+STRENGTH = Float(min=0.0, max=10.0, step=0.01)
+PERCENT = Float(min=0.0, max=1.0, step=0.001)
+
+
+def _require_controlnet(node: str, value: Any) -> ControlNet:
+    if not isinstance(value, ControlNet):
+        raise ValueError(f"{node}: input 'control_net' is not a ControlNet (got {type(value).__name__})")
+    return value
+
+
+def _require_image(node: str, image: Any) -> torch.Tensor:
+    if not isinstance(image, torch.Tensor) or image.ndim != 4:
+        raise ValueError(f"{node}: input 'image' must be an IMAGE [batch, height, width, channels]")
+    return image
+
+
+def _check_fits(node: str, net: ControlNet, conditioning: list) -> None:
+    """A ControlNet made for another architecture is reported here, against this node, not mid-sampling."""
+    for cond, _ in conditioning:
+        try:
+            net.check_context_width(int(cond.shape[-1]))
+        except ValueError as error:
+            raise ValueError(f"{node}: input 'control_net': {error}") from error
+
+
+class ControlNetLoader(Node):
+    display_name = "Load ControlNet Model"
+    category = "loaders"
+    outputs = (Output(CONTROL_NET),)
+    control_net_name: Annotated[str, Combo(_choices("controlnet"))]
+
+    @classmethod
+    def fingerprint(cls, env, constants):
+        return _fingerprint(env, "controlnet", constants.get("control_net_name"))
+
+    def run(self, ctx):
+        node = type(self).__name__
+        path = _locate(ctx, node, "control_net_name", "controlnet", self.control_net_name)
+        manager = _manager(ctx)
+        net = _load(ctx, node, "control_net_name", self.control_net_name, ("controlnet",) + _file_identity(path),
+                    lambda: load_controlnet(path, manager))
+        return (net,)
+
+
+class DiffControlNetLoader(Node):
+    display_name = "Load ControlNet Model (diff)"
+    category = "loaders"
+    outputs = (Output(CONTROL_NET),)
+    model: Annotated[Any, Socket(MODEL)]
+    control_net_name: Annotated[str, Combo(_choices("controlnet"))]
+
+    @classmethod
+    def fingerprint(cls, env, constants):
+        return _fingerprint(env, "controlnet", constants.get("control_net_name"))
+
+    def run(self, ctx):
+        node = type(self).__name__
+        if not isinstance(self.model, DiffusionModel):
+            raise ValueError(f"{node}: input 'model' is not a diffusion model (got {type(self.model).__name__})")
+        path = _locate(ctx, node, "control_net_name", "controlnet", self.control_net_name)
+        manager = _manager(ctx)
+        # A diff ControlNet's weights depend on the base model, so the model's identity is part of the key.
+        key = ("controlnet", id(self.model.unet), self.model.source) + _file_identity(path)
+        net = _load(ctx, node, "control_net_name", self.control_net_name, key,
+                    lambda: load_controlnet(path, manager, base_model=self.model))
+        return (net,)
+
+
+class ControlNetApply(Node):
+    display_name = "Apply ControlNet (OLD)"
+    category = "conditioning/controlnet"
+    deprecated = True
+    outputs = (Output(CONDITIONING),)
+    conditioning: Annotated[Any, Socket(CONDITIONING)]
+    control_net: Annotated[Any, Socket(CONTROL_NET)]
+    image: Annotated[Any, Socket(IMAGE)]
+    strength: Annotated[float, STRENGTH] = 1.0
+
+    def run(self, ctx):
+        node = type(self).__name__
+        if self.strength == 0:
+            return (self.conditioning,)
+        net = _require_controlnet(node, self.control_net)
+        image = _require_image(node, self.image)
+        _check_fits(node, net, self.conditioning)
+        out = []
+        for cond, options in self.conditioning:
+            # Each entry chains onto its own previous ControlNet; the sampler copies it onto the negative side.
+            applied = net.applied(image, self.strength, previous=options.get("control"))
+            out.append([cond, {**options, "control": applied, "control_apply_to_uncond": True}])
+        return (out,)
+
+
+class ControlNetApplyAdvanced(Node):
+    display_name = "Apply ControlNet"
+    category = "conditioning/controlnet"
+    outputs = (Output(CONDITIONING, "positive"), Output(CONDITIONING, "negative"))
+    positive: Annotated[Any, Socket(CONDITIONING)]
+    negative: Annotated[Any, Socket(CONDITIONING)]
+    control_net: Annotated[Any, Socket(CONTROL_NET)]
+    image: Annotated[Any, Socket(IMAGE)]
+    strength: Annotated[float, STRENGTH] = 1.0
+    start_percent: Annotated[float, PERCENT] = 0.0
+    end_percent: Annotated[float, PERCENT] = 1.0
+    vae: Annotated[Any, Socket(VAE, optional=True)] = None
+
+    def run(self, ctx):
+        node = type(self).__name__
+        if self.strength == 0:
+            return (self.positive, self.negative)
+        net = _require_controlnet(node, self.control_net)
+        image = _require_image(node, self.image)
+        _check_fits(node, net, list(self.positive) + list(self.negative))
+        # One applied object per previous ControlNet, shared by positive and negative so they still batch together.
+        by_previous: dict[int, Any] = {}
+        results = []
+        for conditioning in (self.positive, self.negative):
+            out = []
+            for cond, options in conditioning:
+                previous = options.get("control")
+                applied = by_previous.get(id(previous))
+                if applied is None:
+                    applied = net.applied(image, self.strength, self.start_percent, self.end_percent, previous)
+                    by_previous[id(previous)] = applied
+                out.append([cond, {**options, "control": applied, "control_apply_to_uncond": False}])
+            results.append(out)
+        return tuple(results)
+
+
+NODES = [ControlNetLoader, DiffControlNetLoader, ControlNetApply, ControlNetApplyAdvanced]
