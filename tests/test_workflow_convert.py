@@ -149,6 +149,26 @@ def test_missing_widget_values_fall_back_to_catalogue_defaults():
     assert latent == {"width": 640, "height": 512, "batch_size": 1}
 
 
+def test_empty_title_falls_back_to_display_name():
+    ui, _ = load_fixture("notes_groups_seed")
+    next(n for n in ui["nodes"] if n["id"] == 6)["title"] = ""
+    assert ui_to_api(ui, CATALOGUE)["6"]["_meta"]["title"] == "CLIP Text Encode (Prompt)"
+
+
+def test_widget_inputs_without_a_widget_are_dropped_like_the_editor_does():
+    ui, expected = load_fixture("notes_groups_seed")
+    sampler = next(n for n in ui["nodes"] if n["id"] == 3)
+    # Stale converted-widget inputs naming widgets the node type no longer has. The editor removes them
+    # while iterating over the list it removes from, so the slot after each removed one is skipped (kept).
+    sampler["inputs"] += [
+        {"name": f"old_{letter}", "type": "LATENT", "widget": {"name": f"old_{letter}"}, "link": link_id}
+        for letter, link_id in (("a", 20), ("b", 21), ("c", 22))
+    ]
+    ui["links"] += [[link_id, 5, 0, 3, slot, "LATENT"] for slot, link_id in enumerate((20, 21, 22), start=4)]
+    prompt = ui_to_api(ui, CATALOGUE)
+    assert prompt["3"]["inputs"] == {**expected["3"]["inputs"], "old_b": ["5", 0]}
+
+
 def test_list_widget_values_are_wrapped():
     ui, _ = load_fixture("notes_groups_seed")
     next(n for n in ui["nodes"] if n["id"] == 9)["widgets_values"] = [["a", "b"]]
@@ -305,7 +325,8 @@ def random_prompt(draw):
                     inputs[name] = draw(widget_value(spec))
             elif sources and draw(st.integers(0, 4)) > 0:
                 inputs[name] = list(draw(st.sampled_from(sources)))
-        title = draw(st.one_of(st.just(entry["display_name"]), SAFE_TEXT))
+        # (an empty title means "no title" to the editor, which then shows the display name)
+        title = draw(st.one_of(st.just(entry["display_name"]), SAFE_TEXT.filter(bool)))
         prompt[node_id] = {"inputs": inputs, "class_type": class_type, "_meta": {"title": title}}
         for slot, out_type in enumerate(entry["output"]):
             outputs_by_type.setdefault(out_type, []).append([node_id, slot])

@@ -66,6 +66,15 @@ class Scope:
     nodes: dict[str, dict]
     links: dict[str, Link]
     definition: dict | None = None
+    aliases: dict[str, str] = field(default_factory=dict)  # dropped duplicate link id -> surviving link id
+
+    def link(self, link_id: Any) -> Link | None:
+        key = str(link_id)
+        return self.links.get(self.aliases.get(key, key))
+
+    def same_link(self, link_id: Any, link: Link) -> bool:
+        key = str(link_id)
+        return self.aliases.get(key, key) == link.id
 
 
 @dataclass(frozen=True)
@@ -99,6 +108,7 @@ class _Workflow:
     order: list[str] = field(default_factory=list)
     layouts: dict[str, NodeLayout] = field(default_factory=dict)
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # PrimitiveNode values by exec id
+    live_inputs: dict[int, list[dict]] = field(default_factory=dict)
 
     def node(self, placed: Placed) -> dict:
         return self.scopes[placed.scope_key].nodes[placed.node_id]
@@ -111,9 +121,58 @@ class _Workflow:
     def is_instance(self, node: dict) -> bool:
         return str(node.get("type")) in self.subgraph_ids
 
+    def has_widget(self, node: dict, name: str) -> bool:
+        node_type = str(node.get("type"))
+        return node_type in self.catalogue and any(w.name == name for w in self.layout(node_type).widgets)
 
-def _parse_links(raw_links: Any, where: str) -> dict[str, Link]:
-    links: dict[str, Link] = {}
+    def inputs(self, node: dict) -> list[dict]:
+        """A node's input slots as the editor holds them after loading.
+
+        For a catalogue node type the editor first creates the slots the definition implies (sockets, then
+        one per widget), takes each one's link from the saved input of the same name, then appends saved
+        inputs it did not create. Appended widget inputs naming no widget of the node are then removed, by a
+        loop that deletes from the list it walks, so the slot right after a removed one is never looked at
+        and survives; that quirk decides which links reach the prompt, so it is kept.
+        """
+        key = id(node)
+        if key in self.live_inputs:
+            return self.live_inputs[key]
+        saved = list(node.get("inputs") or [])
+        node_type = str(node.get("type"))
+        if node_type not in self.catalogue:
+            self.live_inputs[key] = saved
+            return saved
+        layout = self.layout(node_type)
+        saved_by_name: dict[str, dict] = {}
+        for slot in saved:
+            saved_by_name.setdefault(str(slot.get("name")), slot)
+        created = [{"name": socket.name, "type": socket.type} for socket in layout.sockets]
+        created += [
+            {"name": w.name, "type": layout.widget_types.get(w.name, "IMAGEUPLOAD"), "widget": {"name": w.name}}
+            for w in layout.widgets if w.kind in ("value", "upload")
+        ]
+        for slot in created:
+            slot["link"] = saved_by_name.get(slot["name"], {}).get("link")
+        created_names = {slot["name"] for slot in created}
+        extra = [slot for slot in saved if str(slot.get("name")) not in created_names]
+        index = 0
+        while index < len(extra):
+            widget = extra[index].get("widget")
+            if isinstance(widget, dict) and not self.has_widget(node, str(widget.get("name"))):
+                del extra[index]
+            index += 1
+        self.live_inputs[key] = created + extra
+        return self.live_inputs[key]
+
+
+def _parse_links(raw_links: Any, where: str, nodes: dict[str, dict]) -> tuple[dict[str, Link], dict[str, str]]:
+    """Links by id, and aliases for the duplicates the editor drops on load.
+
+    Only one link can end at an input: of several links to the same slot the first listed is kept, unless a
+    later one is the one the node's input names and the first is not; references to a dropped link then
+    mean the survivor.
+    """
+    parsed: list[Link] = []
     for raw in raw_links or []:
         if isinstance(raw, dict):
             fields = [raw.get(k) for k in ("id", "origin_id", "origin_slot", "target_id", "target_slot", "type")]
@@ -122,10 +181,27 @@ def _parse_links(raw_links: Any, where: str) -> dict[str, Link]:
         else:
             raise WorkflowFormatError(f"{where}: malformed link entry {raw!r}")
         link_id, origin_id, origin_slot, target_id, target_slot, link_type = fields
-        links[str(link_id)] = Link(
-            str(link_id), str(origin_id), int(origin_slot), str(target_id), int(target_slot), link_type
-        )
-    return links
+        parsed.append(Link(str(link_id), str(origin_id), int(origin_slot), str(target_id), int(target_slot), link_type))
+    referenced = {str(slot.get("link")) for node in nodes.values() for slot in node.get("inputs") or []
+                  if slot.get("link") is not None}
+    kept: list[Link] = []
+    slot_owner: dict[tuple[str, int], int] = {}
+    aliases: dict[str, str] = {}
+    for link in parsed:
+        target = (link.target_id, link.target_slot)
+        if target not in slot_owner:
+            slot_owner[target] = len(kept)
+            kept.append(link)
+            continue
+        survivor = kept[slot_owner[target]]
+        same_origin = (survivor.origin_id, survivor.origin_slot) == (link.origin_id, link.origin_slot)
+        if not same_origin and link.id in referenced and survivor.id not in referenced:
+            kept[slot_owner[target]] = link
+            aliases = {old: (link.id if new == survivor.id else new) for old, new in aliases.items()}
+            aliases[survivor.id] = link.id
+        else:
+            aliases[link.id] = survivor.id
+    return {link.id: link for link in kept}, aliases
 
 
 def _nodes_by_id(nodes: list[dict]) -> dict[str, dict]:
@@ -192,16 +268,15 @@ def _renumber_clashing_ids(scopes: list[Scope], root: Scope, last_node_id: int) 
 def _parse_scopes(workflow: dict) -> tuple[dict[str, Scope], set[str]]:
     if not isinstance(workflow.get("nodes"), list):
         raise WorkflowFormatError("not a UI workflow: it has no 'nodes' list")
-    root = Scope("", _nodes_by_id(workflow["nodes"]), _parse_links(workflow.get("links"), "workflow"))
-    subgraphs = [
-        Scope(
-            str(definition.get("id")),
-            _nodes_by_id(definition.get("nodes") or []),
-            _parse_links(definition.get("links"), f"subgraph {definition.get('name') or definition.get('id')}"),
-            definition,
-        )
-        for definition in _subgraph_definitions(workflow)
-    ]
+    root_nodes = _nodes_by_id(workflow["nodes"])
+    root_links, root_aliases = _parse_links(workflow.get("links"), "workflow", root_nodes)
+    root = Scope("", root_nodes, root_links, aliases=root_aliases)
+    subgraphs = []
+    for definition in _subgraph_definitions(workflow):
+        nodes = _nodes_by_id(definition.get("nodes") or [])
+        where = f"subgraph {definition.get('name') or definition.get('id')}"
+        links, aliases = _parse_links(definition.get("links"), where, nodes)
+        subgraphs.append(Scope(str(definition.get("id")), nodes, links, definition, aliases))
     _renumber_clashing_ids(subgraphs, root, _last_node_id(workflow))
     scopes = {"": root, **{scope.key: scope for scope in subgraphs}}
     return scopes, set(scopes) - {""}
@@ -218,7 +293,8 @@ def _expand(flow: _Workflow) -> None:
             placed = Placed(path, node_id, scope_key)
             flow.placed[placed.exec_id] = placed
             flow.order.append(placed.exec_id)
-            if flow.is_instance(node) and node.get("mode") not in (MODE_MUTED, MODE_BYPASS):
+            # Only top-level instances are gated by their mode; the editor opens nested ones regardless.
+            if flow.is_instance(node) and (path or node.get("mode") not in (MODE_MUTED, MODE_BYPASS)):
                 subgraph_id = str(node["type"])
                 if subgraph_id in open_defs:
                     raise WorkflowFormatError(f"subgraph {subgraph_id} contains itself (via node {placed.exec_id})")
@@ -269,7 +345,7 @@ def _input_link(flow: _Workflow, placed: Placed, slot: int) -> str | None:
             if candidate.get("name") == name:
                 return None if candidate.get("link") is None else str(candidate["link"])
         return None
-    inputs = node.get("inputs") or []
+    inputs = flow.inputs(node)
     if slot >= len(inputs):
         raise WorkflowFormatError(f"node {placed.exec_id}: no input slot {slot}")
     link = inputs[slot].get("link")
@@ -282,7 +358,7 @@ def _slot_types(flow: _Workflow, placed: Placed) -> tuple[list[Any], list[Any]]:
         definition = flow.scopes[str(node["type"])].definition or {}
         return ([i.get("type") for i in definition.get("inputs") or []],
                 [o.get("type") for o in definition.get("outputs") or []])
-    return [i.get("type") for i in node.get("inputs") or []], [o.get("type") for o in node.get("outputs") or []]
+    return [i.get("type") for i in flow.inputs(node)], [o.get("type") for o in node.get("outputs") or []]
 
 
 def _bypass_input_slot(flow: _Workflow, placed: Placed, slot: int, wanted: Any) -> int:
@@ -335,11 +411,11 @@ def _promoted_value(flow: _Workflow, instance: Placed, slot: int) -> WidgetValue
 def _promotion_target(flow: _Workflow, scope: Scope, def_input: dict) -> tuple[str, str, int] | None:
     """(inner node id, widget or input name, inner slot) of the first inner widget a subgraph input drives."""
     for link_id in def_input.get("linkIds") or []:
-        link = scope.links.get(str(link_id))
+        link = scope.link(link_id)
         if link is None or link.target_id not in scope.nodes:
             continue
         inner = scope.nodes[link.target_id]
-        target_input = _target_input(inner, link)
+        target_input = _target_input(flow, scope, inner, link)
         if flow.is_instance(inner):  # nested promotion through an inner instance's own input
             inner_scope = flow.scopes[str(inner["type"])]
             inner_inputs = (inner_scope.definition or {}).get("inputs") or []
@@ -348,7 +424,7 @@ def _promotion_target(flow: _Workflow, scope: Scope, def_input: dict) -> tuple[s
                     return link.target_id, str(candidate.get("name")), index
             continue
         widget = target_input.get("widget")
-        if isinstance(widget, dict) and widget.get("name"):
+        if isinstance(widget, dict) and flow.has_widget(inner, str(widget.get("name"))):
             return link.target_id, str(widget["name"]), link.target_slot
     return None
 
@@ -364,27 +440,31 @@ def _drives_widget(flow: _Workflow, scope: Scope, def_input: dict) -> bool:
             continue
         seen.add(key)
         for link_id in current_input.get("linkIds") or []:
-            link = current_scope.links.get(str(link_id))
+            link = current_scope.link(link_id)
             if link is None or link.target_id not in current_scope.nodes:
                 continue
             inner = current_scope.nodes[link.target_id]
-            target_input = _target_input(inner, link)
+            target_input = _target_input(flow, current_scope, inner, link)
             if flow.is_instance(inner):
                 inner_scope = flow.scopes[str(inner["type"])]
                 for candidate in (inner_scope.definition or {}).get("inputs") or []:
                     if candidate.get("name") == target_input.get("name"):
                         stack.append((inner_scope, candidate))
-            elif isinstance(target_input.get("widget"), dict) and target_input["widget"].get("name"):
+            elif isinstance(target_input.get("widget"), dict) and flow.has_widget(
+                inner, str(target_input["widget"].get("name"))
+            ):
                 return True
     return False
 
 
-def _target_input(node: dict, link: Link) -> dict:
-    inputs = node.get("inputs") or []
-    for candidate in inputs:
-        if str(candidate.get("link")) == link.id:
+def _target_input(flow: _Workflow, scope: Scope, node: dict, link: Link) -> dict:
+    if flow.is_instance(node):  # an instance's slots are its definition's inputs, in order
+        def_inputs = (flow.scopes[str(node["type"])].definition or {}).get("inputs") or []
+        return def_inputs[link.target_slot] if link.target_slot < len(def_inputs) else {}
+    for candidate in flow.inputs(node):
+        if candidate.get("link") is not None and scope.same_link(candidate["link"], link):
             return candidate
-    return inputs[link.target_slot] if link.target_slot < len(inputs) else {}
+    return {}
 
 
 def _resolve_input(flow: _Workflow, placed: Placed, slot: int) -> tuple[str, int] | WidgetValue | None:
@@ -393,7 +473,7 @@ def _resolve_input(flow: _Workflow, placed: Placed, slot: int) -> tuple[str, int
     first_link = _input_link(flow, placed, slot)
     if first_link is None:
         return None
-    wanted_type = (node.get("inputs") or [{}])[slot].get("type")
+    wanted_type = flow.inputs(node)[slot].get("type") if not flow.is_instance(node) else None
     state: tuple = ("link", placed, first_link)
     visited: set[tuple] = set()
     while True:
@@ -404,7 +484,7 @@ def _resolve_input(flow: _Workflow, placed: Placed, slot: int) -> tuple[str, int
         if state[0] == "link":
             _, target, link_id = state
             scope = flow.scopes[target.scope_key]
-            link = scope.links.get(link_id)
+            link = scope.link(link_id)
             if link is None:
                 raise WorkflowFormatError(f"node {target.exec_id}: input refers to missing link {link_id}")
             if link.origin_id == SUBGRAPH_INPUT_NODE and target.path:
@@ -434,7 +514,7 @@ def _resolve_input(flow: _Workflow, placed: Placed, slot: int) -> tuple[str, int
             inner_scope = flow.scopes[str(source_node["type"])]
             outputs = (inner_scope.definition or {}).get("outputs") or []
             link_ids = outputs[out_slot].get("linkIds") if out_slot < len(outputs) else None
-            inner_link = inner_scope.links.get(str(link_ids[0])) if link_ids else None
+            inner_link = inner_scope.link(link_ids[0]) if link_ids else None
             if inner_link is None:
                 return None
             inner_path = (*source.path, source.node_id)
@@ -487,7 +567,7 @@ def _apply_primitive_nodes(flow: _Workflow) -> None:
         for link in scope.links.values():
             if link.origin_id != placed.node_id or link.origin_slot != 0 or link.target_id not in scope.nodes:
                 continue
-            widget = _target_input(scope.nodes[link.target_id], link).get("widget")
+            widget = _target_input(flow, scope, scope.nodes[link.target_id], link).get("widget")
             if isinstance(widget, dict) and widget.get("name"):
                 target_exec = ":".join((*placed.path, link.target_id))
                 flow.overrides.setdefault(target_exec, {})[str(widget["name"])] = values[0]
@@ -530,7 +610,7 @@ def _wrap(value: Any) -> Any:
 
 def _meta(node: dict, layout: NodeLayout) -> dict:
     title = node.get("title")
-    meta: dict[str, Any] = {"title": layout.display_name if title is None else title}
+    meta: dict[str, Any] = {"title": title if title else layout.display_name}  # the editor treats "" as unset
     properties = node.get("properties") or {}
     for key in ("cnr_id", "aux_id", "ver"):
         if isinstance(properties.get(key), str) and properties[key]:
@@ -573,7 +653,7 @@ def ui_to_api(workflow: dict, catalogue: dict[str, dict], rng: random.Random | N
             if widget.dynamic_prompts and isinstance(value, str):
                 value = process_dynamic_prompt(value, rng)
             inputs[widget.name] = _wrap(value)
-        for slot, node_input in enumerate(node.get("inputs") or []):
+        for slot, node_input in enumerate(flow.inputs(node)):
             resolved = _resolve_input(flow, placed, slot)
             if resolved is None:
                 continue
