@@ -181,6 +181,14 @@ class LoadedCheckpoint:
     detected: detect.Detected
 
 
+def _release(state: StateDict, prefix: str) -> None:
+    """Forget the file's tensors under `prefix` once their component is built (keeps peak memory near one copy)."""
+    if not prefix:
+        return  # a bare UNet: its keys have no prefix of their own
+    for key in [key for key in state if key.startswith(prefix)]:
+        del state[key]
+
+
 def _dtypes(manager: Any) -> tuple[torch.dtype, torch.dtype, torch.dtype]:
     if manager is None:
         return torch.float32, torch.float32, torch.float32
@@ -201,6 +209,7 @@ def load_checkpoint(path: str | os.PathLike, manager: Any = None, unet_dtype: to
     family = found.family
     unet = build_unet(state, found.unet, family, unet_dtype or diffusion_dtype, prefix=found.unet_prefix,
                       what=f"{path.name} (UNet)")
+    _release(state, found.unet_prefix)
     model = DiffusionModel(unet=unet, family=family, sampling=SamplingConfig(prediction=found.prediction),
                            latent_format=latent_format_for(family), source=str(path),
                            options={"variant": found.variant} if found.variant else {})
@@ -208,9 +217,10 @@ def load_checkpoint(path: str | os.PathLike, manager: Any = None, unet_dtype: to
     if found.text_encoders:
         expected = {"sd1": {"l"}, "sd2": {"h"}, "sdxl": {"l", "g"}, "sdxl_refiner": {"g"}}[family]
         if set(found.text_encoders) == expected:
-            encoders = torch.nn.ModuleDict({
-                slot: build_text_encoder(state, shape, slot, text_dtype, what=f"{path.name} (CLIP-{slot})")
-                for slot, shape in found.text_encoders.items()})
+            encoders = torch.nn.ModuleDict()
+            for slot, shape in found.text_encoders.items():
+                encoders[slot] = build_text_encoder(state, shape, slot, text_dtype, what=f"{path.name} (CLIP-{slot})")
+                _release(state, shape.prefix)
             clip = ClipModel(encoders=encoders, family=family, source=str(path))
     vae = None
     if found.has_vae:
@@ -241,7 +251,7 @@ def load_unet_file(path: str | os.PathLike, manager: Any = None, dtype: torch.dt
         shape = detect.read_unet_shape(state, prefix)
         family = detect.unet_family(shape)
         prediction, _ = detect.prediction_type(family, shape, convert.strip_prefix(state, prefix), state,
-                                           sidecar_yaml(path))
+                                               sidecar_yaml(path))
     except detect.UnknownArchitecture as error:
         raise ModelFileError(f"{path.name}: unknown or unsupported UNet architecture: {error}") from error
     diffusion_dtype = _dtypes(manager)[0]
