@@ -201,8 +201,12 @@ def node_layout(class_type: str, catalogue: dict[str, dict]) -> NodeLayout:
         if type_name == "IMAGEUPLOAD" or type_name == "AUDIOUPLOAD":
             widgets.append(WidgetSlot(name, "upload", "image" if type_name == "IMAGEUPLOAD" else None))
             continue
-        if type_name == "AUDIO_UI":
+        if type_name in ("AUDIO_UI", "RESOLUTION_PREVIEW"):  # display-only widgets: neither saved nor sent
             widgets.append(WidgetSlot(name, "ui", None, persisted=False))
+            continue
+        if type_name == "IMAGECOMPARE" and not force_input:  # sent with the prompt but not saved in the file
+            widget_types[name] = type_name
+            widgets.append(WidgetSlot(name, "value", _widget_default(type_name, options, combo), persisted=False))
             continue
         if type_name not in WIDGET_TYPES or force_input:
             sockets.append(SocketSlot(name, type_name, is_optional))

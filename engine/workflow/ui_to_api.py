@@ -458,8 +458,11 @@ def _drives_widget(flow: _Workflow, scope: Scope, def_input: dict) -> bool:
 
 
 def _target_input(flow: _Workflow, scope: Scope, node: dict, link: Link) -> dict:
-    if flow.is_instance(node):  # an instance's slots are its definition's inputs, in order
+    if flow.is_instance(node):  # an instance's slots are its definition's inputs, matched to links by name
         def_inputs = (flow.scopes[str(node["type"])].definition or {}).get("inputs") or []
+        for candidate in node.get("inputs") or []:
+            if candidate.get("link") is not None and scope.same_link(candidate["link"], link):
+                return next((d for d in def_inputs if d.get("name") == candidate.get("name")), {})
         return def_inputs[link.target_slot] if link.target_slot < len(def_inputs) else {}
     for candidate in flow.inputs(node):
         if candidate.get("link") is not None and scope.same_link(candidate["link"], link):
