@@ -17,6 +17,9 @@ NODE_MODULES: tuple[str, ...] = (
     "nodes.conditioning",
     "nodes.loaders",
     "nodes.sampling",
+    "nodes.lora",
+    "nodes.controlnet",
+    "nodes.preprocessors",
 )
 
 
@@ -52,6 +55,7 @@ def create_engine(models_dir=None, input_dir=None, output_dir=None, temp_dir=Non
     env = Environment.create(models_dir=models_dir, input_dir=input_dir, output_dir=output_dir,
                              temp_dir=temp_dir, extra_model_paths=extra_model_paths)
     _add_model_manager(env)
+    _add_embeddings(env)
     return Engine(registry, env, cache_bytes if cache_bytes is not None else DEFAULT_CACHE_BYTES)
 
 
@@ -61,3 +65,10 @@ def _add_model_manager(env) -> None:
     except ImportError:  # the memory manager is optional for graphs without models
         return
     env.services["models"] = ModelManager()
+
+
+def _add_embeddings(env) -> None:
+    """The resolver for `embedding:NAME` in prompts (textual inversion files in models/embeddings)."""
+    from nodes.diffusion.embeddings import EmbeddingLibrary
+
+    env.services["embeddings"] = EmbeddingLibrary(env)
