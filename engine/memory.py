@@ -174,6 +174,9 @@ class ModelManager:
         self.ram_budget = ram_budget
         self._lock = threading.RLock()
         self._entries: dict[Hashable, _Entry] = {}
+        # How often each key was dropped: loader nodes put it in their cache fingerprint, so outputs that still
+        # reference dropped weights are recomputed instead of served from the output cache.
+        self._times_dropped: dict[Hashable, int] = {}
         self._modules: dict[int, _ModuleRecord] = {}
         self._clock = itertools.count(1)
         self._loads = self._hits = self._offloads = self._drops = 0
@@ -323,6 +326,7 @@ class ModelManager:
     def _drop(self, key: Hashable) -> None:
         entry = self._entries.pop(key)
         self._drops += 1
+        self._times_dropped[key] = self._times_dropped.get(key, 0) + 1
         for module_id in entry.module_ids:
             record = self._modules.get(module_id)
             if record is None:
@@ -332,6 +336,11 @@ class ModelManager:
                 # Leave nothing on the accelerator for whoever still holds a reference.
                 self._move_to_offload(record)
                 del self._modules[module_id]
+
+    def times_dropped(self, key: Hashable) -> int:
+        """How many times the entry under `key` was dropped (by budget, drop() or free_all())."""
+        with self._lock:
+            return self._times_dropped.get(key, 0)
 
     def drop(self, key: Hashable) -> bool:
         """Forget one entry (the next get_or_load with its key loads again). False when it is not loaded."""

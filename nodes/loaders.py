@@ -43,17 +43,44 @@ def _file_identity(path: Path) -> tuple[str, int, int]:
     return str(path.resolve()), stat.st_size, stat.st_mtime_ns
 
 
-def _fingerprint(env: Any, folder: str, name: Any) -> Any:
-    """Size and mtime of the named file: the cache re-runs the loader when the file changes."""
+def _find(env: Any, folder: str, name: Any) -> Path | None:
     if env is None or not isinstance(name, str):
         return None
     try:
-        path = env.find_model(folder, name)
+        return env.find_model(folder, name)
     except FileNotFoundError:
         return None
+
+
+def _times_dropped(env: Any, key: tuple) -> int:
+    manager = env.services.get("models")
+    return manager.times_dropped(key) if manager is not None else 0
+
+
+def _fingerprint(env: Any, folder: str, name: Any, kind: str, *options: Any) -> Any:
+    """Size and mtime of the named file, and how often the memory manager dropped its models: the output cache
+    re-runs the loader when the file changes or when the weights its cached outputs hold were evicted."""
+    path = _find(env, folder, name)
+    if path is None:
+        return None
     if path.is_dir():
-        return [_file_identity(p)[1:] for p in sorted(path.rglob("*")) if p.is_file()]
-    return _file_identity(path)[1:]
+        index = path / "model_index.json"
+        if not index.is_file():
+            return None
+        identity = _folder_identity(path, index)
+    else:
+        identity = _file_identity(path)
+    return [identity[1:], _times_dropped(env, _key(kind, identity, *options))]
+
+
+def _key(kind: str, identity: tuple, *options: Any) -> tuple:
+    """The memory manager's key for what a loader builds from a file (identity = path, size, mtime)."""
+    return (kind, *options, *identity)
+
+
+def _folder_identity(path: Path, index: Path) -> tuple[str, int, int]:
+    stat = index.stat()
+    return str(path.resolve()), stat.st_size, stat.st_mtime_ns
 
 
 def _locate(ctx: Any, node: str, input_name: str, folder: str, name: str) -> Path:
@@ -87,13 +114,13 @@ class CheckpointLoaderSimple(Node):
 
     @classmethod
     def fingerprint(cls, env, constants):
-        return _fingerprint(env, "checkpoints", constants.get("ckpt_name"))
+        return _fingerprint(env, "checkpoints", constants.get("ckpt_name"), "checkpoint")
 
     def run(self, ctx):
         node = type(self).__name__
         path = _locate(ctx, node, "ckpt_name", "checkpoints", self.ckpt_name)
         manager = _manager(ctx)
-        loaded = _load(ctx, node, "ckpt_name", self.ckpt_name, ("checkpoint",) + _file_identity(path),
+        loaded = _load(ctx, node, "ckpt_name", self.ckpt_name, _key("checkpoint", _file_identity(path)),
                        lambda: checkpoint.load_checkpoint(path, manager))
         for note in loaded.detected.notes:
             ctx.warn(f"{node}: {self.ckpt_name}: {note}")
@@ -104,6 +131,12 @@ class CheckpointLoaderSimple(Node):
         return (loaded.model, loaded.clip, loaded.vae)
 
 
+def _vae_family(name: str) -> str:
+    """Latents between nodes are unscaled, so a VAE needs no model family to work; its latent format matters
+    only for previews. SD1/SD2 and SDXL VAEs have the same shapes, so the file name is the only hint."""
+    return "sdxl" if "xl" in Path(name).name.lower() else "sd1"
+
+
 class VAELoader(Node):
     display_name = "Load VAE"
     category = "loaders"
@@ -112,16 +145,15 @@ class VAELoader(Node):
 
     @classmethod
     def fingerprint(cls, env, constants):
-        return _fingerprint(env, "vae", constants.get("vae_name"))
+        name = constants.get("vae_name")
+        return _fingerprint(env, "vae", name, "vae", _vae_family(name if isinstance(name, str) else ""))
 
     def run(self, ctx):
         node = type(self).__name__
         path = _locate(ctx, node, "vae_name", "vae", self.vae_name)
         manager = _manager(ctx)
-        # Latents between nodes are unscaled, so a VAE does not need to know its model family; the SDXL latent
-        # format only matters for previews, so take the hint from the file name as ComfyUI's users name them.
-        family = "sdxl" if "xl" in path.name.lower() else "sd1"
-        vae = _load(ctx, node, "vae_name", self.vae_name, ("vae", family) + _file_identity(path),
+        family = _vae_family(self.vae_name)
+        vae = _load(ctx, node, "vae_name", self.vae_name, _key("vae", _file_identity(path), family),
                     lambda: checkpoint.load_vae_file(path, manager, family))
         return (vae,)
 
@@ -135,7 +167,7 @@ class UNETLoader(Node):
 
     @classmethod
     def fingerprint(cls, env, constants):
-        return _fingerprint(env, "unet", constants.get("unet_name"))
+        return _fingerprint(env, "unet", constants.get("unet_name"), "unet")
 
     def run(self, ctx):
         node = type(self).__name__
@@ -144,7 +176,7 @@ class UNETLoader(Node):
         if self.weight_dtype != "default":
             ctx.warn(f"{node}: weight_dtype {self.weight_dtype} (fp8 storage) is not supported; "
                      f"loading in {manager.dtype_for('diffusion')}")
-        model = _load(ctx, node, "unet_name", self.unet_name, ("unet",) + _file_identity(path),
+        model = _load(ctx, node, "unet_name", self.unet_name, _key("unet", _file_identity(path)),
                       lambda: checkpoint.load_unet_file(path, manager))
         return (model,)
 
@@ -167,14 +199,14 @@ class CLIPLoader(Node):
 
     @classmethod
     def fingerprint(cls, env, constants):
-        return _fingerprint(env, "clip", constants.get("clip_name"))
+        return _fingerprint(env, "clip", constants.get("clip_name"), "clip", constants.get("type"))
 
     def run(self, ctx):
         node = type(self).__name__
         _clip_type_supported(node, self.type)
         path = _locate(ctx, node, "clip_name", "clip", self.clip_name)
         manager = _manager(ctx)
-        clip = _load(ctx, node, "clip_name", self.clip_name, ("clip", self.type) + _file_identity(path),
+        clip = _load(ctx, node, "clip_name", self.clip_name, _key("clip", _file_identity(path), self.type),
                      lambda: checkpoint.load_clip_files([path], self.type, manager))
         return (clip,)
 
@@ -191,8 +223,12 @@ class DualCLIPLoader(Node):
 
     @classmethod
     def fingerprint(cls, env, constants):
-        return [_fingerprint(env, "clip", constants.get("clip_name1")),
-                _fingerprint(env, "clip", constants.get("clip_name2"))]
+        first = _find(env, "clip", constants.get("clip_name1"))
+        second = _find(env, "clip", constants.get("clip_name2"))
+        if first is None or second is None:
+            return None
+        identity = _file_identity(first) + _file_identity(second)
+        return [identity, _times_dropped(env, _key("dual_clip", identity, constants.get("type")))]
 
     def run(self, ctx):
         node = type(self).__name__
@@ -201,7 +237,7 @@ class DualCLIPLoader(Node):
         second = _locate(ctx, node, "clip_name2", "clip", self.clip_name2)
         manager = _manager(ctx)
         names = f"{self.clip_name1}, {self.clip_name2}"
-        key = ("dual_clip", self.type) + _file_identity(first) + _file_identity(second)
+        key = _key("dual_clip", _file_identity(first) + _file_identity(second), self.type)
         clip = _load(ctx, node, "clip_name1/clip_name2", names, key,
                      lambda: checkpoint.load_clip_files([first, second], self.type, manager))
         return (clip,)
@@ -215,7 +251,7 @@ class DiffusersLoader(Node):
 
     @classmethod
     def fingerprint(cls, env, constants):
-        return _fingerprint(env, "diffusers", constants.get("model_path"))
+        return _fingerprint(env, "diffusers", constants.get("model_path"), "diffusers")
 
     def run(self, ctx):
         node = type(self).__name__
@@ -224,7 +260,7 @@ class DiffusersLoader(Node):
         index = path / "model_index.json"
         if not index.is_file():
             raise FileNotFoundError(f"{node}: input 'model_path' ({self.model_path}): no model_index.json in {path}")
-        key = ("diffusers", str(path.resolve())) + _file_identity(index)[1:]
+        key = _key("diffusers", _folder_identity(path, index))
         loaded = _load(ctx, node, "model_path", self.model_path, key,
                        lambda: checkpoint.load_diffusers_folder(path, manager))
         return (loaded.model, loaded.clip, loaded.vae)

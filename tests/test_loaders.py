@@ -331,3 +331,20 @@ def test_txt2img_graph_runs_through_the_engine_on_a_tiny_checkpoint(tmp_path):
     assert result.error["node_id"] == "1"
     assert "input 'ckpt_name'" in result.error["exception_message"]
     assert "bad.safetensors" in result.error["exception_message"]
+
+
+def test_fingerprint_changes_when_the_manager_dropped_the_models(env, ctx):
+    """Cached outputs holding evicted weights must not be served: the loader's fingerprint moves on a drop."""
+    write_tiny_checkpoint(models_dir(env, "checkpoints") / "c.safetensors", "sd1")
+    write_tiny_text_encoder(models_dir(env, "clip") / "l.safetensors", "sd1", "l")
+    manager = env.services["models"]
+    checkpoint_inputs = {"ckpt_name": "c.safetensors"}
+    clip_inputs = {"clip_name": "l.safetensors", "type": "stable_diffusion"}
+    CheckpointLoaderSimple.model_construct(**checkpoint_inputs).run(ctx)
+    CLIPLoader.model_construct(**clip_inputs).run(ctx)
+    before = (CheckpointLoaderSimple.fingerprint(env, checkpoint_inputs), CLIPLoader.fingerprint(env, clip_inputs))
+    assert before == (CheckpointLoaderSimple.fingerprint(env, checkpoint_inputs),
+                      CLIPLoader.fingerprint(env, clip_inputs))  # stable while loaded
+    manager.free_all()
+    assert CheckpointLoaderSimple.fingerprint(env, checkpoint_inputs) != before[0]
+    assert CLIPLoader.fingerprint(env, clip_inputs) != before[1]

@@ -205,7 +205,9 @@ def test_free_all_forgets_everything_and_offloads():
 def test_drop_one_key():
     manager = ModelManager(device="cpu")
     manager.get_or_load("a", lambda: linear(2))
+    assert manager.times_dropped("a") == 0
     assert manager.drop("a") is True
+    assert manager.times_dropped("a") == 1
     assert manager.drop("a") is False
     assert "a" not in manager
 
