@@ -137,6 +137,19 @@ def test_model_option_hooks():
     assert unet.calls[0]["sample"].shape[0] == 2
 
 
+def test_cfg_pp_sampler_forces_the_negative_and_sees_it_through_inpainting():
+    unet = RecordingUNet(context_mean)
+    model = DiffusionModel(unet=unet, family="sd1")
+    guider = Guider(model, {"positive": [cond(1.0)], "negative": [cond(3.0)]}, 1.0)
+    sigmas = torch.tensor([2.0, 1.0])
+    x0 = torch.zeros(1, 4, 8, 8)
+    out = guider.sample(x0, x0, sampler_for_name("euler_cfg_pp"), sigmas, denoise_mask=torch.ones(1, 1, 8, 8),
+                        seed=0)
+    assert unet.calls[0]["sample"].shape[0] == 2  # cfg 1, but CFG++ needs the unguided prediction
+    # x = 0 → D = −2 (eps 1 · σ 2), D_uncond = −6: x_next = D + (x − D_u)/σ · σ_next = −2 + 3 = 1 (scaled space).
+    assert torch.allclose(out, torch.full_like(out, 1.0 / 0.18215), rtol=1e-5)
+
+
 def test_entries_average_by_strength_and_mask():
     unet = RecordingUNet(context_mean)
     mask = torch.zeros(8, 8)

@@ -13,11 +13,14 @@ from nodes.diffusion.schedules import DiscreteSchedule, calculate_sigmas, karras
 
 MU, S = 0.3, 0.5
 
-DETERMINISTIC = ["euler", "euler_cfg_pp", "heun", "heunpp2", "dpm_2", "lms", "dpmpp_2m", "ipndm", "ipndm_v", "deis", "gradient_estimation",
-                 "ddim", "uni_pc", "uni_pc_bh2"]
+DETERMINISTIC = ["euler", "euler_cfg_pp", "heun", "heunpp2", "dpm_2", "lms", "dpmpp_2m", "dpmpp_2m_cfg_pp", "ipndm",
+                 "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp", "gradient_estimation",
+                 "gradient_estimation_cfg_pp", "ddim", "uni_pc", "uni_pc_bh2"]
 STOCHASTIC = ["euler_ancestral", "euler_ancestral_cfg_pp", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde",
-              "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "ddpm"]
-SECOND_ORDER = ["heun", "dpm_2", "lms", "dpmpp_2m", "ipndm_v", "deis", "uni_pc", "uni_pc_bh2"]
+              "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "ddpm", "res_multistep_ancestral",
+              "res_multistep_ancestral_cfg_pp", "er_sde"]
+SECOND_ORDER = ["heun", "dpm_2", "lms", "dpmpp_2m", "dpmpp_2m_cfg_pp", "ipndm_v", "deis", "res_multistep", "uni_pc",
+                "uni_pc_bh2"]
 
 
 class ExactDenoiser:
@@ -73,7 +76,7 @@ def test_deterministic_samplers_follow_the_ode(name, start):
         out = SAMPLERS[name](ExactDenoiser(), x.clone(), sigmas, {"seed": 0})
         errors.append((out - exact).abs().max().item())
     assert errors[1] < 0.05, errors
-    if name != "gradient_estimation":  # extrapolates d; not monotone in the step count
+    if not name.startswith("gradient_estimation"):  # extrapolates d; not monotone in the step count
         assert errors[1] < errors[0] / 1.9, errors
     if name in SECOND_ORDER:
         assert errors[1] < 0.01 and errors[1] < errors[0] / 3.5, errors
@@ -124,7 +127,7 @@ def test_lcm_renoises_to_each_sigma():
 
 
 def test_sde_with_eta_zero_is_the_ode_solver(start):
-    from nodes.diffusion.samplers import dpmpp_2m, dpmpp_2m_sde, dpmpp_2s_ancestral, dpmpp_sde
+    from nodes.diffusion.samplers import dpmpp_2m, dpmpp_2m_sde, dpmpp_2s_ancestral, dpmpp_sde  # noqa: I001
 
     sigmas = calculate_sigmas(DiscreteSchedule(), "normal", 12)
     x = start * sigmas[0]
@@ -169,3 +172,19 @@ def test_cfg_pp_with_equal_predictions_is_euler(start):
     euler = SAMPLERS["euler"](ExactDenoiser(), x, sigmas, {})
     assert torch.allclose(SAMPLERS["euler_cfg_pp"](ExactDenoiser(), x, sigmas, {}), euler, atol=1e-5)
     assert torch.equal(SAMPLERS["ddim"](ExactDenoiser(), x, sigmas, {}), euler)
+
+
+def test_cfg_pp_samplers_step_along_the_unguided_prediction():
+    """x_next = D + (x − D_uncond)/σ · σ_next for the first (Euler) step of every CFG++ sampler."""
+    def guided(x, sigma, return_uncond=False, **_):
+        denoised, uncond = torch.full_like(x, 0.5), torch.full_like(x, -0.5)
+        return (denoised, uncond) if return_uncond else denoised
+
+    x = torch.full((1, 4, 4, 4), 10.0)
+    sigmas = torch.tensor([10.0, 4.0])
+    expected = 0.5 + (10.0 + 0.5) / 10.0 * 4.0
+    for name in ("euler_cfg_pp", "dpmpp_2m_cfg_pp", "res_multistep_cfg_pp", "gradient_estimation_cfg_pp"):
+        out = SAMPLERS[name](guided, x, sigmas, {"seed": 0})
+        assert torch.allclose(out, torch.full_like(out, expected), rtol=1e-5), name
+        plain = SAMPLERS[name.removesuffix("_cfg_pp")](guided, x, sigmas, {"seed": 0})
+        assert not torch.allclose(out, plain), name

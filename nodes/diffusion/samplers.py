@@ -20,35 +20,9 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from .noise import BrownianNoise, DeviceNoise, brownian_noise_for
-
-Callback = Callable[[int, torch.Tensor, torch.Tensor], None]
-
-
-def _ones(x: torch.Tensor) -> torch.Tensor:
-    return x.new_ones([x.shape[0]])
-
-
-def _seed(extra_args: dict) -> int | None:
-    return extra_args.get("seed")
-
-
-def _to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
-    return (x - denoised) / sigma
-
-
-def _report(callback: Callback | None, i: int, denoised: torch.Tensor, x: torch.Tensor) -> None:
-    if callback is not None:
-        callback(i, denoised, x)
-
-
-def ancestral_step(sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float = 1.0):
-    """Split the step to sigma_next into a deterministic part down to sigma_down and fresh noise sigma_up."""
-    if not eta:
-        return sigma_next, 0.0
-    sigma_up = min(sigma_next, eta * (sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2) ** 0.5)
-    sigma_down = (sigma_next ** 2 - sigma_up ** 2) ** 0.5
-    return sigma_down, sigma_up
+from .noise import DeviceNoise, brownian_noise_for
+from .sampler_steps import (Callback, ancestral_step, batch_ones, lambda_of, report, seed_of,  # noqa: F401
+                            sigma_of, to_d)
 
 
 # --- first-order and Runge-Kutta samplers --------------------------------------------------------------------
@@ -56,62 +30,63 @@ def ancestral_step(sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float = 1
 def euler(model, x, sigmas, extra_args=None, callback=None):
     extra_args = extra_args or {}
     for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i] * _ones(x), **extra_args)
-        _report(callback, i, denoised, x)
-        x = x + _to_d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
-    return x
-
-
-def euler_cfg_pp(model, x, sigmas, extra_args=None, callback=None):
-    """CFG++: step from the guided x0 along the *unguided* noise direction."""
-    extra_args = extra_args or {}
-    for i in range(len(sigmas) - 1):
-        denoised, uncond = model(x, sigmas[i] * _ones(x), return_uncond=True, **extra_args)
-        _report(callback, i, denoised, x)
-        x = denoised + _to_d(x, sigmas[i], uncond) * sigmas[i + 1]
+        denoised = model(x, sigmas[i] * batch_ones(x), **extra_args)
+        report(callback, i, denoised, x)
+        x = x + to_d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
     return x
 
 
 def euler_ancestral(model, x, sigmas, extra_args=None, callback=None, eta=1.0, s_noise=1.0, noise=None):
     extra_args = extra_args or {}
-    noise = noise or DeviceNoise(x, _seed(extra_args))
+    noise = noise or DeviceNoise(x, seed_of(extra_args))
     for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i] * _ones(x), **extra_args)
+        denoised = model(x, sigmas[i] * batch_ones(x), **extra_args)
         sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
-        _report(callback, i, denoised, x)
+        report(callback, i, denoised, x)
         if sigma_down == 0:
             x = denoised
         else:
-            d = _to_d(x, sigmas[i], denoised)
+            d = to_d(x, sigmas[i], denoised)
             x = x + d * (sigma_down - sigmas[i]) + noise(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
     return x
 
 
 def euler_ancestral_cfg_pp(model, x, sigmas, extra_args=None, callback=None, eta=1.0, s_noise=1.0, noise=None):
+    """CFG++: step from the guided x0 along the *unguided* noise direction (α = σ·e^λ kept for rounding)."""
     extra_args = extra_args or {}
-    noise = noise or DeviceNoise(x, _seed(extra_args))
+    noise = noise or DeviceNoise(x, seed_of(extra_args))
     for i in range(len(sigmas) - 1):
-        denoised, uncond = model(x, sigmas[i] * _ones(x), return_uncond=True, **extra_args)
-        sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
-        _report(callback, i, denoised, x)
-        x = denoised + _to_d(x, sigmas[i], uncond) * sigma_down
-        if sigmas[i + 1] > 0:
-            x = x + noise(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+        denoised, uncond = model(x, sigmas[i] * batch_ones(x), return_uncond=True, **extra_args)
+        report(callback, i, denoised, x)
+        if sigmas[i + 1] == 0:
+            x = denoised
+            continue
+        alpha_s = sigmas[i] * lambda_of(sigmas[i]).exp()
+        alpha_t = sigmas[i + 1] * lambda_of(sigmas[i + 1]).exp()
+        d = to_d(x, sigmas[i], alpha_s * uncond)
+        sigma_down, sigma_up = ancestral_step(sigmas[i] / alpha_s, sigmas[i + 1] / alpha_t, eta)
+        x = alpha_t * denoised + (alpha_t * sigma_down) * d
+        if eta > 0 and s_noise > 0:
+            x = x + alpha_t * noise(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
     return x
+
+
+def euler_cfg_pp(model, x, sigmas, extra_args=None, callback=None):
+    return euler_ancestral_cfg_pp(model, x, sigmas, extra_args, callback, eta=0.0, s_noise=0.0)
 
 
 def heun(model, x, sigmas, extra_args=None, callback=None):
     extra_args = extra_args or {}
     for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i] * _ones(x), **extra_args)
-        _report(callback, i, denoised, x)
-        d = _to_d(x, sigmas[i], denoised)
+        denoised = model(x, sigmas[i] * batch_ones(x), **extra_args)
+        report(callback, i, denoised, x)
+        d = to_d(x, sigmas[i], denoised)
         dt = sigmas[i + 1] - sigmas[i]
         if sigmas[i + 1] == 0:
             x = x + d * dt
         else:
             x_2 = x + d * dt
-            d_2 = _to_d(x_2, sigmas[i + 1], model(x_2, sigmas[i + 1] * _ones(x), **extra_args))
+            d_2 = to_d(x_2, sigmas[i + 1], model(x_2, sigmas[i + 1] * batch_ones(x), **extra_args))
             x = x + (d + d_2) / 2 * dt
     return x
 
@@ -121,21 +96,21 @@ def heunpp2(model, x, sigmas, extra_args=None, callback=None):
     extra_args = extra_args or {}
     sigma_end = sigmas[-1]
     for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i] * _ones(x), **extra_args)
-        _report(callback, i, denoised, x)
-        d = _to_d(x, sigmas[i], denoised)
+        denoised = model(x, sigmas[i] * batch_ones(x), **extra_args)
+        report(callback, i, denoised, x)
+        d = to_d(x, sigmas[i], denoised)
         dt = sigmas[i + 1] - sigmas[i]
         if sigmas[i + 1] == sigma_end:
             x = x + d * dt
             continue
         x_2 = x + d * dt
-        d_2 = _to_d(x_2, sigmas[i + 1], model(x_2, sigmas[i + 1] * _ones(x), **extra_args))
+        d_2 = to_d(x_2, sigmas[i + 1], model(x_2, sigmas[i + 1] * batch_ones(x), **extra_args))
         if sigmas[i + 2] == sigma_end:
             w2 = sigmas[i + 1] / (2 * sigmas[0])
             x = x + (d * (1 - w2) + d_2 * w2) * dt
         else:
             x_3 = x_2 + d_2 * (sigmas[i + 2] - sigmas[i + 1])
-            d_3 = _to_d(x_3, sigmas[i + 2], model(x_3, sigmas[i + 2] * _ones(x), **extra_args))
+            d_3 = to_d(x_3, sigmas[i + 2], model(x_3, sigmas[i + 2] * batch_ones(x), **extra_args))
             w = 3 * sigmas[0]
             w2, w3 = sigmas[i + 1] / w, sigmas[i + 2] / w
             x = x + ((1 - w2 - w3) * d + w2 * d_2 + w3 * d_3) * dt
@@ -146,97 +121,56 @@ def dpm_2(model, x, sigmas, extra_args=None, callback=None):
     """DPM-Solver-2: derivative re-evaluated at the log-midpoint sigma."""
     extra_args = extra_args or {}
     for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i] * _ones(x), **extra_args)
-        _report(callback, i, denoised, x)
-        d = _to_d(x, sigmas[i], denoised)
+        denoised = model(x, sigmas[i] * batch_ones(x), **extra_args)
+        report(callback, i, denoised, x)
+        d = to_d(x, sigmas[i], denoised)
         if sigmas[i + 1] == 0:
             x = x + d * (sigmas[i + 1] - sigmas[i])
         else:
             sigma_mid = sigmas[i].log().lerp(sigmas[i + 1].log(), 0.5).exp()
             x_2 = x + d * (sigma_mid - sigmas[i])
-            d_2 = _to_d(x_2, sigma_mid, model(x_2, sigma_mid * _ones(x), **extra_args))
+            d_2 = to_d(x_2, sigma_mid, model(x_2, sigma_mid * batch_ones(x), **extra_args))
             x = x + d_2 * (sigmas[i + 1] - sigmas[i])
     return x
 
 
 def dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, eta=1.0, s_noise=1.0, noise=None):
     extra_args = extra_args or {}
-    noise = noise or DeviceNoise(x, _seed(extra_args))
+    noise = noise or DeviceNoise(x, seed_of(extra_args))
     for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i] * _ones(x), **extra_args)
+        denoised = model(x, sigmas[i] * batch_ones(x), **extra_args)
         sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
-        _report(callback, i, denoised, x)
-        d = _to_d(x, sigmas[i], denoised)
+        report(callback, i, denoised, x)
+        d = to_d(x, sigmas[i], denoised)
         if sigma_down == 0:
             x = x + d * (sigma_down - sigmas[i])
         else:
             sigma_mid = sigmas[i].log().lerp(sigma_down.log(), 0.5).exp()
             x_2 = x + d * (sigma_mid - sigmas[i])
-            d_2 = _to_d(x_2, sigma_mid, model(x_2, sigma_mid * _ones(x), **extra_args))
+            d_2 = to_d(x_2, sigma_mid, model(x_2, sigma_mid * batch_ones(x), **extra_args))
             x = x + d_2 * (sigma_down - sigmas[i])
             x = x + noise(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
     return x
 
 
-def _lms_coefficient(order: int, sigmas, i: int, j: int) -> float:
-    """∫ over [σ_i, σ_i+1] of the Lagrange basis polynomial j through the last `order` sigmas."""
-    from scipy import integrate
-
-    def basis(tau):
-        product = 1.0
-        for k in range(order):
-            if k != j:
-                product *= (tau - sigmas[i - k]) / (sigmas[i - j] - sigmas[i - k])
-        return product
-
-    return integrate.quad(basis, sigmas[i], sigmas[i + 1], epsrel=1e-4)[0]
-
-
-def lms(model, x, sigmas, extra_args=None, callback=None, order=4):
-    extra_args = extra_args or {}
-    sigmas_cpu = sigmas.detach().cpu().numpy()
-    history: list[torch.Tensor] = []
-    for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i] * _ones(x), **extra_args)
-        history.append(_to_d(x, sigmas[i], denoised))
-        if len(history) > order:
-            history.pop(0)
-        _report(callback, i, denoised, x)
-        if sigmas[i + 1] == 0:
-            x = denoised
-        else:
-            current_order = min(i + 1, order)
-            coefficients = [_lms_coefficient(current_order, sigmas_cpu, i, j) for j in range(current_order)]
-            x = x + sum(c * d for c, d in zip(coefficients, reversed(history)))
-    return x
-
-
 # --- DPM-Solver++ family (exponential integrators in λ = −log σ) ---------------------------------------------
-
-def _sigma_of(t: torch.Tensor) -> torch.Tensor:
-    return t.neg().exp()
-
-
-def _t_of(sigma: torch.Tensor) -> torch.Tensor:
-    return sigma.log().neg()
-
 
 def dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, eta=1.0, s_noise=1.0, noise=None):
     extra_args = extra_args or {}
-    noise = noise or DeviceNoise(x, _seed(extra_args))
+    noise = noise or DeviceNoise(x, seed_of(extra_args))
     for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i] * _ones(x), **extra_args)
+        denoised = model(x, sigmas[i] * batch_ones(x), **extra_args)
         sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
-        _report(callback, i, denoised, x)
+        report(callback, i, denoised, x)
         if sigma_down == 0:
-            x = x + _to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
+            x = x + to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
         else:
-            t, t_next = _t_of(sigmas[i]), _t_of(sigma_down)
+            t, t_next = lambda_of(sigmas[i]), lambda_of(sigma_down)
             h = t_next - t
             s = t + h / 2
-            x_2 = (_sigma_of(s) / _sigma_of(t)) * x - (-h / 2).expm1() * denoised
-            denoised_2 = model(x_2, _sigma_of(s) * _ones(x), **extra_args)
-            x = (_sigma_of(t_next) / _sigma_of(t)) * x - (-h).expm1() * denoised_2
+            x_2 = (sigma_of(s) / sigma_of(t)) * x - (-h / 2).expm1() * denoised
+            denoised_2 = model(x_2, sigma_of(s) * batch_ones(x), **extra_args)
+            x = (sigma_of(t_next) / sigma_of(t)) * x - (-h).expm1() * denoised_2
         if sigmas[i + 1] > 0:
             x = x + noise(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
     return x
@@ -251,32 +185,32 @@ def dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, eta=1.0, s_noise
     if len(sigmas) <= 1:
         return x
     extra_args = extra_args or {}
-    noise = noise or brownian_noise_for(x, sigmas, _seed(extra_args), on_cpu=noise_on_cpu)
+    noise = noise or brownian_noise_for(x, sigmas, seed_of(extra_args), on_cpu=noise_on_cpu)
     inject = eta > 0 and s_noise > 0
     fac = 1 / (2 * r)
     for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i] * _ones(x), **extra_args)
-        _report(callback, i, denoised, x)
+        denoised = model(x, sigmas[i] * batch_ones(x), **extra_args)
+        report(callback, i, denoised, x)
         if sigmas[i + 1] == 0:
             x = denoised
             continue
-        lambda_s, lambda_t = _t_of(sigmas[i]), _t_of(sigmas[i + 1])
+        lambda_s, lambda_t = lambda_of(sigmas[i]), lambda_of(sigmas[i + 1])
         h = lambda_t - lambda_s
         lambda_s_1 = lambda_s + r * h
-        sigma_s_1 = _sigma_of(lambda_s_1)
+        sigma_s_1 = sigma_of(lambda_s_1)
         alpha_s = sigmas[i] * lambda_s.exp()
         alpha_s_1 = sigma_s_1 * lambda_s_1.exp()
         alpha_t = sigmas[i + 1] * lambda_t.exp()
 
-        sigma_down, sigma_up = ancestral_step(_sigma_of(lambda_s), _sigma_of(lambda_s_1), eta)
-        h_ = _t_of(sigma_down) - lambda_s
+        sigma_down, sigma_up = ancestral_step(sigma_of(lambda_s), sigma_of(lambda_s_1), eta)
+        h_ = lambda_of(sigma_down) - lambda_s
         x_2 = (alpha_s_1 / alpha_s) * (-h_).exp() * x - alpha_s_1 * (-h_).expm1() * denoised
         if inject:
             x_2 = x_2 + alpha_s_1 * noise(sigmas[i], sigma_s_1) * s_noise * sigma_up
-        denoised_2 = model(x_2, sigma_s_1 * _ones(x), **extra_args)
+        denoised_2 = model(x_2, sigma_s_1 * batch_ones(x), **extra_args)
 
-        sigma_down, sigma_up = ancestral_step(_sigma_of(lambda_s), _sigma_of(lambda_t), eta)
-        h_ = _t_of(sigma_down) - lambda_s
+        sigma_down, sigma_up = ancestral_step(sigma_of(lambda_s), sigma_of(lambda_t), eta)
+        h_ = lambda_of(sigma_down) - lambda_s
         denoised_d = (1 - fac) * denoised + fac * denoised_2
         x = (alpha_t / alpha_s) * (-h_).exp() * x - alpha_t * (-h_).expm1() * denoised_d
         if inject:
@@ -288,17 +222,36 @@ def dpmpp_2m(model, x, sigmas, extra_args=None, callback=None):
     extra_args = extra_args or {}
     old_denoised = None
     for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i] * _ones(x), **extra_args)
-        _report(callback, i, denoised, x)
-        t, t_next = _t_of(sigmas[i]), _t_of(sigmas[i + 1])
+        denoised = model(x, sigmas[i] * batch_ones(x), **extra_args)
+        report(callback, i, denoised, x)
+        t, t_next = lambda_of(sigmas[i]), lambda_of(sigmas[i + 1])
         h = t_next - t
         if old_denoised is None or sigmas[i + 1] == 0:
-            x = (_sigma_of(t_next) / _sigma_of(t)) * x - (-h).expm1() * denoised
+            x = (sigma_of(t_next) / sigma_of(t)) * x - (-h).expm1() * denoised
         else:
-            r = (t - _t_of(sigmas[i - 1])) / h
+            r = (t - lambda_of(sigmas[i - 1])) / h
             denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
-            x = (_sigma_of(t_next) / _sigma_of(t)) * x - (-h).expm1() * denoised_d
+            x = (sigma_of(t_next) / sigma_of(t)) * x - (-h).expm1() * denoised_d
         old_denoised = denoised
+    return x
+
+
+def dpmpp_2m_cfg_pp(model, x, sigmas, extra_args=None, callback=None):
+    """DPM-Solver++(2M) with CFG++: the exponential step is taken with the unguided prediction."""
+    extra_args = extra_args or {}
+    old_uncond = None
+    for i in range(len(sigmas) - 1):
+        denoised, uncond = model(x, sigmas[i] * batch_ones(x), return_uncond=True, **extra_args)
+        report(callback, i, denoised, x)
+        t, t_next = lambda_of(sigmas[i]), lambda_of(sigmas[i + 1])
+        h = t_next - t
+        if old_uncond is None or sigmas[i + 1] == 0:
+            mix = -torch.exp(-h) * uncond
+        else:
+            r = (t - lambda_of(sigmas[i - 1])) / h
+            mix = -torch.exp(-h) * uncond - torch.expm1(-h) * (1 / (2 * r)) * (denoised - old_uncond)
+        x = denoised + mix + torch.exp(-h) * x
+        old_uncond = uncond
     return x
 
 
@@ -309,15 +262,15 @@ def dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, eta=1.0, s_no
     if solver_type not in ("heun", "midpoint"):
         raise ValueError("solver_type must be 'heun' or 'midpoint'")
     extra_args = extra_args or {}
-    noise = noise or brownian_noise_for(x, sigmas, _seed(extra_args), on_cpu=noise_on_cpu)
+    noise = noise or brownian_noise_for(x, sigmas, seed_of(extra_args), on_cpu=noise_on_cpu)
     old_denoised, h, h_last = None, None, None
     for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i] * _ones(x), **extra_args)
-        _report(callback, i, denoised, x)
+        denoised = model(x, sigmas[i] * batch_ones(x), **extra_args)
+        report(callback, i, denoised, x)
         if sigmas[i + 1] == 0:
             x = denoised
         else:
-            lambda_s, lambda_t = _t_of(sigmas[i]), _t_of(sigmas[i + 1])
+            lambda_s, lambda_t = lambda_of(sigmas[i]), lambda_of(sigmas[i + 1])
             h = lambda_t - lambda_s
             h_eta = h * (eta + 1)
             alpha_t = sigmas[i + 1] * lambda_t.exp()
@@ -340,16 +293,16 @@ def dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, eta=1.0, s_no
     if len(sigmas) <= 1:
         return x
     extra_args = extra_args or {}
-    noise = noise or brownian_noise_for(x, sigmas, _seed(extra_args), on_cpu=noise_on_cpu)
+    noise = noise or brownian_noise_for(x, sigmas, seed_of(extra_args), on_cpu=noise_on_cpu)
     denoised_1 = denoised_2 = None
     h = h_1 = h_2 = None
     for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i] * _ones(x), **extra_args)
-        _report(callback, i, denoised, x)
+        denoised = model(x, sigmas[i] * batch_ones(x), **extra_args)
+        report(callback, i, denoised, x)
         if sigmas[i + 1] == 0:
             x = denoised
         else:
-            lambda_s, lambda_t = _t_of(sigmas[i]), _t_of(sigmas[i + 1])
+            lambda_s, lambda_t = lambda_of(sigmas[i]), lambda_of(sigmas[i + 1])
             h = lambda_t - lambda_s
             h_eta = h * (eta + 1)
             alpha_t = sigmas[i + 1] * lambda_t.exp()
@@ -373,7 +326,7 @@ def dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, eta=1.0, s_no
     return x
 
 
-# --- step samplers in VP space, multistep Adams, gradient estimation -----------------------------------------
+# --- step samplers in VP space -------------------------------------------------------------------------------
 
 def _ddpm_step(x_vp, sigma, sigma_next, eps, noise):
     alpha_cumprod = 1 / ((sigma * sigma) + 1)
@@ -388,10 +341,10 @@ def _ddpm_step(x_vp, sigma, sigma_next, eps, noise):
 def ddpm(model, x, sigmas, extra_args=None, callback=None, noise=None):
     """DDPM ancestral posterior step, taken on x/√(1+σ²)."""
     extra_args = extra_args or {}
-    noise = noise or DeviceNoise(x, _seed(extra_args))
+    noise = noise or DeviceNoise(x, seed_of(extra_args))
     for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i] * _ones(x), **extra_args)
-        _report(callback, i, denoised, x)
+        denoised = model(x, sigmas[i] * batch_ones(x), **extra_args)
+        report(callback, i, denoised, x)
         x = _ddpm_step(x / torch.sqrt(1.0 + sigmas[i] ** 2.0), sigmas[i], sigmas[i + 1],
                        (x - denoised) / sigmas[i], noise)
         if sigmas[i + 1] != 0:
@@ -401,95 +354,13 @@ def ddpm(model, x, sigmas, extra_args=None, callback=None, noise=None):
 
 def lcm(model, x, sigmas, extra_args=None, callback=None, noise=None):
     extra_args = extra_args or {}
-    noise = noise or DeviceNoise(x, _seed(extra_args))
+    noise = noise or DeviceNoise(x, seed_of(extra_args))
     for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i] * _ones(x), **extra_args)
-        _report(callback, i, denoised, x)
+        denoised = model(x, sigmas[i] * batch_ones(x), **extra_args)
+        report(callback, i, denoised, x)
         x = denoised
         if sigmas[i + 1] > 0:
             x = noise(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] + x
-    return x
-
-
-def ipndm(model, x, sigmas, extra_args=None, callback=None, max_order=4):
-    """Improved PNDM: Adams–Bashforth on d with fixed-step coefficients, order rising to 4."""
-    extra_args = extra_args or {}
-    history: list[torch.Tensor] = []
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma * _ones(x), **extra_args)
-        _report(callback, i, denoised, x)
-        d = (x - denoised) / sigma
-        order = min(max_order, i + 1)
-        dt = sigma_next - sigma
-        if order == 1:
-            x_next = x + dt * d
-        elif order == 2:
-            x_next = x + dt * (3 * d - history[-1]) / 2
-        elif order == 3:
-            x_next = x + dt * (23 * d - 16 * history[-1] + 5 * history[-2]) / 12
-        else:
-            x_next = x + dt * (55 * d - 59 * history[-1] + 37 * history[-2] - 9 * history[-3]) / 24
-        history = (history + [d])[-(max_order - 1):]
-        x = x_next
-    return x
-
-
-def _ipndm_v_coefficients(h: list, order: int) -> list:
-    """Variable-step Adams–Bashforth weights for [d_i, d_i−1, ...]; h[0] = σ_i+1 − σ_i, h[k] = σ_i−k+1 − σ_i−k."""
-    if order == 2:
-        return [(2 + h[0] / h[1]) / 2, -(h[0] / h[1]) / 2]
-    h0, h1, h2 = h[0], h[1], h[2]
-    temp1 = (1 - h0 / (3 * (h0 + h1)) * (h0 * (h0 + h1)) / (h1 * (h1 + h2))) / 2
-    if order == 3:
-        return [(2 + h0 / h1) / 2 + temp1, -(h0 / h1) / 2 - (1 + h1 / h2) * temp1, temp1 * h1 / h2]
-    h3 = h[3]
-    temp2 = ((1 - h0 / (3 * (h0 + h1))) / 2 + (1 - h0 / (2 * (h0 + h1))) * h0 / (6 * (h0 + h1 + h2))) \
-        * (h0 * (h0 + h1) * (h0 + h1 + h2)) / (h1 * (h1 + h2) * (h1 + h2 + h3))
-    ratio = h1 * (h1 + h2) / (h2 * (h2 + h3))
-    return [(2 + h0 / h1) / 2 + temp1 + temp2,
-            -(h0 / h1) / 2 - (1 + h1 / h2) * temp1 - (1 + h1 / h2 + ratio) * temp2,
-            temp1 * h1 / h2 + (h1 / h2 + ratio * (1 + h2 / h3)) * temp2,
-            -temp2 * ratio * h1 / h2]
-
-
-def ipndm_v(model, x, sigmas, extra_args=None, callback=None, max_order=4):
-    """iPNDM with variable-step coefficients (exact Adams–Bashforth weights for uneven sigma spacing)."""
-    extra_args = extra_args or {}
-    history: list[torch.Tensor] = []
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma * _ones(x), **extra_args)
-        _report(callback, i, denoised, x)
-        d = (x - denoised) / sigma
-        order = min(max_order, i + 1)
-        if order == 1:
-            x_next = x + (sigma_next - sigma) * d
-        else:
-            steps = [sigma_next - sigma] + [sigmas[i - k] - sigmas[i - k - 1] for k in range(order - 1)]
-            weights = _ipndm_v_coefficients(steps, order)
-            combined = weights[0] * d
-            for k in range(1, order):
-                combined = combined + weights[k] * history[-k]
-            x_next = x + (sigma_next - sigma) * combined
-        history = (history + [d])[-(max_order - 1):]
-        x = x_next
-    return x
-
-
-def gradient_estimation(model, x, sigmas, extra_args=None, callback=None, ge_gamma=2.0):
-    extra_args = extra_args or {}
-    old_d = None
-    for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i] * _ones(x), **extra_args)
-        _report(callback, i, denoised, x)
-        d = _to_d(x, sigmas[i], denoised)
-        dt = sigmas[i + 1] - sigmas[i]
-        if old_d is None:
-            x = x + d * dt
-        else:
-            x = x + (ge_gamma * d + (1 - ge_gamma) * old_d) * dt
-        old_d = d
     return x
 
 
@@ -512,7 +383,7 @@ class Sampler:
 
 
 def _build_registry() -> Mapping[str, Sampler]:
-    from . import solvers
+    from . import multistep, solvers
 
     on_device = {"noise_on_cpu": False}
     entries = [
@@ -524,11 +395,12 @@ def _build_registry() -> Mapping[str, Sampler]:
         Sampler("heunpp2", heunpp2),
         Sampler("dpm_2", dpm_2, drops_penultimate=True),
         Sampler("dpm_2_ancestral", dpm_2_ancestral, drops_penultimate=True),
-        Sampler("lms", lms),
+        Sampler("lms", multistep.lms),
         Sampler("dpmpp_2s_ancestral", dpmpp_2s_ancestral),
         Sampler("dpmpp_sde", dpmpp_sde),
         Sampler("dpmpp_sde_gpu", dpmpp_sde, on_device),
         Sampler("dpmpp_2m", dpmpp_2m),
+        Sampler("dpmpp_2m_cfg_pp", dpmpp_2m_cfg_pp),
         Sampler("dpmpp_2m_sde", dpmpp_2m_sde),
         Sampler("dpmpp_2m_sde_gpu", dpmpp_2m_sde, on_device),
         Sampler("dpmpp_2m_sde_heun", dpmpp_2m_sde, {"solver_type": "heun"}),
@@ -537,10 +409,16 @@ def _build_registry() -> Mapping[str, Sampler]:
         Sampler("dpmpp_3m_sde_gpu", dpmpp_3m_sde, on_device),
         Sampler("ddpm", ddpm),
         Sampler("lcm", lcm),
-        Sampler("ipndm", ipndm),
-        Sampler("ipndm_v", ipndm_v),
+        Sampler("ipndm", multistep.ipndm),
+        Sampler("ipndm_v", multistep.ipndm_v),
         Sampler("deis", solvers.deis),
-        Sampler("gradient_estimation", gradient_estimation),
+        Sampler("res_multistep", multistep.res_multistep, {"eta": 0.0}),
+        Sampler("res_multistep_cfg_pp", multistep.res_multistep, {"eta": 0.0, "cfg_pp": True}),
+        Sampler("res_multistep_ancestral", multistep.res_multistep),
+        Sampler("res_multistep_ancestral_cfg_pp", multistep.res_multistep, {"cfg_pp": True}),
+        Sampler("gradient_estimation", multistep.gradient_estimation),
+        Sampler("gradient_estimation_cfg_pp", multistep.gradient_estimation, {"cfg_pp": True}),
+        Sampler("er_sde", multistep.er_sde),
         Sampler("ddim", euler, inpaint_random_noise=True),
         Sampler("uni_pc", solvers.uni_pc, {"variant": "bh1"}, drops_penultimate=True),
         Sampler("uni_pc_bh2", solvers.uni_pc, {"variant": "bh2"}, drops_penultimate=True),
