@@ -43,6 +43,16 @@ def _file_identity(path: Path) -> tuple[str, int, int]:
     return str(path.resolve()), stat.st_size, stat.st_mtime_ns
 
 
+def _key(kind: str, identity: tuple, *options: Any) -> tuple:
+    """The memory manager's key for what a loader builds from a file (identity = path, size, mtime)."""
+    return (kind, *options, *identity)
+
+
+def _folder_identity(path: Path, index: Path) -> tuple[str, int, int]:
+    stat = index.stat()
+    return str(path.resolve()), stat.st_size, stat.st_mtime_ns
+
+
 def _find(env: Any, folder: str, name: Any) -> Path | None:
     if env is None or not isinstance(name, str):
         return None
@@ -71,16 +81,6 @@ def _fingerprint(env: Any, folder: str, name: Any, kind: str, *options: Any) -> 
     else:
         identity = _file_identity(path)
     return [identity[1:], _times_dropped(env, _key(kind, identity, *options))]
-
-
-def _key(kind: str, identity: tuple, *options: Any) -> tuple:
-    """The memory manager's key for what a loader builds from a file (identity = path, size, mtime)."""
-    return (kind, *options, *identity)
-
-
-def _folder_identity(path: Path, index: Path) -> tuple[str, int, int]:
-    stat = index.stat()
-    return str(path.resolve()), stat.st_size, stat.st_mtime_ns
 
 
 def _locate(ctx: Any, node: str, input_name: str, folder: str, name: str) -> Path:
