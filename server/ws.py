@@ -23,7 +23,9 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from engine.events import Event, Progress
 
 log = logging.getLogger("latentloom.server")
+# A client this far behind is disconnected (it reconnects and gets a fresh status) rather than buffered forever.
 OUTBOX_LIMIT = 10_000
+OUTBOX_BYTES = 64 * 1024 * 1024
 PREVIEW_IMAGE = 1
 PREVIEW_IMAGE_WITH_METADATA = 4
 PREVIEW_FORMATS = {"image/jpeg": 1, "image/png": 2}
@@ -37,19 +39,21 @@ class Client:
         self.websocket = websocket
         self.client_id = client_id
         self.outbox: asyncio.Queue = asyncio.Queue(OUTBOX_LIMIT)
+        self.queued_bytes = 0
         self.flags: dict[str, Any] = {}
         self.wants_logs = False
         self.writer: asyncio.Task | None = None
         self.closed = False
 
     def push(self, message: str | bytes) -> bool:
-        if self.closed:
+        if self.closed or self.queued_bytes + len(message) > OUTBOX_BYTES:
             return False
         try:
             self.outbox.put_nowait(message)
-            return True
         except asyncio.QueueFull:
             return False
+        self.queued_bytes += len(message)
+        return True
 
     async def write(self) -> None:
         try:
@@ -59,6 +63,7 @@ class Client:
                     await self.websocket.send_bytes(message)
                 else:
                     await self.websocket.send_text(message)
+                self.queued_bytes -= len(message)
         except (WebSocketDisconnect, RuntimeError, OSError, asyncio.CancelledError):
             self.closed = True
         except Exception:
@@ -172,9 +177,19 @@ class Hub:
     def _drop(self, client: Client) -> None:
         if self.clients.get(client.client_id) is client:
             del self.clients[client.client_id]
+        if not client.closed:
+            log.warning("websocket client %s fell too far behind and was disconnected", client.client_id)
         client.closed = True
         if client.writer is not None:
             client.writer.cancel()
+        asyncio.ensure_future(self._close_quietly(client))
+
+    @staticmethod
+    async def _close_quietly(client: Client) -> None:
+        try:
+            await client.websocket.close(code=1013)
+        except Exception:
+            pass
 
     def set_log_subscription(self, client_id: str, enabled: bool) -> bool:
         client = self.clients.get(client_id)
@@ -189,9 +204,8 @@ class Hub:
         client_id = websocket.query_params.get("clientId") or uuid.uuid4().hex
         await websocket.accept()
         client = Client(websocket, client_id)
-        previous = self.clients.get(client_id)
-        if previous is not None:
-            self._drop(previous)  # the newest socket with an id owns it
+        # The newest socket with an id owns it. The older one stays open but gets nothing more: closing it would
+        # make two tabs sharing an id (a duplicated tab) reconnect in turn forever.
         self.clients[client_id] = client
         client.writer = asyncio.create_task(client.write())
         client.push(encode("status", self.status_data(sid=client_id)))
@@ -232,8 +246,8 @@ class Hub:
 
     async def close_all(self) -> None:
         for client in list(self.clients.values()):
-            self._drop(client)
-            try:
-                await client.websocket.close()
-            except Exception:
-                pass
+            client.closed = True
+            if client.writer is not None:
+                client.writer.cancel()
+            await self._close_quietly(client)
+        self.clients.clear()

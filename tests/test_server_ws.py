@@ -4,14 +4,36 @@ and interrupt; routing to the submitting client only; binary previews; 20 client
 from __future__ import annotations
 
 import asyncio
+import base64
+import os
+import socket
 import json
 import struct
+import time
+from typing import Annotated, Any
 
 import httpx
 import pytest
 from websockets.asyncio.client import connect
 
+from engine.node import Node
+from engine.types import FLOAT, Int, Output, Socket
 from tests.server_support import const_graph, fail_graph, live_server, make_app, read_until_done, steps_graph
+
+
+class BigPreview(Node):
+    """Progress with 256 KiB previews (enough to fill a stalled socket's buffers)."""
+
+    category = "test"
+    outputs = (Output(FLOAT),)
+    value: Annotated[Any, Socket(FLOAT)]
+    steps: Annotated[int, Int(min=1, max=1000)] = 10
+
+    def run(self, ctx):
+        for step in range(self.steps):
+            time.sleep(0.005)  # a (very fast) sampler step
+            ctx.progress(step + 1, self.steps, preview=("image/jpeg", bytes(256 * 1024)))
+        return (self.value,)
 
 
 @pytest.fixture()
@@ -258,3 +280,44 @@ def test_twenty_clients_ten_prompts_each_are_isolated(server):
             assert all(entry["status"]["completed"] for entry in history.values())
 
     asyncio.run(scenario())
+
+
+def stalled_socket(base: str, client_id: str) -> socket.socket:
+    """A websocket handshake on a raw socket with a tiny receive buffer, which then never reads."""
+    host, port = base.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, int(port)))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall((f"GET /ws?clientId={client_id} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    return sock
+
+
+def test_a_stalled_client_does_not_block_the_others(tmp_path, monkeypatch):
+    """A client that stops reading fills its own outbox and is cut off; everyone else keeps receiving."""
+    from server import ws as ws_module
+
+    monkeypatch.setattr(ws_module, "OUTBOX_BYTES", 2 * 1024 * 1024)
+    big_preview_graph = {"1": {"class_type": "Const", "inputs": {"value": 1.0}},
+                         "2": {"class_type": "BigPreview", "inputs": {"value": ["1", 0], "steps": 200}},
+                         "3": {"class_type": "Collect", "inputs": {"value": ["2", 0]}}}
+    app = make_app(tmp_path)
+    app.state.server.engine.registry.register(BigPreview)
+    with live_server(app) as base:
+        async def scenario():
+            async with httpx.AsyncClient(base_url=base) as http:
+                stalled = stalled_socket(base, "stalled")
+                healthy = await connected(base, "healthy")
+                # No client_id: previews are broadcast to every socket, the stalled one included.
+                noisy = await submit(http, big_preview_graph, None)
+                mine = await submit(http, const_graph(7.0), "healthy")
+                async with asyncio.timeout(30):
+                    messages = await read_until_done(healthy, mine)
+                assert ("execution_success", None) in summary(messages)
+                assert (await http.get(f"/history/{noisy}")).json()[noisy]["status"]["completed"]
+                assert "stalled" not in app.state.server.hub.clients
+                stalled.close()
+                await healthy.close()
+
+        asyncio.run(scenario())
