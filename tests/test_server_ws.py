@@ -309,8 +309,8 @@ def test_a_stalled_client_does_not_block_the_others(tmp_path, monkeypatch):
             async with httpx.AsyncClient(base_url=base) as http:
                 stalled = stalled_socket(base, "stalled")
                 healthy = await connected(base, "healthy")
-                # No client_id: previews are broadcast to every socket, the stalled one included.
-                noisy = await submit(http, big_preview_graph, None)
+                # The stalled client's own prompt floods it with previews.
+                noisy = await submit(http, big_preview_graph, "stalled")
                 mine = await submit(http, const_graph(7.0), "healthy")
                 async with asyncio.timeout(30):
                     messages = await read_until_done(healthy, mine)
