@@ -93,7 +93,8 @@ def _progress_callback(ctx: Any, model: DiffusionModel, x0_sink: dict | None = N
         if x0_sink is not None:
             x0_sink["x0"] = denoised
         jpeg = preview_jpeg(denoised, model.latent_format)
-        ctx.progress(step + 1, total, ("image/jpeg", jpeg) if jpeg is not None else None)
+        # dpm_adaptive takes as many steps as it needs: keep the bar within its total.
+        ctx.progress(min(step + 1, total), total, ("image/jpeg", jpeg) if jpeg is not None else None)
     return report
 
 

@@ -18,7 +18,7 @@ DETERMINISTIC = ["euler", "euler_cfg_pp", "heun", "heunpp2", "dpm_2", "lms", "dp
                  "gradient_estimation_cfg_pp", "ddim", "uni_pc", "uni_pc_bh2"]
 STOCHASTIC = ["euler_ancestral", "euler_ancestral_cfg_pp", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde",
               "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "ddpm", "res_multistep_ancestral",
-              "res_multistep_ancestral_cfg_pp", "er_sde"]
+              "res_multistep_ancestral_cfg_pp", "er_sde", "seeds_2", "seeds_3", "dpmpp_2s_ancestral_cfg_pp"]
 SECOND_ORDER = ["heun", "dpm_2", "lms", "dpmpp_2m", "dpmpp_2m_cfg_pp", "ipndm_v", "deis", "res_multistep", "uni_pc",
                 "uni_pc_bh2"]
 
@@ -188,3 +188,44 @@ def test_cfg_pp_samplers_step_along_the_unguided_prediction():
         assert torch.allclose(out, torch.full_like(out, expected), rtol=1e-5), name
         plain = SAMPLERS[name.removesuffix("_cfg_pp")](guided, x, sigmas, {"seed": 0})
         assert not torch.allclose(out, plain), name
+
+
+def test_dpm_solver_steps_have_orders_one_to_three(start):
+    from nodes.diffusion.dpm_solver import _Solver
+
+    solver = _Solver(ExactDenoiser(), {}, None)
+    x = (start * 14.6).double()
+    a, b = torch.tensor(14.6, dtype=torch.float64), torch.tensor(0.5, dtype=torch.float64)
+    exact = ode_solution(x, a, b)
+    for order, step in ((1, solver.step_1), (2, solver.step_2), (3, solver.step_3)):
+        errors = []
+        for count in (4, 8):
+            ts = torch.linspace(float(-a.log()), float(-b.log()), count + 1, dtype=torch.float64)
+            y = x
+            for i in range(count):
+                y = step(y, ts[i], ts[i + 1], {})
+            errors.append((y - exact).abs().max().item())
+        assert errors[0] / errors[1] > 2 ** order * 0.85, (order, errors)
+
+
+def test_dpm_fast_and_adaptive_end_at_the_last_nonzero_sigma(start):
+    sigmas = karras_sigmas(20, 0.5, 14.6)  # ends 0.5, 0
+    x = start * sigmas[0]
+    exact = ode_solution(x, sigmas[0], 0.5)
+    model = ExactDenoiser()
+    fast = SAMPLERS["dpm_fast"](model, x, sigmas, {})
+    assert model.calls == 20  # the step count is the evaluation budget
+    assert (fast - exact).abs().max().item() < 0.03
+    adaptive = SAMPLERS["dpm_adaptive"](ExactDenoiser(), x, sigmas, {})
+    assert (adaptive - exact).abs().max().item() < 0.1
+
+
+@pytest.mark.parametrize("name", ["seeds_2", "seeds_3"])
+def test_seeds_without_noise_solve_the_ode(name, start):
+    from nodes.diffusion import samplers
+
+    x = start * 14.6
+    exact = ode_solution(x, 14.6, 0.5)
+    errors = [(getattr(samplers, name)(ExactDenoiser(), x, karras_sigmas(n, 0.5, 14.6)[:-1], eta=0.0) - exact)
+              .abs().max().item() for n in (4, 8)]
+    assert errors[1] < errors[0] / 3.5 and errors[1] < 0.05, errors

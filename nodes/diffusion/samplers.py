@@ -176,6 +176,29 @@ def dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, eta=1.0
     return x
 
 
+def dpmpp_2s_ancestral_cfg_pp(model, x, sigmas, extra_args=None, callback=None, eta=1.0, s_noise=1.0, noise=None):
+    """DPM-Solver++(2S) ancestral with CFG++: x is shifted by (D − D_uncond) before each exponential step."""
+    extra_args = extra_args or {}
+    noise = noise or DeviceNoise(x, seed_of(extra_args))
+    for i in range(len(sigmas) - 1):
+        denoised, uncond = model(x, sigmas[i] * batch_ones(x), return_uncond=True, **extra_args)
+        sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        report(callback, i, denoised, x)
+        if sigma_down == 0:
+            x = denoised + to_d(x, sigmas[i], uncond) * sigma_down
+        else:
+            t, t_next = lambda_of(sigmas[i]), lambda_of(sigma_down)
+            h = t_next - t
+            s = t + h / 2
+            shifted = x + (denoised - uncond)
+            x_2 = (sigma_of(s) / sigma_of(t)) * shifted - (-h / 2).expm1() * denoised
+            denoised_2 = model(x_2, sigma_of(s) * batch_ones(x), **extra_args)
+            x = (sigma_of(t_next) / sigma_of(t)) * shifted - (-h).expm1() * denoised_2
+        if sigmas[i + 1] > 0:
+            x = x + noise(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+    return x
+
+
 def dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, eta=1.0, s_noise=1.0, noise=None, r=0.5,
               noise_on_cpu=True):
     """DPM-Solver++ SDE: two evaluations per step (at ratio r in λ), Brownian-tree noise.
@@ -326,6 +349,103 @@ def dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, eta=1.0, s_no
     return x
 
 
+# --- SEEDS (stochastic explicit exponential derivative-free solvers, arXiv 2305.14267) -----------------------
+
+def _h_phi_1(h: torch.Tensor) -> torch.Tensor:
+    return torch.expm1(h)
+
+
+def _h_phi_2(h: torch.Tensor) -> torch.Tensor:
+    return (torch.expm1(h) - h) / h
+
+
+def seeds_2(model, x, sigmas, extra_args=None, callback=None, eta=1.0, s_noise=1.0, noise=None, r=0.5,
+            solver_type="phi_1"):
+    if solver_type not in ("phi_1", "phi_2"):
+        raise ValueError("solver_type must be 'phi_1' or 'phi_2'")
+    extra_args = extra_args or {}
+    noise = noise or DeviceNoise(x, seed_of(extra_args))
+    inject = eta > 0 and s_noise > 0
+    fac = 1 / (2 * r)
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * batch_ones(x), **extra_args)
+        report(callback, i, denoised, x)
+        if sigmas[i + 1] == 0:
+            x = denoised
+            continue
+        lambda_s, lambda_t = lambda_of(sigmas[i]), lambda_of(sigmas[i + 1])
+        h = lambda_t - lambda_s
+        h_eta = h * (eta + 1)
+        lambda_s_1 = torch.lerp(lambda_s, lambda_t, r)
+        sigma_s_1 = sigma_of(lambda_s_1)
+        alpha_s_1 = sigma_s_1 * lambda_s_1.exp()
+        alpha_t = sigmas[i + 1] * lambda_t.exp()
+
+        x_2 = sigma_s_1 / sigmas[i] * (-r * h * eta).exp() * x - alpha_s_1 * _h_phi_1(-r * h_eta) * denoised
+        if inject:
+            sde_noise = (-2 * r * h * eta).expm1().neg().sqrt() * noise(sigmas[i], sigma_s_1)
+            x_2 = x_2 + sde_noise * sigma_s_1 * s_noise
+        denoised_2 = model(x_2, sigma_s_1 * batch_ones(x), **extra_args)
+
+        if solver_type == "phi_1":
+            denoised_d = torch.lerp(denoised, denoised_2, fac)
+            x = sigmas[i + 1] / sigmas[i] * (-h * eta).exp() * x - alpha_t * _h_phi_1(-h_eta) * denoised_d
+        else:
+            b2 = _h_phi_2(-h_eta) / r
+            b1 = _h_phi_1(-h_eta) - b2
+            x = sigmas[i + 1] / sigmas[i] * (-h * eta).exp() * x - alpha_t * (b1 * denoised + b2 * denoised_2)
+        if inject:
+            segment = (r - 1) * h * eta
+            sde_noise = sde_noise * segment.exp() + segment.mul(2).expm1().neg().sqrt() * noise(sigma_s_1, sigmas[i + 1])
+            x = x + sde_noise * sigmas[i + 1] * s_noise
+    return x
+
+
+def seeds_3(model, x, sigmas, extra_args=None, callback=None, eta=1.0, s_noise=1.0, noise=None, r_1=1.0 / 3,
+            r_2=2.0 / 3):
+    extra_args = extra_args or {}
+    noise = noise or DeviceNoise(x, seed_of(extra_args))
+    inject = eta > 0 and s_noise > 0
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * batch_ones(x), **extra_args)
+        report(callback, i, denoised, x)
+        if sigmas[i + 1] == 0:
+            x = denoised
+            continue
+        lambda_s, lambda_t = lambda_of(sigmas[i]), lambda_of(sigmas[i + 1])
+        h = lambda_t - lambda_s
+        h_eta = h * (eta + 1)
+        lambda_s_1, lambda_s_2 = torch.lerp(lambda_s, lambda_t, r_1), torch.lerp(lambda_s, lambda_t, r_2)
+        sigma_s_1, sigma_s_2 = sigma_of(lambda_s_1), sigma_of(lambda_s_2)
+        alpha_s_1 = sigma_s_1 * lambda_s_1.exp()
+        alpha_s_2 = sigma_s_2 * lambda_s_2.exp()
+        alpha_t = sigmas[i + 1] * lambda_t.exp()
+
+        x_2 = sigma_s_1 / sigmas[i] * (-r_1 * h * eta).exp() * x - alpha_s_1 * _h_phi_1(-r_1 * h_eta) * denoised
+        if inject:
+            sde_noise = (-2 * r_1 * h * eta).expm1().neg().sqrt() * noise(sigmas[i], sigma_s_1)
+            x_2 = x_2 + sde_noise * sigma_s_1 * s_noise
+        denoised_2 = model(x_2, sigma_s_1 * batch_ones(x), **extra_args)
+
+        a3_2 = r_2 / r_1 * _h_phi_2(-r_2 * h_eta)
+        a3_1 = _h_phi_1(-r_2 * h_eta) - a3_2
+        x_3 = sigma_s_2 / sigmas[i] * (-r_2 * h * eta).exp() * x - alpha_s_2 * (a3_1 * denoised + a3_2 * denoised_2)
+        if inject:
+            segment = (r_1 - r_2) * h * eta
+            sde_noise = sde_noise * segment.exp() + segment.mul(2).expm1().neg().sqrt() * noise(sigma_s_1, sigma_s_2)
+            x_3 = x_3 + sde_noise * sigma_s_2 * s_noise
+        denoised_3 = model(x_3, sigma_s_2 * batch_ones(x), **extra_args)
+
+        b3 = _h_phi_2(-h_eta) / r_2
+        b1 = _h_phi_1(-h_eta) - b3
+        x = sigmas[i + 1] / sigmas[i] * (-h * eta).exp() * x - alpha_t * (b1 * denoised + b3 * denoised_3)
+        if inject:
+            segment = (r_2 - 1) * h * eta
+            sde_noise = sde_noise * segment.exp() + segment.mul(2).expm1().neg().sqrt() * noise(sigma_s_2, sigmas[i + 1])
+            x = x + sde_noise * sigmas[i + 1] * s_noise
+    return x
+
+
 # --- step samplers in VP space -------------------------------------------------------------------------------
 
 def _ddpm_step(x_vp, sigma, sigma_next, eps, noise):
@@ -383,7 +503,7 @@ class Sampler:
 
 
 def _build_registry() -> Mapping[str, Sampler]:
-    from . import multistep, solvers
+    from . import dpm_solver, multistep, solvers
 
     on_device = {"noise_on_cpu": False}
     entries = [
@@ -396,7 +516,10 @@ def _build_registry() -> Mapping[str, Sampler]:
         Sampler("dpm_2", dpm_2, drops_penultimate=True),
         Sampler("dpm_2_ancestral", dpm_2_ancestral, drops_penultimate=True),
         Sampler("lms", multistep.lms),
+        Sampler("dpm_fast", dpm_solver.dpm_fast),
+        Sampler("dpm_adaptive", dpm_solver.dpm_adaptive),
         Sampler("dpmpp_2s_ancestral", dpmpp_2s_ancestral),
+        Sampler("dpmpp_2s_ancestral_cfg_pp", dpmpp_2s_ancestral_cfg_pp),
         Sampler("dpmpp_sde", dpmpp_sde),
         Sampler("dpmpp_sde_gpu", dpmpp_sde, on_device),
         Sampler("dpmpp_2m", dpmpp_2m),
@@ -419,6 +542,8 @@ def _build_registry() -> Mapping[str, Sampler]:
         Sampler("gradient_estimation", multistep.gradient_estimation),
         Sampler("gradient_estimation_cfg_pp", multistep.gradient_estimation, {"cfg_pp": True}),
         Sampler("er_sde", multistep.er_sde),
+        Sampler("seeds_2", seeds_2),
+        Sampler("seeds_3", seeds_3),
         Sampler("ddim", euler, inpaint_random_noise=True),
         Sampler("uni_pc", solvers.uni_pc, {"variant": "bh1"}, drops_penultimate=True),
         Sampler("uni_pc_bh2", solvers.uni_pc, {"variant": "bh2"}, drops_penultimate=True),
