@@ -16,7 +16,7 @@ from engine.types import CONDITIONING, CONTROL_NET, IMAGE, MODEL, VAE, Combo, Fl
 
 from .diffusion.controlnet import ControlNet, load_controlnet
 from .diffusion.models import DiffusionModel
-from .loaders import _choices, _file_identity, _fingerprint, _load, _locate, _manager
+from .loaders import _choices, _file_identity, _fingerprint, _key, _load, _locate, _manager
 
 STRENGTH = Float(min=0.0, max=10.0, step=0.01)
 PERCENT = Float(min=0.0, max=1.0, step=0.001)
@@ -51,13 +51,13 @@ class ControlNetLoader(Node):
 
     @classmethod
     def fingerprint(cls, env, constants):
-        return _fingerprint(env, "controlnet", constants.get("control_net_name"))
+        return _fingerprint(env, "controlnet", constants.get("control_net_name"), "controlnet")
 
     def run(self, ctx):
         node = type(self).__name__
         path = _locate(ctx, node, "control_net_name", "controlnet", self.control_net_name)
         manager = _manager(ctx)
-        net = _load(ctx, node, "control_net_name", self.control_net_name, ("controlnet",) + _file_identity(path),
+        net = _load(ctx, node, "control_net_name", self.control_net_name, _key("controlnet", _file_identity(path)),
                     lambda: load_controlnet(path, manager))
         return (net,)
 
@@ -71,7 +71,8 @@ class DiffControlNetLoader(Node):
 
     @classmethod
     def fingerprint(cls, env, constants):
-        return _fingerprint(env, "controlnet", constants.get("control_net_name"))
+        # The base model is a link, so its part of the key cannot be known here; file changes still count.
+        return _fingerprint(env, "controlnet", constants.get("control_net_name"), "diff_controlnet")
 
     def run(self, ctx):
         node = type(self).__name__
@@ -80,7 +81,7 @@ class DiffControlNetLoader(Node):
         path = _locate(ctx, node, "control_net_name", "controlnet", self.control_net_name)
         manager = _manager(ctx)
         # A diff ControlNet's weights depend on the base model, so the model's identity is part of the key.
-        key = ("controlnet", id(self.model.unet), self.model.source) + _file_identity(path)
+        key = _key("diff_controlnet", _file_identity(path), id(self.model.unet), self.model.source)
         net = _load(ctx, node, "control_net_name", self.control_net_name, key,
                     lambda: load_controlnet(path, manager, base_model=self.model))
         return (net,)

@@ -20,7 +20,7 @@ from .diffusion import lora as lora_math
 from .diffusion.checkpoint import read_state_dict
 from .diffusion.clip import ClipModel
 from .diffusion.models import DiffusionModel
-from .loaders import _choices, _file_identity, _fingerprint, _load, _locate, _manager
+from .loaders import _choices, _file_identity, _fingerprint, _key, _load, _locate, _manager
 
 # Spellings of text-encoder keys: ignored (not "unmatched") when there is no CLIP to patch.
 TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder", "text_encoders.", "lora_prior_te")
@@ -55,7 +55,7 @@ def read_lora_file(path: Path) -> LoraTensors:
 
 def load_lora(ctx: Any, node: str, lora_name: str) -> LoraTensors:
     path = _locate(ctx, node, "lora_name", "loras", lora_name)
-    return _load(ctx, node, "lora_name", lora_name, ("lora",) + _file_identity(path), lambda: read_lora_file(path))
+    return _load(ctx, node, "lora_name", lora_name, _key("lora", _file_identity(path)), lambda: read_lora_file(path))
 
 
 def _shown(keys: list[str]) -> str:
@@ -123,7 +123,7 @@ class LoraLoader(Node):
 
     @classmethod
     def fingerprint(cls, env, constants):
-        return _fingerprint(env, "loras", constants.get("lora_name"))
+        return _fingerprint(env, "loras", constants.get("lora_name"), "lora")
 
     def run(self, ctx):
         node = type(self).__name__
@@ -147,7 +147,7 @@ class LoraLoaderModelOnly(Node):
 
     @classmethod
     def fingerprint(cls, env, constants):
-        return _fingerprint(env, "loras", constants.get("lora_name"))
+        return _fingerprint(env, "loras", constants.get("lora_name"), "lora")
 
     def run(self, ctx):
         node = type(self).__name__

@@ -90,7 +90,8 @@ def test_embedding_weights_and_tokens(env, ctx):
     vectors = torch.randn((3, 32))
     save_safetensors({"emb_params": vectors}, folder(env) / "three.safetensors")
     tokens = clip.tokenize("x (embedding:three:1.3) y", resolve_embedding=env.services["embeddings"])["l"][0]
-    injected = [(position, weight) for position, (token, weight) in enumerate(tokens) if isinstance(token, torch.Tensor)]
+    injected = [(position, weight) for position, (token, weight) in enumerate(tokens)
+                if isinstance(token, torch.Tensor)]
     assert [p for p, _ in injected] == [2, 3, 4] and all(w == pytest.approx(1.3) for _, w in injected)
     assert torch.equal(torch.stack([tokens[p][0] for p, _ in injected]), vectors)
 
