@@ -321,3 +321,42 @@ def test_a_stalled_client_does_not_block_the_others(tmp_path, monkeypatch):
                 await healthy.close()
 
         asyncio.run(scenario())
+
+
+def test_reconnect_during_run_is_told_the_running_node(server):
+    async def scenario():
+        async with httpx.AsyncClient(base_url=server) as http:
+            first = await connected(server, "again")
+            prompt_id = await submit(http, steps_graph(steps=100, pause=0.02), "again")
+            while True:
+                message = json.loads(await first.recv())
+                if message["type"] == "progress":
+                    break
+            await first.close()
+            second = await connect(ws_url(server, "again"))
+            hello = [json.loads(await second.recv()) for _ in range(2)]
+            assert hello[0]["type"] == "status" and hello[0]["data"]["sid"] == "again"
+            assert hello[1] == {"type": "executing", "data": {"node": "2", "display_node": "2",
+                                                              "prompt_id": prompt_id}}
+            await http.post("/interrupt")
+            await read_until_done(second, prompt_id)
+            await second.close()
+
+    asyncio.run(scenario())
+
+
+def test_log_subscription_streams_log_lines(server):
+    import logging
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=server) as http:
+            ws = await connected(server, "logger")
+            response = await http.patch("/internal/logs/subscribe", json={"clientId": "logger", "enabled": True})
+            assert response.status_code == 200
+            logging.getLogger("latentloom.test").warning("streamed line")
+            message = json.loads(await asyncio.wait_for(ws.recv(), 5))
+            assert message["type"] == "logs"
+            assert message["data"]["entries"][0]["m"].startswith("streamed line")
+            await ws.close()
+
+    asyncio.run(scenario())
