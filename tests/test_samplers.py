@@ -18,7 +18,8 @@ DETERMINISTIC = ["euler", "euler_cfg_pp", "heun", "heunpp2", "dpm_2", "lms", "dp
                  "gradient_estimation_cfg_pp", "ddim", "uni_pc", "uni_pc_bh2"]
 STOCHASTIC = ["euler_ancestral", "euler_ancestral_cfg_pp", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde",
               "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "ddpm", "res_multistep_ancestral",
-              "res_multistep_ancestral_cfg_pp", "er_sde", "seeds_2", "seeds_3", "dpmpp_2s_ancestral_cfg_pp"]
+              "res_multistep_ancestral_cfg_pp", "er_sde", "seeds_2", "seeds_3", "dpmpp_2s_ancestral_cfg_pp",
+              "sa_solver", "sa_solver_pece"]
 SECOND_ORDER = ["heun", "dpm_2", "lms", "dpmpp_2m", "dpmpp_2m_cfg_pp", "ipndm_v", "deis", "res_multistep", "uni_pc",
                 "uni_pc_bh2"]
 
@@ -58,6 +59,7 @@ def test_names_in_comfy_order():
     assert required <= set(SAMPLER_NAMES)
     assert SAMPLER_NAMES[:5] == ("euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "heun")
     assert SAMPLER_NAMES[-3:] == ("ddim", "uni_pc", "uni_pc_bh2")
+    assert len(SAMPLER_NAMES) == 42  # every name ComfyUI lists (KSAMPLER_NAMES + ddim, uni_pc, uni_pc_bh2)
     assert set(SAMPLER_NAMES) == set(SAMPLERS)
     drops = {name for name in SAMPLER_NAMES if SAMPLERS[name].drops_penultimate}
     assert drops == {"dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2"}
@@ -229,3 +231,14 @@ def test_seeds_without_noise_solve_the_ode(name, start):
     errors = [(getattr(samplers, name)(ExactDenoiser(), x, karras_sigmas(n, 0.5, 14.6)[:-1], eta=0.0) - exact)
               .abs().max().item() for n in (4, 8)]
     assert errors[1] < errors[0] / 3.5 and errors[1] < 0.05, errors
+
+
+@pytest.mark.parametrize("use_pece", [False, True])
+def test_sa_solver_without_noise_is_a_high_order_ode_solver(use_pece, start):
+    from nodes.diffusion.sa_solver import sa_solver
+
+    x = start * 14.6
+    exact = ode_solution(x, 14.6, 0.5)
+    errors = [(sa_solver(ExactDenoiser(), x, karras_sigmas(n, 0.5, 14.6)[:-1], {}, tau_func=lambda s: 0.0,
+                         use_pece=use_pece) - exact).abs().max().item() for n in (8, 16)]
+    assert errors[1] < errors[0] / 4 and errors[1] < 0.005, errors

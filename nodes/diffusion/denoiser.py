@@ -161,6 +161,7 @@ class GuidedDenoiser:
         self.positive = positive
         self.negative = negative
         self.cfg = cfg
+        self.schedule = call.schedule  # samplers that need percent_to_sigma (sa_solver) read it here
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, return_uncond: bool = False, **_: Any):
         options = self.call.model.options
@@ -231,6 +232,7 @@ class InpaintDenoiser:
 
     def __init__(self, inner: Callable, mask: torch.Tensor, latent: torch.Tensor, noise: torch.Tensor):
         self.inner = inner
+        self.schedule = getattr(inner, "schedule", None)
         self.mask = mask
         self.keep = 1.0 - mask
         self.latent = latent

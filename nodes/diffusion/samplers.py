@@ -503,7 +503,7 @@ class Sampler:
 
 
 def _build_registry() -> Mapping[str, Sampler]:
-    from . import dpm_solver, multistep, solvers
+    from . import dpm_solver, multistep, sa_solver, solvers
 
     on_device = {"noise_on_cpu": False}
     entries = [
@@ -544,6 +544,8 @@ def _build_registry() -> Mapping[str, Sampler]:
         Sampler("er_sde", multistep.er_sde),
         Sampler("seeds_2", seeds_2),
         Sampler("seeds_3", seeds_3),
+        Sampler("sa_solver", sa_solver.sa_solver),
+        Sampler("sa_solver_pece", sa_solver.sa_solver, {"use_pece": True}),
         Sampler("ddim", euler, inpaint_random_noise=True),
         Sampler("uni_pc", solvers.uni_pc, {"variant": "bh1"}, drops_penultimate=True),
         Sampler("uni_pc_bh2", solvers.uni_pc, {"variant": "bh2"}, drops_penultimate=True),
