@@ -167,7 +167,10 @@ def serve(args) -> int:
                     "and read your files. Set --auth-token.", config.listen)
     app = DeferredApp(lambda: create_app(make_engine(args, cache_bytes=args.cache_bytes), config))
     host = "0.0.0.0" if config.listen in ("", "0.0.0.0") else config.listen
-    print(f"latentloom: serving the editor at http://{'127.0.0.1' if host == '0.0.0.0' else host}:{config.port}/",
-          flush=True)
+    url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{config.port}/"
+    print(f"latentloom: serving the editor at {url}", flush=True)
+    if config.auth_token:
+        print(f"latentloom: open {url}?token=<your token> once in the browser (it then keeps a cookie); "
+              "scripts send 'Authorization: Bearer <token>'", flush=True)
     uvicorn.run(app, host=host, port=config.port, log_level="warning", ws="websockets-sansio")
     return 0

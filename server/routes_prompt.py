@@ -251,7 +251,8 @@ async def get_jobs(request: Request):
     limit = int_query(request, "limit", 100, minimum=0)
     limit = min(limit, 500)
     offset = int_query(request, "offset", 0, minimum=0)
-    queued = [queue_job(i) for i in reversed(store.items())]  # running first? newest pending first, as history
+    # Running first, then pending with the last to run first (the panel lists newest on top, like history).
+    queued = [queue_job(i) for i in reversed(store.items())]
     queued.sort(key=lambda job: job["status"] != "in_progress")
     queued = [job for job in queued if job["status"] in statuses]
     jobs = queued[offset:offset + limit]
