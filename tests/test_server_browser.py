@@ -123,7 +123,9 @@ def test_invalid_graph_marks_the_failing_node(tmp_path, browser):
         screenshot(page, "editor_invalid_graph")
 
 
-def test_graphs_folder_opens_in_the_editor(tmp_path, browser):
+def test_graphs_folder_opens_and_runs_in_the_editor(tmp_path, browser):
+    """Every graph in graphs/ opens with known node types; those whose models are present in models/ (e.g. the
+    toy checkpoint) are also queued from the editor, with progress and the output image checked."""
     graphs = sorted((REPO / "graphs").glob("*.json"))
     if not graphs:
         pytest.skip("graphs/ has no workflows yet")
@@ -132,7 +134,7 @@ def test_graphs_folder_opens_in_the_editor(tmp_path, browser):
     from server.app import create_app
     from server.state import ServerConfig
 
-    engine = create_engine(models_dir=tmp_path / "models", input_dir=tmp_path / "input",
+    engine = create_engine(models_dir=REPO / "models", input_dir=tmp_path / "input",
                            output_dir=tmp_path / "output", temp_dir=tmp_path / "temp")
     app = create_app(engine, ServerConfig(user_dir=tmp_path / "user", graphs_dir=REPO / "graphs"))
     known = set(engine.registry.names())
@@ -153,4 +155,17 @@ def test_graphs_folder_opens_in_the_editor(tmp_path, browser):
             prompt = page.evaluate("async () => (await window.app.graphToPrompt()).output")
             assert prompt and {node["class_type"] for node in prompt.values()} <= known
             screenshot(page, f"graph_{path.stem}")
+            if engine.validate(prompt).ok:  # its models are here: run it from the editor
+                page.evaluate(RECORD_EVENTS)
+                assert page.evaluate("async () => await window.app.queuePrompt(0, 1)") is True
+                page.wait_for_function("() => window.__events.includes('execution_success') || "
+                                       "window.__events.includes('execution_error')", timeout=300_000)
+                events = page.evaluate("() => window.__events")
+                assert "execution_success" in events, f"{path.name} failed to run"
+                if any("Sampler" in node["class_type"] for node in prompt.values()):
+                    assert "progress" in events, f"{path.name}: no sampler progress arrived"
+                page.wait_for_function("""() => window.app.graph._nodes.some(
+                    n => n.imgs && n.imgs.length && n.imgs[0].complete && n.imgs[0].naturalWidth > 0)""",
+                                       timeout=30_000)
+                screenshot(page, f"graph_{path.stem}_output")
         assert not page.errors, page.errors
