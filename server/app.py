@@ -102,11 +102,23 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _host_names(value) -> tuple[str, ...]:
+    """--allowed-hosts as a comma-separated string or a list (either shape the CLI may give)."""
+    if not value:
+        return ()
+    items = [value] if isinstance(value, str) else list(value)
+    return tuple(name.strip() for item in items for name in str(item).split(",") if name.strip())
+
+
 def config_from_args(args) -> ServerConfig:
-    return ServerConfig(listen=args.listen, port=args.port, user_dir=Path(args.user_dir),
-                        database=Path(args.database) if args.database else None,
-                        auth_token=args.auth_token or None,
-                        allowed_hosts=tuple(getattr(args, "allowed_hosts", None) or ()))
+    config = ServerConfig(listen=args.listen, port=args.port, user_dir=Path(args.user_dir),
+                          database=Path(args.database) if args.database else None,
+                          auth_token=args.auth_token or None,
+                          allowed_hosts=_host_names(getattr(args, "allowed_hosts", None)))
+    upload_mb = getattr(args, "max_upload_size", None)  # ComfyUI's --max-upload-size, in MB
+    if upload_mb:
+        config.max_upload_bytes = int(float(upload_mb) * 1024 * 1024)
+    return config
 
 
 class DeferredApp:

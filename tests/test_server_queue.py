@@ -177,3 +177,16 @@ def test_deferred_app_listens_first_and_holds_requests_until_the_engine_is_ready
     with live_server(DeferredApp(broken)) as base:
         response = httpx.get(f"{base}/prompt", timeout=20)
         assert response.status_code == 503 and "no such models dir" in response.json()["error"]
+
+
+def test_config_from_cli_arguments(tmp_path):
+    from server.app import config_from_args
+    from server.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--port", "9000", "--user-dir", str(tmp_path / "u"),
+                                      "--auth-token", "tok"])
+    config = config_from_args(args)
+    assert (config.port, config.auth_token, config.database_path) == (9000, "tok", tmp_path / "u" / "queue.db")
+    args.allowed_hosts, args.max_upload_size = "a.lan, b.lan", 2
+    config = config_from_args(args)
+    assert config.allowed_hosts == ("a.lan", "b.lan") and config.max_upload_bytes == 2 * 1024 * 1024
