@@ -9,6 +9,10 @@ Every sampler is a pure function `(model, x, sigmas, extra_args, callback, **opt
 * `sigmas` is a float32 1-D tensor on x's device, usually ending in 0.
 
 Notation: d = (x − D)/σ is the ODE derivative in σ; λ = −log σ (half log-SNR for eps models).
+
+This module holds the one- and two-stage samplers and the registry (SAMPLER_NAMES in ComfyUI's order);
+multistep.py (LMS, iPNDM, RES, gradient estimation, ER-SDE), solvers.py (UniPC, DEIS), dpm_solver.py
+(dpm_fast, dpm_adaptive) and sa_solver.py hold the rest.
 """
 
 from __future__ import annotations
@@ -497,6 +501,9 @@ class Sampler:
     drops_penultimate: bool = False
     # "ddim": inpainting re-noises the kept area with fresh CPU noise from seed + 1 instead of the initial noise.
     inpaint_random_noise: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "options", MappingProxyType(dict(self.options)))  # shared: keep it read-only
 
     def __call__(self, model, x, sigmas, extra_args=None, callback=None):
         return self.function(model, x, sigmas, extra_args=extra_args, callback=callback, **self.options)
