@@ -8,9 +8,11 @@ exercises subgraphs, bypass, reroutes and primitives on real files rather than o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from collections import Counter
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -117,6 +119,8 @@ def infer_catalogue(documents: list[dict]) -> dict[str, dict]:
             slot_type = "*" if slot_type.startswith("COMFY_") else slot_type
             if slot.get("widget"):
                 widget_input_types[slot["name"]] = slot_type
+            elif slot_type in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"):
+                required[slot["name"]] = [slot_type, {"forceInput": True}]  # a socket-only primitive input
             else:
                 required[slot["name"]] = [slot_type]
         named = node.get("widgets_values_named")
@@ -176,3 +180,32 @@ def test_converted_sd_templates_survive_the_round_trip(templates):
             continue
         prompt = ui_to_api(templates[name], CATALOGUE)
         assert ui_to_api(api_to_ui(prompt, CATALOGUE), CATALOGUE) == prompt
+
+
+def export_digest(prompt: dict) -> str:
+    """sha256 of compact key-sorted JSON, numbers written as JavaScript does (1.0 -> 1)."""
+    def js_number(value):
+        return int(value) if isinstance(value, float) and value.is_integer() else value
+
+    canonical = json.dumps(prompt, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    normalised = json.loads(canonical, parse_float=lambda text: js_number(float(text)))
+    return hashlib.sha256(
+        json.dumps(normalised, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()).hexdigest()
+
+
+def test_conversion_equals_the_real_frontend_export(templates):
+    """Each template converted with the inferred catalogue must equal what comfyui-frontend-package's own
+    Export (API) produced for it (recorded as hashes by running the frontend in headless Chromium)."""
+    recorded = json.loads((Path(__file__).parent / "workflow_fixtures" / "frontend_export_hashes.json").read_text())
+    if recorded["templates"] != f"comfyui-workflow-templates-json {version('comfyui-workflow-templates-json')}":
+        pytest.skip(f"hashes were recorded for {recorded['templates']}")
+    catalogue = infer_catalogue(list(templates.values()))
+    mismatched = []
+    for name, expected in recorded["export_sha256"].items():
+        prompt = ui_to_api(templates[name], catalogue)
+        if export_digest(prompt) != expected:
+            mismatched.append(name)
+    print(f"\nidentical to the frontend's export: {len(recorded['export_sha256']) - len(mismatched)} "
+          f"of {len(recorded['export_sha256'])} templates ({len(recorded['not_compared'])} not compared)")
+    assert len(recorded["export_sha256"]) >= 600
+    assert mismatched == []

@@ -49,7 +49,8 @@ DECORATIVE_TYPES = frozenset(
     }
 )
 
-WidgetKind = Literal["value", "control", "filter", "upload", "ui"]
+WidgetKind = Literal["value", "control", "filter", "upload", "ui", "part"]
+BOUNDING_BOX_PARTS = ("x", "y", "width", "height")  # number widgets the editor adds after a BOUNDING_BOX
 
 
 class WorkflowFormatError(ValueError):
@@ -221,6 +222,9 @@ def node_layout(class_type: str, catalogue: dict[str, dict]) -> NodeLayout:
             )
         )
         widgets += _companion_widgets(name, type_name, options)
+        if type_name == "BOUNDING_BOX":
+            bounds = options.get("default") if isinstance(options.get("default"), dict) else {}
+            widgets += [WidgetSlot(part, "part", bounds.get(part, 0)) for part in BOUNDING_BOX_PARTS]
 
     output_types = entry.get("output") or []
     output_names = entry.get("output_name") or []
