@@ -106,6 +106,26 @@ def test_editor_runs_a_graph_and_shows_the_output(tmp_path, browser):
     assert len(outputs) == 1
 
 
+def test_default_graph_is_the_servers(tmp_path, browser):
+    """The frontend's built-in default graph (node types we lack) is replaced by the server's default graph."""
+    new_user_root(tmp_path)
+    graphs = tmp_path / "graphs"
+    graphs.mkdir()
+    (graphs / "default.json").write_text(json.dumps({
+        "1": {"class_type": "Const", "inputs": {"value": 0.25}},
+        "2": {"class_type": "SaveTestImage", "inputs": {"value": ["1", 0], "filename_prefix": "default"}}}))
+    with live_server(make_app(tmp_path, graphs_dir=graphs)) as base:
+        page = open_editor(browser, base)
+        page.wait_for_function("() => window.app.graph._nodes.length > 0", timeout=30_000)
+        types = page.evaluate("() => window.app.graph._nodes.map(n => n.type).sort()")
+        assert types == ["Const", "SaveTestImage"]
+        page.evaluate(RECORD_EVENTS)
+        assert page.evaluate("async () => await window.app.queuePrompt(0, 1)") is True
+        page.wait_for_function("() => window.__events.includes('execution_success')", timeout=30_000)
+        screenshot(page, "editor_default_graph")
+        assert not page.errors, page.errors
+
+
 def test_invalid_graph_marks_the_failing_node(tmp_path, browser):
     new_user_root(tmp_path)
     graph = {"1": {"class_type": "EvenOnly", "inputs": {"value": 3}},

@@ -357,7 +357,10 @@ def test_system_stats_and_features(client):
 
 
 def test_frontend_boot_routes(client):
-    assert client.get("/api/extensions").json() == []
+    assert client.get("/api/extensions").json() == ["/extensions/latentloom/latentloom.js"]
+    script = client.get("/extensions/latentloom/latentloom.js")
+    assert script.headers["content-type"].startswith("text/javascript") and "defaultGraph" in script.text
+    assert client.get("/api/latentloom/default_graph").status_code == 404  # no graphs here
     assert client.get("/api/i18n").json() == {}
     assert client.get("/templates/index.json").json() == []
     assert client.get("/api/global_subgraphs").json() == {}
@@ -369,12 +372,15 @@ def test_frontend_boot_routes(client):
 def test_workflow_templates_offer_graphs(tmp_path):
     graphs = tmp_path / "graphs"
     graphs.mkdir()
-    (graphs / "demo.json").write_text(json.dumps({"1": {"class_type": "Const", "inputs": {}}}))
+    (graphs / "demo.json").write_text(json.dumps({"1": {"class_type": "Const", "inputs": {"value": 2.0}}}))
     with TestClient(make_app(tmp_path, graphs_dir=graphs)) as client:
         assert client.get("/api/workflow_templates").json() == {"latentloom": ["demo"]}
         assert client.get("/api/workflow_templates/latentloom/demo.json").json()["1"]["class_type"] == "Const"
         assert client.get("/api/workflow_templates/latentloom/../x.json").status_code == 404
         assert client.get("/api/workflow_templates/other/demo.json").status_code == 404
+        # The editor's default graph: the only graph, API format converted to UI format.
+        default = client.get("/api/latentloom/default_graph").json()
+        assert [node["type"] for node in default["nodes"]] == ["Const"]
 
 
 def test_internal_logs_and_folder_paths(client):
