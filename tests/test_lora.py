@@ -320,3 +320,25 @@ def test_key_split_prefers_longest_suffix():
     assert lora_math.split_key("x.lora_linear_layer.down.weight") == ("x", "down")
     assert lora_math.split_key("x.lokr_w1_a") == ("x", "lokr_w1_a")
     assert lora_math.split_key("x.weight") is None
+
+
+@pytest.mark.parametrize("kind, shapes", [
+    ("lora", {"up": (8, 4), "down": (4, 6)}),
+    ("lora", {"up": (8, 4, 1, 1), "down": (4, 6, 3, 3)}),
+    ("lora", {"up": (8, 4, 1, 1), "down": (4, 6, 1, 1), "mid": (4, 4, 3, 3)}),
+    ("loha", {"hada_w1_a": (8, 2), "hada_w1_b": (2, 6), "hada_w2_a": (8, 2), "hada_w2_b": (2, 6)}),
+    ("loha", {"hada_w1_a": (8, 2), "hada_w1_b": (2, 6, 3, 3), "hada_w2_a": (8, 2), "hada_w2_b": (2, 6, 3, 3)}),
+    ("loha", {"hada_w1_a": (2, 8), "hada_w1_b": (2, 6), "hada_t1": (2, 2, 3, 3), "hada_w2_a": (2, 8),
+              "hada_w2_b": (2, 6), "hada_t2": (2, 2, 3, 3)}),
+    ("lokr", {"lokr_w1": (2, 3), "lokr_w2_a": (4, 2), "lokr_w2_b": (2, 5)}),
+    ("lokr", {"lokr_w1_a": (2, 1), "lokr_w1_b": (1, 3), "lokr_w2": (4, 5, 3, 3)}),
+    ("lokr", {"lokr_w1": (2, 3), "lokr_w2_a": (2, 4), "lokr_w2_b": (2, 5), "lokr_t2": (2, 2, 3, 3)}),
+])
+def test_shape_check_agrees_with_the_computed_change(kind, shapes):
+    g = torch.Generator().manual_seed(0)
+    adapter = lora_math.Adapter("k", kind, {name: torch.randn(shape, generator=g) for name, shape in shapes.items()})
+    count = adapter.change_numel()
+    change, _ = adapter.delta(torch.Size([count]), torch.device("cpu"))
+    assert change.numel() == count
+    with pytest.raises(lora_math.LoraFormatError):
+        adapter.delta(torch.Size([count + 1]), torch.device("cpu"))

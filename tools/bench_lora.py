@@ -11,7 +11,8 @@ random SD1-layout checkpoints written to a temporary models folder (UNet widths 
   strength_change_s      re-run after changing one LoRA's strength (checkpoint and LoRA files stay loaded:
                          the LoRA nodes, text encoding, sampling and decoding re-run)
   checkpoint_change_s    re-run after switching to a checkpoint file not loaded before (everything re-runs)
-  *_change_cost_s        the same minus the floor: what the change itself costs
+  *_change_cost_s        what the change itself costs: the time of the nodes that prepare MODEL and
+                         CONDITIONING (checkpoint loader, LoRA loaders, text encoders) in those re-runs
   speedup                checkpoint_change_cost_s / strength_change_cost_s (target ≥ 10); speedup_whole_graph
                          compares the whole re-runs, where sampling on the CPU dominates both
   patch_apply_s / patch_restore_s / backup_mb   the stacked LoRAs' patch on the UNet, timed directly
@@ -100,13 +101,34 @@ def graph(checkpoint: str, loras: int, strengths: list[float], steps: int, size:
     return prompt
 
 
-def timed_run(engine, prompt: dict) -> float:
+# Nodes that make the MODEL and CONDITIONING ready for sampling (everything before KSampler).
+PREPARATION = ("ckpt", "lora", "pos", "neg")
+
+
+def timed_run(engine, prompt: dict, node_times: dict | None = None) -> float:
+    """Seconds for the whole run; `node_times` (when given) receives the seconds each executed node took."""
+    from engine.events import Executing
+
+    starts: list[tuple[str | None, float]] = []
+
+    def listen(event) -> None:
+        if isinstance(event, Executing):
+            starts.append((event.node, time.perf_counter()))
+
     start = time.perf_counter()
-    result = engine.run(prompt)
-    seconds = time.perf_counter() - start
+    result = engine.run(prompt, listener=listen)
+    end = time.perf_counter()
     if not getattr(result, "ok", False):
         raise RuntimeError(f"benchmark graph failed: {getattr(result, 'error', None) or result}")
-    return seconds
+    if node_times is not None:
+        for (node, began), (_, following) in zip(starts, starts[1:] + [(None, end)]):
+            if node is not None:
+                node_times[node] = node_times.get(node, 0.0) + following - began
+    return end - start
+
+
+def preparation_seconds(node_times: dict) -> float:
+    return sum(t for node, t in node_times.items() if node.startswith(PREPARATION))
 
 
 def measure_rerun(root: Path, args: argparse.Namespace) -> dict:
@@ -115,8 +137,15 @@ def measure_rerun(root: Path, args: argparse.Namespace) -> dict:
     engine = create_engine(models_dir=root, entry_points=False)
     strengths = [0.8] * args.loras
 
-    def run(checkpoint: str, seed: int = 1) -> float:
-        return timed_run(engine, graph(checkpoint, args.loras, strengths, args.steps, args.size, seed))
+    preparation: dict[str, list[float]] = {"strength": [], "checkpoint": []}
+
+    def run(checkpoint: str, seed: int = 1, change: str | None = None) -> float:
+        node_times: dict[str, float] = {}
+        seconds = timed_run(engine, graph(checkpoint, args.loras, strengths, args.steps, args.size, seed),
+                            node_times)
+        if change is not None:
+            preparation[change].append(preparation_seconds(node_times))
+        return seconds
 
     first = run("a.safetensors")
     unchanged = run("a.safetensors")
@@ -126,16 +155,16 @@ def measure_rerun(root: Path, args: argparse.Namespace) -> dict:
         floor_times.append(run("a.safetensors", seed=100 + repeat))
         if strengths:
             strengths[0] = 0.5 + 0.1 * repeat
-        strength_times.append(run("a.safetensors", seed=100 + repeat))
+        strength_times.append(run("a.safetensors", seed=100 + repeat, change="strength"))
         # A checkpoint file never loaded before (a copy under a new name), so the loader really reads and builds.
         name = f"switch{repeat}.safetensors"
         shutil.copyfile(root / "checkpoints" / ("b.safetensors" if repeat % 2 == 0 else "a.safetensors"),
                         root / "checkpoints" / name)
-        checkpoint_times.append(run(name, seed=100 + repeat))
+        checkpoint_times.append(run(name, seed=100 + repeat, change="checkpoint"))
     floor = statistics.median(floor_times)
     strength_s, checkpoint_s = statistics.median(strength_times), statistics.median(checkpoint_times)
-    strength_cost = max(strength_s - floor, 1e-4)
-    checkpoint_cost = checkpoint_s - floor
+    strength_cost = statistics.median(preparation["strength"])
+    checkpoint_cost = statistics.median(preparation["checkpoint"])
     return {"first_run_s": round(first, 4), "unchanged_rerun_s": round(unchanged, 4),
             "seed_change_s": round(floor, 4),
             "strength_change_s": round(strength_s, 4), "checkpoint_change_s": round(checkpoint_s, 4),

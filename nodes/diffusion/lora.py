@@ -153,7 +153,7 @@ class Adapter:
                 w2 = torch.mm(t["lokr_w2_a"], t["lokr_w2_b"])
             if w2.ndim == 4 and w1.ndim == 2:
                 w1 = w1[:, :, None, None]
-            change = torch.kron(w1, w2)
+            change = torch.kron(w1.contiguous(), w2.contiguous())  # kron views its inputs
             dim = t["lokr_w1_b"].shape[0] if "lokr_w1_b" in t else (
                 t["lokr_w2_b"].shape[0] if "lokr_w2_b" in t else None)
             scale = self.alpha / dim if self.alpha is not None and dim else 1.0
@@ -163,6 +163,35 @@ class Adapter:
             raise LoraFormatError(f"'{self.key}': the adapter makes a change of {change.numel()} values "
                                   f"({tuple(change.shape)}) for a weight of shape {tuple(shape)}")
         return change.reshape(shape), scale
+
+    def change_numel(self) -> int:
+        """How many values ΔW has, from the factor shapes alone (no arithmetic): to check a file cheaply."""
+        t = self.tensors
+
+        def numel(*sizes: int) -> int:
+            total = 1
+            for size in sizes:
+                total *= int(size)
+            return total
+
+        if self.kind == "lora":
+            rest = (t["down"].shape[1], *t["mid"].shape[2:]) if "mid" in t else tuple(t["down"].shape[1:])
+            return numel(t["up"].shape[0], *rest)
+        if self.kind == "loha":
+            if "hada_t1" in t:
+                return numel(t["hada_w1_a"].shape[1], t["hada_w1_b"].shape[1], *t["hada_t1"].shape[2:])
+            return numel(t["hada_w1_a"].shape[0], t["hada_w1_b"].flatten(1).shape[1])
+        if self.kind == "lokr":
+            w1 = numel(*t["lokr_w1"].shape) if "lokr_w1" in t else numel(t["lokr_w1_a"].shape[0],
+                                                                           t["lokr_w1_b"].shape[1])
+            if "lokr_w2" in t:
+                w2 = numel(*t["lokr_w2"].shape)
+            elif "lokr_t2" in t:
+                w2 = numel(t["lokr_w2_a"].shape[1], t["lokr_w2_b"].shape[1], *t["lokr_t2"].shape[2:])
+            else:
+                w2 = numel(t["lokr_w2_a"].shape[0], t["lokr_w2_b"].shape[1])
+            return w1 * w2
+        return t["diff"].numel()
 
     @staticmethod
     def _loha_factor(t: dict[str, torch.Tensor], n: str) -> torch.Tensor:
@@ -282,8 +311,10 @@ class LoraPatch:
     def check(self, module: torch.nn.Module) -> None:
         """Raise LoraFormatError when an adapter does not fit its weight (a LoRA for another architecture)."""
         for name, adapter, _ in self.entries:
-            weight = module.get_parameter(name)
-            adapter.delta(weight.shape, torch.device("cpu"))
+            shape = module.get_parameter(name).shape
+            if adapter.change_numel() != shape.numel():
+                raise LoraFormatError(f"'{adapter.key}': the adapter's factors make a change of "
+                                      f"{adapter.change_numel()} values for a weight of shape {tuple(shape)}")
 
     def apply(self, module: torch.nn.Module) -> Callable[[], None]:
         by_parameter: dict[str, list[tuple[Adapter, float]]] = {}
