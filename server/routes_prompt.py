@@ -64,7 +64,8 @@ async def post_prompt(request: Request):
     if "prompt" not in body:
         return bad_request("no_prompt", "No prompt provided", "No prompt provided")
     prompt = body["prompt"]
-    if is_ui_workflow(prompt):
+    ui_workflow = prompt if is_ui_workflow(prompt) else None
+    if ui_workflow is not None:
         try:
             prompt = await run_in_threadpool(convert_ui, state, prompt)
         except ImportError:
@@ -101,6 +102,9 @@ async def post_prompt(request: Request):
     if not checked.ok:
         return json_response(checked.as_response(), 400)
     extra_data = dict(extra_data)
+    if ui_workflow is not None and not isinstance(extra_data.get("extra_pnginfo"), dict):
+        # As the editor does: saved images carry the workflow they came from.
+        extra_data["extra_pnginfo"] = {"workflow": ui_workflow}
     if client_id is not None:
         extra_data["client_id"] = str(client_id)
     item = QueueItem(number, str(prompt_id) if prompt_id is not None else str(uuid.uuid4()), prompt,

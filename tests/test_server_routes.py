@@ -114,6 +114,7 @@ def test_ui_format_prompt_is_converted_server_side(client):
     entry = wait_for(lambda: client.get(f"/history/{prompt_id}").json())[prompt_id]
     assert list(entry["outputs"].values()) == [{"values": [4.5]}]
     assert {n["class_type"] for n in entry["prompt"][2].values()} == {"Const", "Add", "Collect"}
+    assert entry["prompt"][3]["extra_pnginfo"]["workflow"] == workflow  # images will embed it
 
     workflow["nodes"][0]["type"] = "NotInstalled"
     missing = client.post("/prompt", json={"prompt": workflow})
