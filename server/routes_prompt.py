@@ -304,8 +304,9 @@ async def post_job_cancel(request: Request):
     state = server_state(request)
     job_id = request.path_params["job_id"]
     cancelled = cancel_jobs(state, [job_id])
-    if not cancelled:
-        return json_response({"error": f"job '{job_id}' is not pending or running"}, 404)
+    if not cancelled and state.store.history_record(job_id) is None:
+        return json_response({"error": f"no job '{job_id}'"}, 404)
+    # Cancelling a finished job is a no-op, as the frontend expects.
     return json_response({"cancelled": cancelled})
 
 

@@ -223,6 +223,9 @@ def test_jobs_list_detail_and_cancel(client):
     wait_for(lambda: client.get(f"/history/{slow}").json())
     statuses = {j["id"]: j["status"] for j in client.get("/jobs").json()["jobs"]}
     assert statuses[slow] == "cancelled" and waiting not in statuses
+    finished = client.post(f"/jobs/{done}/cancel")
+    assert finished.status_code == 200 and finished.json() == {"cancelled": []}
+    assert client.post("/jobs/never-existed/cancel").status_code == 404
 
 
 # Files ----------------------------------------------------------------------------------------------------------
