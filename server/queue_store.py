@@ -19,7 +19,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 HISTORY_LIMIT = 10_000
 # extra_data keys that carry credentials: ComfyUI's comfy.org keys and anything that looks like one.

@@ -20,7 +20,7 @@ from engine.environment import Environment
 from engine.node import Node, NodeOutput
 from engine.registry import NodeRegistry
 from engine.session import Engine
-from engine.types import FLOAT, Float, Int, Output, Socket, String
+from engine.types import FLOAT, Int, Output, Socket, String
 from server.app import create_app
 from server.state import ServerConfig
 from tests import engine_nodes
