@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import random
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 
 from engine.workflow import MissingNodeTypesError, WorkflowFormatError, api_to_ui, ui_to_api
 from engine.workflow.catalogue import node_layout
-from engine.workflow.ui_to_api import process_dynamic_prompt
+from engine.workflow.text import format_date, js_string, process_dynamic_prompt
 
 FIXTURES = Path(__file__).parent / "workflow_fixtures"
 CATALOGUE = json.loads((FIXTURES / "catalogue.json").read_text())
@@ -202,6 +203,24 @@ def test_dynamic_prompts_apply_only_to_flagged_widgets():
     prompt = ui_to_api(ui, CATALOGUE, rng=random.Random(1))
     assert prompt["6"]["inputs"]["text"] == "only"
     assert prompt["9"]["inputs"]["filename_prefix"] == "{kept}"
+
+
+def test_save_node_filename_prefix_replacements():
+    ui, _ = load_fixture("notes_groups_seed")
+    save = next(n for n in ui["nodes"] if n["id"] == 9)
+    save["widgets_values"] = ["%date:yyyy-MM-dd%/%date:hh-mm-ss%_%KSampler.seed%_%Positive.text%_%Nope.x%_%width%"
+                              "_%date:d.M.yy%_%EmptyLatentImage.batch_size%_%Load Checkpoint.ckpt_name%"]
+    prompt = ui_to_api(ui, CATALOGUE, now=datetime(2026, 3, 4, 9, 5, 7))
+    # (checked against the frontend: a pattern with dots but no widget keeps only the first date field)
+    assert prompt["9"]["inputs"]["filename_prefix"] == (
+        "2026-03-04/09-05-07_156680208700286_a photo of a red fox in the snow_%Nope.x%_%width%_4_2"
+        "_v1-5-pruned-emaonly.safetensors")
+
+
+def test_text_replacement_helpers():
+    moment = datetime(2031, 12, 1, 17, 4, 9)
+    assert format_date("yyyy/yy/M/MM/d/dd/h/hh/m/mm/s/ss/yyy", moment) == "2031/31/12/12/1/01/17/17/4/04/9/09/yyy"
+    assert [js_string(v) for v in (None, True, 2.0, 2.5, "x")] == ["", "true", "2", "2.5", "x"]
 
 
 # --- API -> UI --------------------------------------------------------------------------------------------

@@ -12,8 +12,9 @@ prompt). Link resolution is a loop over explicit states, never recursion.
 from __future__ import annotations
 
 import random
-import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import networkx as nx
@@ -31,11 +32,11 @@ from engine.workflow.catalogue import (
     node_layout,
     types_compatible,
 )
+from engine.workflow.text import MISSING, SAVE_NODE_TYPES, apply_text_replacements, process_dynamic_prompt
+from engine.workflow.ui_graph import SUBGRAPH_INPUT_NODE, Link, Placed, Scope, parse_scopes
 
 MODE_MUTED = 2  # LiteGraph "NEVER"
 MODE_BYPASS = 4
-SUBGRAPH_INPUT_NODE = "-10"
-SUBGRAPH_OUTPUT_NODE = "-20"
 
 
 class MissingNodeTypesError(WorkflowFormatError):
@@ -46,52 +47,6 @@ class MissingNodeTypesError(WorkflowFormatError):
         super().__init__(
             f"workflow uses {len(self.missing)} node type(s) that are not installed: " + ", ".join(self.missing)
         )
-
-
-@dataclass(frozen=True)
-class Link:
-    id: str
-    origin_id: str
-    origin_slot: int
-    target_id: str
-    target_slot: int
-    type: Any
-
-
-@dataclass
-class Scope:
-    """One graph level: the root graph or a subgraph definition."""
-
-    key: str
-    nodes: dict[str, dict]
-    links: dict[str, Link]
-    definition: dict | None = None
-    aliases: dict[str, str] = field(default_factory=dict)  # dropped duplicate link id -> surviving link id
-
-    def link(self, link_id: Any) -> Link | None:
-        key = str(link_id)
-        return self.links.get(self.aliases.get(key, key))
-
-    def same_link(self, link_id: Any, link: Link) -> bool:
-        key = str(link_id)
-        return self.aliases.get(key, key) == link.id
-
-
-@dataclass(frozen=True)
-class Placed:
-    """A node at a position in the expanded graph (the frontend's ExecutableNodeDTO)."""
-
-    path: tuple[str, ...]  # ids of the subgraph instances that contain it, outermost first
-    node_id: str
-    scope_key: str
-
-    @property
-    def exec_id(self) -> str:
-        return ":".join((*self.path, self.node_id))
-
-    @property
-    def parent_id(self) -> str:
-        return ":".join(self.path)
 
 
 @dataclass(frozen=True)
@@ -163,123 +118,6 @@ class _Workflow:
             index += 1
         self.live_inputs[key] = created + extra
         return self.live_inputs[key]
-
-
-def _parse_links(raw_links: Any, where: str, nodes: dict[str, dict]) -> tuple[dict[str, Link], dict[str, str]]:
-    """Links by id, and aliases for the duplicates the editor drops on load.
-
-    Only one link can end at an input: of several links to the same slot the first listed is kept, unless a
-    later one is the one the node's input names and the first is not; references to a dropped link then
-    mean the survivor.
-    """
-    parsed: list[Link] = []
-    for raw in raw_links or []:
-        if isinstance(raw, dict):
-            fields = [raw.get(k) for k in ("id", "origin_id", "origin_slot", "target_id", "target_slot", "type")]
-        elif isinstance(raw, (list, tuple)) and len(raw) >= 5:
-            fields = list(raw[:6]) + [None] * (6 - len(raw[:6]))
-        else:
-            raise WorkflowFormatError(f"{where}: malformed link entry {raw!r}")
-        link_id, origin_id, origin_slot, target_id, target_slot, link_type = fields
-        parsed.append(Link(str(link_id), str(origin_id), int(origin_slot), str(target_id), int(target_slot), link_type))
-    referenced = {str(slot.get("link")) for node in nodes.values() for slot in node.get("inputs") or []
-                  if slot.get("link") is not None}
-    kept: list[Link] = []
-    slot_owner: dict[tuple[str, int], int] = {}
-    aliases: dict[str, str] = {}
-    for link in parsed:
-        target = (link.target_id, link.target_slot)
-        if target not in slot_owner:
-            slot_owner[target] = len(kept)
-            kept.append(link)
-            continue
-        survivor = kept[slot_owner[target]]
-        same_origin = (survivor.origin_id, survivor.origin_slot) == (link.origin_id, link.origin_slot)
-        if not same_origin and link.id in referenced and survivor.id not in referenced:
-            kept[slot_owner[target]] = link
-            aliases = {old: (link.id if new == survivor.id else new) for old, new in aliases.items()}
-            aliases[survivor.id] = link.id
-        else:
-            aliases[link.id] = survivor.id
-    return {link.id: link for link in kept}, aliases
-
-
-def _nodes_by_id(nodes: list[dict]) -> dict[str, dict]:
-    by_id: dict[str, dict] = {}
-    for node in nodes:
-        by_id.setdefault(str(node.get("id")), node)  # the editor keeps the first of duplicated ids
-    return by_id
-
-
-def _subgraph_definitions(workflow: dict) -> list[dict]:
-    """Definitions in the editor's order: each one followed by its own nested definitions, first id wins."""
-    ordered: list[dict] = []
-    seen: set[str] = set()
-    stack = list(reversed((workflow.get("definitions") or {}).get("subgraphs") or []))
-    while stack:
-        definition = stack.pop()
-        if str(definition.get("id")) not in seen:
-            seen.add(str(definition.get("id")))
-            ordered.append(definition)
-        stack += reversed((definition.get("definitions") or {}).get("subgraphs") or [])
-    return ordered
-
-
-def _last_node_id(workflow: dict) -> int:
-    value = workflow.get("last_node_id", (workflow.get("state") or {}).get("lastNodeId", 0))
-    return value if isinstance(value, int) and value >= 0 else 0
-
-
-def _renumber_clashing_ids(scopes: list[Scope], root: Scope, last_node_id: int) -> None:
-    """Give inner nodes whose id is already taken (by the root or an earlier subgraph) a fresh number.
-
-    The editor does this on load so that node ids are unique across the whole file; the new ids are what
-    its Export (API) uses in execution ids, so we must renumber identically: next after the highest id seen.
-    """
-    used = set(root.nodes)
-    used_numbers = {int(node_id) for node_id in used if node_id.isdigit()}
-    last = last_node_id
-    for scope in scopes:
-        renamed: dict[str, str] = {}
-        for node_id in list(scope.nodes):
-            if node_id in used:
-                fresh = last + 1
-                while fresh in used_numbers:
-                    fresh += 1
-                last = fresh
-                used_numbers.add(fresh)
-                used.add(str(fresh))
-                renamed[node_id] = str(fresh)
-            else:
-                used.add(node_id)
-                if node_id.isdigit():
-                    used_numbers.add(int(node_id))
-                    last = max(last, int(node_id))
-        if not renamed:
-            continue
-        scope.nodes = {renamed.get(node_id, node_id): node for node_id, node in scope.nodes.items()}
-        scope.links = {
-            link_id: Link(link.id, renamed.get(link.origin_id, link.origin_id), link.origin_slot,
-                          renamed.get(link.target_id, link.target_id), link.target_slot, link.type)
-            for link_id, link in scope.links.items()
-        }
-
-
-def _parse_scopes(workflow: dict) -> tuple[dict[str, Scope], set[str]]:
-    if not isinstance(workflow.get("nodes"), list):
-        raise WorkflowFormatError("not a UI workflow: it has no 'nodes' list")
-    root_nodes = _nodes_by_id(workflow["nodes"])
-    root_links, root_aliases = _parse_links(workflow.get("links"), "workflow", root_nodes)
-    root = Scope("", root_nodes, root_links, aliases=root_aliases)
-    subgraphs = []
-    for definition in _subgraph_definitions(workflow):
-        nodes = _nodes_by_id(definition.get("nodes") or [])
-        where = f"subgraph {definition.get('name') or definition.get('id')}"
-        links, aliases = _parse_links(definition.get("links"), where, nodes)
-        subgraphs.append(Scope(str(definition.get("id")), nodes, links, definition, aliases))
-    _renumber_clashing_ids(subgraphs, root, _last_node_id(workflow))
-    scopes = {"": root, **{scope.key: scope for scope in subgraphs}}
-    return scopes, set(scopes) - {""}
 
 
 def _expand(flow: _Workflow) -> None:
@@ -556,7 +394,36 @@ def _find_setter(flow: _Workflow, getter: Placed) -> Placed | None:
     return None
 
 
-def _apply_primitive_nodes(flow: _Workflow) -> None:
+def _widget_lookup(flow: _Workflow) -> Callable[[str, str], Any]:
+    """The editor's search-and-replace source: a node by its "Node name for S&R" property, else its title."""
+
+    def widget_value(node_name: str, widget_name: str) -> Any:
+        nodes = [(scope.key, node_id, node) for scope in flow.scopes.values() for node_id, node in scope.nodes.items()]
+        matches = [n for n in nodes if (n[2].get("properties") or {}).get("Node name for S&R") == node_name]
+        if not matches:
+            matches = [n for n in nodes if _title(flow, n[2]) == node_name]
+        if not matches:
+            return MISSING
+        scope_key, node_id, node = matches[0]
+        node_type = str(node.get("type"))
+        if node_type not in flow.catalogue or not flow.has_widget(node, widget_name):
+            return MISSING
+        values = _aligned_widget_values(node, flow.layout(node_type))
+        if not scope_key:
+            values.update(flow.overrides.get(node_id, {}))
+        return values.get(widget_name)
+
+    return widget_value
+
+
+def _title(flow: _Workflow, node: dict) -> str:
+    if node.get("title"):
+        return str(node["title"])
+    node_type = str(node.get("type"))
+    return flow.layout(node_type).display_name if node_type in flow.catalogue else node_type
+
+
+def _apply_primitive_nodes(flow: _Workflow, now: datetime) -> None:
     """PrimitiveNodes write their value into each widget their output feeds (frontend applyToGraph)."""
     for exec_id in flow.order:
         placed = flow.placed[exec_id]
@@ -566,6 +433,9 @@ def _apply_primitive_nodes(flow: _Workflow) -> None:
         values = node.get("widgets_values")
         if not isinstance(values, list) or not values:
             continue
+        value = values[0]
+        if value and isinstance(value, str) and (node.get("properties") or {}).get("Run widget replace on values"):
+            value = apply_text_replacements(value, _widget_lookup(flow), now)
         scope = flow.scopes[placed.scope_key]
         for link in scope.links.values():
             if link.origin_id != placed.node_id or link.origin_slot != 0 or link.target_id not in scope.nodes:
@@ -573,38 +443,7 @@ def _apply_primitive_nodes(flow: _Workflow) -> None:
             widget = _target_input(flow, scope, scope.nodes[link.target_id], link).get("widget")
             if isinstance(widget, dict) and widget.get("name"):
                 target_exec = ":".join((*placed.path, link.target_id))
-                flow.overrides.setdefault(target_exec, {})[str(widget["name"])] = values[0]
-
-
-def process_dynamic_prompt(text: str, rng: random.Random) -> str:
-    """The editor's `{a|b}` choice syntax and C-style comment stripping on dynamicPrompts text widgets."""
-    text = re.sub(r"/\*[\s\S]*?\*/|//.*", "", text)
-    frames: list[tuple[list[str], list[str]]] = []  # (finished options, current option chars) per open brace
-    top: list[str] = []
-    index = 0
-    while index < len(text):
-        char = text[index]
-        index += 1
-        buffer = frames[-1][1] if frames else top
-        if char == "\\":
-            buffer.append("\\" + (text[index] if index < len(text) else ""))
-            index += 1
-        elif char == "{":
-            frames.append(([], []))
-        elif char == "|" and frames:
-            frames[-1][0].append("".join(frames[-1][1]))
-            frames[-1][1].clear()
-        elif char == "}" and frames:
-            options, current = frames.pop()
-            options.append("".join(current))
-            (frames[-1][1] if frames else top).append(rng.choice(options))
-        else:
-            buffer.append(char)
-    while frames:  # an unclosed brace still chooses among what it collected
-        options, current = frames.pop()
-        options.append("".join(current))
-        (frames[-1][1] if frames else top).append(rng.choice(options))
-    return re.sub(r"\\([{}|])", r"\1", "".join(top))
+                flow.overrides.setdefault(target_exec, {})[str(widget["name"])] = value
 
 
 def _wrap(value: Any) -> Any:
@@ -621,20 +460,25 @@ def _meta(node: dict, layout: NodeLayout) -> dict:
     return meta
 
 
-def ui_to_api(workflow: dict, catalogue: dict[str, dict], rng: random.Random | None = None) -> dict[str, dict]:
+def ui_to_api(
+    workflow: dict, catalogue: dict[str, dict], rng: random.Random | None = None, now: datetime | None = None
+) -> dict[str, dict]:
     """Convert an editor (LiteGraph) workflow to an API prompt {id: {inputs, class_type, _meta}}.
 
-    `rng` drives the `{a|b}` choices of dynamic-prompt text widgets (a fresh generator when omitted).
+    `rng` drives the `{a|b}` choices of dynamic-prompt text widgets (a fresh generator when omitted), `now`
+    the `%date:...%` patterns of save nodes' filename_prefix (local time when omitted).
     Raises MissingNodeTypesError (a WorkflowFormatError) naming every node type the catalogue lacks.
     """
     if not isinstance(workflow, dict):
         raise WorkflowFormatError("a UI workflow must be a JSON object")
-    scopes, subgraph_ids = _parse_scopes(workflow)
+    scopes, subgraph_ids = parse_scopes(workflow)
     flow = _Workflow(scopes, subgraph_ids, catalogue)
     _expand(flow)
     _check_types(flow)
-    _apply_primitive_nodes(flow)
+    now = now or datetime.now()
+    _apply_primitive_nodes(flow, now)
     rng = rng or random.Random()
+    lookup = _widget_lookup(flow)
 
     prompt: dict[str, dict] = {}
     for exec_id in flow.order:
@@ -655,6 +499,8 @@ def ui_to_api(workflow: dict, catalogue: dict[str, dict], rng: random.Random | N
             value = values.get(widget.name)
             if widget.dynamic_prompts and isinstance(value, str):
                 value = process_dynamic_prompt(value, rng)
+            elif widget.name == "filename_prefix" and node_type in SAVE_NODE_TYPES and isinstance(value, str):
+                value = apply_text_replacements(value, lookup, now)
             inputs[widget.name] = _wrap(value)
         for slot, node_input in enumerate(flow.inputs(node)):
             resolved = _resolve_input(flow, placed, slot)
