@@ -361,3 +361,60 @@ def test_random_prompts_survive_api_ui_api(prompt):
     assert back == prompt
     # and one more lap through the editor format changes nothing
     assert ui_to_api(api_to_ui(back, CATALOGUE), CATALOGUE) == prompt
+
+
+PASS_THROUGH = {"IMAGE": "ImageInvert", "CONDITIONING": "ConditioningZeroOut", "LATENT": "RepeatLatentBatch",
+                "MODEL": "ModelSamplingDiscrete", "CLIP": "CLIPSetLastLayer"}
+
+
+def _insert_on_link(ui: dict, link: list, node_type: str, mode: int) -> None:
+    """Splice a new node (a Reroute, or a pass-through node in `mode`) into an existing link."""
+    link_id, _, _, target, target_slot, link_type = link
+    new_id = ui["last_node_id"] = ui["last_node_id"] + 1
+    new_link = ui["last_link_id"] = ui["last_link_id"] + 1
+    if node_type == "Reroute":
+        inputs = [{"name": "", "type": "*", "link": link_id}]
+        outputs = [{"name": "", "type": link_type, "links": [new_link]}]
+        widgets = None
+    else:
+        layout = node_layout(node_type, CATALOGUE)
+        inputs = [{"name": s.name, "type": s.type, "link": link_id if i == 0 else None}
+                  for i, s in enumerate(layout.sockets)]
+        outputs = [{"name": o.name, "type": o.type, "links": [new_link] if i == 0 else []}
+                   for i, o in enumerate(layout.outputs)]
+        widgets = [w.default for w in layout.persisted_widgets]
+    ui["nodes"].append({"id": new_id, "type": node_type, "pos": [0, 0], "size": [100, 40], "flags": {}, "order": 0,
+                        "mode": mode, "inputs": inputs, "outputs": outputs, "properties": {},
+                        **({"widgets_values": widgets} if widgets is not None else {})})
+    link[3], link[4] = new_id, 0
+    ui["links"].append([new_link, new_id, 0, target, target_slot, link_type])
+    target_node = next(n for n in ui["nodes"] if n["id"] == target)
+    target_node["inputs"][target_slot]["link"] = new_link
+
+
+@st.composite
+def decorated_workflow(draw):
+    prompt = draw(random_prompt())
+    ui = api_to_ui(prompt, CATALOGUE)
+    for link in list(ui["links"]):
+        for _ in range(draw(st.integers(0, 2))):
+            choice = draw(st.sampled_from(["Reroute", "bypass"]))
+            if choice == "bypass" and link[5] in PASS_THROUGH:
+                _insert_on_link(ui, link, PASS_THROUGH[link[5]], mode=4)
+            else:
+                _insert_on_link(ui, link, "Reroute", mode=0)
+    extra_id = ui["last_node_id"] + 1
+    ui["nodes"].append({"id": extra_id, "type": "Note", "mode": 0, "inputs": [], "outputs": [],
+                        "widgets_values": [draw(SAFE_TEXT)]})
+    ui["nodes"].append({"id": extra_id + 1, "type": "VAEDecode", "mode": 2, "inputs": [
+        {"name": "samples", "type": "LATENT", "link": None}, {"name": "vae", "type": "VAE", "link": None}],
+        "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": []}]})
+    ui["groups"].append({"id": 1, "title": draw(SAFE_TEXT), "bounding": [0, 0, 100, 100]})
+    return prompt, ui
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(decorated_workflow())
+def test_reroutes_bypassed_pass_throughs_notes_and_muted_nodes_change_nothing(case):
+    prompt, ui = case
+    assert ui_to_api(ui, CATALOGUE) == prompt
