@@ -184,5 +184,7 @@ def serve(args) -> int:
     if config.auth_token:
         print(f"latentloom: open {url}?token=<your token> once in the browser (it then keeps a cookie); "
               "scripts send 'Authorization: Bearer <token>'", flush=True)
-    uvicorn.run(app, host=host, port=config.port, log_level="warning", ws="websockets-sansio")
+    # No per-message deflate: previews are already compressed and the JSON messages are small, so it only costs CPU.
+    uvicorn.run(app, host=host, port=config.port, log_level="warning", ws="websockets-sansio",
+                ws_per_message_deflate=False)
     return 0

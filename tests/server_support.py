@@ -143,7 +143,8 @@ def live_server(app, port: int | None = None):
 
     port = port or free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           ws="websockets-sansio", lifespan="on"))
+                                           ws="websockets-sansio", lifespan="on",
+                                           ws_per_message_deflate=False))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     wait_for(lambda: server.started, timeout=15)
@@ -172,7 +173,8 @@ def main(argv: list[str]) -> None:
 
     port, database, root = int(argv[0]), Path(argv[1]), Path(argv[2])
     app = make_app(root, database=database)
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", ws="websockets-sansio")
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", ws="websockets-sansio",
+                ws_per_message_deflate=False)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,8 @@ def serve(port: int, root: Path) -> None:
     env = Environment.create(input_dir=root / "input", output_dir=root / "output", temp_dir=root / "temp")
     engine = Engine(NodeRegistry(utility.NODES), env)
     app = create_app(engine, ServerConfig(user_dir=root / "user", port=port))
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", ws="websockets-sansio")
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", ws="websockets-sansio",
+                ws_per_message_deflate=False)
 
 
 def free_port() -> int:
