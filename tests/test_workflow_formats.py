@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from engine.workflow import WorkflowFormatError, detect_format, load_workflow, read_png_text_chunks
+from engine.workflow import WorkflowFormatError, convert_workflow, detect_format, load_workflow, read_png_text_chunks
 
 FIXTURES = Path(__file__).parent / "workflow_fixtures"
 CATALOGUE = json.loads((FIXTURES / "catalogue.json").read_text())
@@ -116,3 +116,15 @@ def test_ui_conversion_needs_a_catalogue():
     with pytest.raises(WorkflowFormatError, match="catalogue"):
         load_workflow(UI, None)
     assert load_workflow(API, None)[0] == API
+
+
+def test_convert_workflow_both_ways():
+    assert convert_workflow(UI, "api", CATALOGUE) == (API, "ui_json")
+    assert convert_workflow(UI, "ui", CATALOGUE) == (UI, "ui_json")
+    laid_out, detected = convert_workflow(API, "ui", CATALOGUE)
+    assert detected == "api_json" and laid_out["version"] == 0.4
+    assert convert_workflow(laid_out, "api", CATALOGUE)[0] == API
+    png = png_bytes({"prompt": json.dumps(API)})
+    assert convert_workflow(png, "ui", CATALOGUE)[1] == "png_prompt"
+    with pytest.raises(WorkflowFormatError, match="unknown target"):
+        convert_workflow(API, "yaml", CATALOGUE)

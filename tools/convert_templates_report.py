@@ -1,9 +1,11 @@
 """Convert every ComfyUI workflow template (editor/UI format) to an API prompt and print the tallies as JSON.
 
-    .venv/bin/python tools/convert_templates_report.py [--catalogue object_info.json] [--templates DIR] [--list]
+    .venv/bin/python tools/convert_templates_report.py [--registry | --catalogue object_info.json]
+                                                       [--templates DIR] [--list]
 
 The templates come from the `comfyui-workflow-templates-json` package unless --templates names a folder.
-The catalogue is a JSON file in `/object_info` shape (default: the hand-made core SD catalogue of the tests).
+The catalogue is our node registry's /object_info (--registry), or a JSON file in that shape (default: the
+hand-made core SD catalogue of the tests).
 Each template is counted as converted (and valid when its wiring checks out against the catalogue),
 refused because of node types the catalogue lacks, or failed for another reason (which is a bug to report).
 """
@@ -84,10 +86,17 @@ def survey(files: list[Path], catalogue: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--catalogue", type=Path, default=DEFAULT_CATALOGUE)
+    parser.add_argument("--registry", action="store_true", help="use the built-in nodes' /object_info")
     parser.add_argument("--templates", type=Path, default=None)
     parser.add_argument("--list", action="store_true", help="include the outcome of every template")
     args = parser.parse_args()
-    catalogue = json.loads(args.catalogue.read_text())
+    if args.registry:
+        from engine.registry import NodeRegistry
+        from nodes import builtin_nodes
+
+        catalogue = NodeRegistry(builtin_nodes()).object_info()
+    else:
+        catalogue = json.loads(args.catalogue.read_text())
     report = survey(template_files(args.templates or default_templates_dir()), catalogue)
     if not args.list:
         report.pop("outcomes")

@@ -6,13 +6,14 @@ diffusion or HTTP.
 
 from engine.workflow.api_to_ui import api_to_ui
 from engine.workflow.catalogue import WorkflowFormatError
-from engine.workflow.formats import detect_format, load_workflow, read_png_text_chunks
+from engine.workflow.formats import convert_workflow, detect_format, load_workflow, read_png_text_chunks
 from engine.workflow.ui_to_api import MissingNodeTypesError, ui_to_api
 
 __all__ = [
     "MissingNodeTypesError",
     "WorkflowFormatError",
     "api_to_ui",
+    "convert_workflow",
     "detect_format",
     "load_workflow",
     "read_png_text_chunks",

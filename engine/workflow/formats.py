@@ -15,6 +15,7 @@ import zlib
 from pathlib import Path
 from typing import Any, Literal
 
+from engine.workflow.api_to_ui import api_to_ui
 from engine.workflow.catalogue import WorkflowFormatError
 from engine.workflow.ui_to_api import ui_to_api
 
@@ -176,3 +177,19 @@ def load_workflow(
         return load_document(_parse_json(data, "the file"), catalogue)
     except WorkflowFormatError as error:
         raise WorkflowFormatError(f"{where}: {error}") from error
+
+
+def convert_workflow(
+    source: str | os.PathLike | bytes | dict, to: Literal["api", "ui"], catalogue: dict
+) -> tuple[dict, SourceFormat]:
+    """(the workflow in the requested format, the detected source format), for `convert FILE --to api|ui`.
+
+    Asking for UI gives back the source's own UI workflow when it has one (a UI file, a PNG's `workflow`
+    chunk), and a laid-out conversion of the API prompt otherwise.
+    """
+    prompt, workflow, detected = load_workflow(source, catalogue)
+    if to == "api":
+        return prompt, detected
+    if to == "ui":
+        return (workflow if workflow is not None else api_to_ui(prompt, catalogue)), detected
+    raise WorkflowFormatError(f"unknown target format {to!r}: use 'api' or 'ui'")
