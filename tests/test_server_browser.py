@@ -126,6 +126,21 @@ def test_default_graph_is_the_servers(tmp_path, browser):
         assert not page.errors, page.errors
 
 
+def test_editor_works_behind_an_auth_token(tmp_path, browser):
+    """Opening /?token=T once sets the cookie; the editor's fetches and websocket then authenticate with it."""
+    new_user_root(tmp_path)
+    with live_server(make_app(tmp_path, auth_token="tok-123")) as base:
+        page = browser.new_page()
+        assert page.goto(base + "/api/queue").status == 401
+        page.goto(base + "/?token=tok-123")
+        assert page.url == base + "/"
+        page.wait_for_function("() => window.app && window.app.graph && window.app.api", timeout=60_000)
+        page.wait_for_function("() => window.app.api.socket && window.app.api.socket.readyState === 1",
+                               timeout=30_000)
+        assert page.evaluate("async () => (await fetch('api/queue')).status") == 200
+        screenshot(page, "editor_with_token")
+
+
 def test_invalid_graph_marks_the_failing_node(tmp_path, browser):
     new_user_root(tmp_path)
     graph = {"1": {"class_type": "EvenOnly", "inputs": {"value": 3}},
