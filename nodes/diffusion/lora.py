@@ -334,11 +334,15 @@ class LoraPatch:
                     # The backup lives off the accelerator: VRAM holds only the patched weights.
                     backup = parameter.detach().to("cpu", copy=True)
                     backups.append((parameter, backup))
-                    patched = parameter.detach().to(torch.float32, copy=True)
+                    # float32 weights accumulate in place (same arithmetic, one copy less); others in a float32
+                    # copy rounded once at the end.
+                    in_place = parameter.dtype == torch.float32
+                    patched = parameter.detach() if in_place else parameter.detach().to(torch.float32, copy=True)
                     for adapter, strength in adapters:
                         change, scale = adapter.delta(parameter.shape, parameter.device)
                         patched += (strength * scale) * change
-                    parameter.copy_(patched.to(parameter.dtype))
+                    if not in_place:
+                        parameter.copy_(patched.to(parameter.dtype))
         except BaseException:
             restore()
             raise
