@@ -193,3 +193,22 @@ def test_fuzzed_prompt_bodies_never_500(client, body):
         assert set(data) == {"prompt_id", "number", "node_errors"}
     else:
         assert set(data) == {"error", "node_errors"} and set(data["error"]) >= {"type", "message"}
+
+
+ui_nodes = st.fixed_dictionaries(
+    {"id": st.integers(0, 5) | st.text(max_size=3), "type": class_types | st.text(max_size=5)},
+    optional={"inputs": st.lists(json_values, max_size=3), "outputs": st.lists(json_values, max_size=3),
+              "widgets_values": st.lists(json_values, max_size=4) | json_values, "mode": st.integers(0, 4)})
+ui_workflows = st.fixed_dictionaries(
+    {"nodes": st.lists(ui_nodes, max_size=4),
+     "links": st.lists(st.lists(st.integers(0, 5) | st.text(max_size=3), max_size=6), max_size=4) | json_values},
+    optional={"version": json_values, "definitions": json_values, "extra": json_values})
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(workflow=ui_workflows)
+def test_fuzzed_ui_workflows_never_500(client, workflow):
+    response = client.post("/prompt", content=json.dumps({"prompt": workflow}))
+    assert response.status_code in (200, 400), (response.status_code, response.text)
+    if response.status_code == 400:
+        assert set(response.json()["error"]) >= {"type", "message", "details"}
