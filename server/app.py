@@ -64,7 +64,7 @@ def create_app(engine, config: ServerConfig | None = None) -> Starlette:
     routes += [Route("/api" + r.path, r.endpoint, methods=sorted(r.methods or ()))
                for r in routes_system.API_ONLY_ROUTES]
     routes.append(Mount("/internal", routes=routes_system.INTERNAL_ROUTES + routes_files.INTERNAL_ROUTES))
-    routes.append(WebSocketRoute("/ws", hub.endpoint))
+    routes += [WebSocketRoute("/ws", hub.endpoint), WebSocketRoute("/api/ws", hub.endpoint)]
     routes += frontend.static_routes(config.frontend_root or frontend.frontend_root())
 
     @contextlib.asynccontextmanager

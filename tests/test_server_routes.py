@@ -438,6 +438,11 @@ def test_userdata_crud_and_move(client):
 
 
 
+def test_websocket_also_at_api_ws(client):
+    with client.websocket_connect("/api/ws?clientId=aliased") as ws:
+        assert ws.receive_json()["data"]["sid"] == "aliased"
+
+
 def test_every_api_route_also_answers_under_api_prefix(client):
     from starlette.routing import Route
 
