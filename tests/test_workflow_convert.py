@@ -88,6 +88,28 @@ def test_unknown_node_types_are_refused_with_all_names():
     assert "AnotherMissingNode" in str(caught.value) and "FancyUpscaler" in str(caught.value)
 
 
+def test_primitive_node_wired_to_a_subgraph_instance_does_not_reach_inside():
+    # The editor resolves the inner input through the instance's (now linked) input to the virtual
+    # PrimitiveNode, finds nothing, and keeps the inner widget's own value (checked with the frontend).
+    ui, expected = load_fixture("subgraph_nested")
+    ui["nodes"].append({"id": 30, "type": "PrimitiveNode", "mode": 0, "inputs": [],
+                        "outputs": [{"name": "STRING", "type": "STRING", "widget": {"name": "text"}, "links": [30]}],
+                        "widgets_values": ["a lighthouse"]})
+    instance = next(n for n in ui["nodes"] if n["id"] == 12)
+    instance["inputs"][2]["link"] = 30
+    ui["links"].append([30, 30, 0, 12, 2, "STRING"])
+    prompt = ui_to_api(ui, CATALOGUE)
+    assert prompt["12:1"]["inputs"]["text"] == "inner default prompt"
+    assert {k: v for k, v in prompt.items() if k != "12:1"} == {k: v for k, v in expected.items() if k != "12:1"}
+
+
+def test_legacy_group_nodes_get_a_hint():
+    ui, _ = load_fixture("notes_groups_seed")
+    ui["nodes"][1]["type"] = "workflow>MyGroup"
+    with pytest.raises(MissingNodeTypesError, match="legacy group nodes"):
+        ui_to_api(ui, CATALOGUE)
+
+
 def test_unknown_type_inside_a_subgraph_is_refused():
     ui, _ = load_fixture("subgraph_nested")
     ui["definitions"]["subgraphs"][1]["nodes"][0]["type"] = "EmptyFluxLatent"

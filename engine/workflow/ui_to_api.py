@@ -44,8 +44,11 @@ class MissingNodeTypesError(WorkflowFormatError):
 
     def __init__(self, missing: list[str]):
         self.missing = sorted(set(missing))
+        hint = ""
+        if any(name.startswith(("workflow>", "workflow/")) for name in self.missing):
+            hint = " (types named 'workflow>...' are legacy group nodes: open and re-save the file in the editor)"
         super().__init__(
-            f"workflow uses {len(self.missing)} node type(s) that are not installed: " + ", ".join(self.missing)
+            f"workflow uses {len(self.missing)} node type(s) that are not installed: " + ", ".join(self.missing) + hint
         )
 
 
