@@ -101,6 +101,42 @@ async def experiment_models_in(request: Request):
     return json_response(await run_in_threadpool(_model_files, state, folder))
 
 
+PREVIEW_SUFFIXES = (".png", ".preview.png", ".jpg", ".jpeg", ".preview.jpg", ".webp", ".preview.webp")
+
+
+def _model_preview(state: ServerState, folder: str, index: int, filename: str) -> bytes | None:
+    """A picture stored beside a model file (`x.png`, `x.preview.jpg`, ...), re-encoded as WebP."""
+    import io
+
+    from PIL import Image
+
+    directories = state.env.model_dirs.get(folder, [])
+    if not 0 <= index < len(directories):
+        return None
+    model = confine(directories[index], filename, status=404)
+    for suffix in PREVIEW_SUFFIXES:
+        candidate = model.with_name(model.stem + suffix)
+        if candidate.is_file() and candidate.resolve().is_relative_to(Path(directories[index]).resolve()):
+            with Image.open(candidate) as image:
+                buffer = io.BytesIO()
+                image.convert("RGB").save(buffer, "WEBP", quality=80)
+                return buffer.getvalue()
+    return None
+
+
+async def experiment_model_preview(request: Request):
+    state = server_state(request)
+    folder = _model_folder(state, request)
+    try:
+        index = int(request.path_params["path_index"])
+        data = await run_in_threadpool(_model_preview, state, folder, index, request.path_params["filename"])
+    except (ValueError, OSError):
+        data = None
+    if data is None:
+        return Response(status_code=404)
+    return Response(data, media_type="image/webp")
+
+
 def _memory() -> tuple[int, int]:
     total = free = 0
     try:
@@ -209,6 +245,8 @@ ROUTES = [
     Route("/models/{folder}", models_in, methods=["GET"]),
     Route("/experiment/models", experiment_models, methods=["GET"]),
     Route("/experiment/models/{folder}", experiment_models_in, methods=["GET"]),
+    Route("/experiment/models/preview/{folder}/{path_index}/{filename:path}", experiment_model_preview,
+          methods=["GET"]),
     Route("/system_stats", system_stats, methods=["GET"]),
     Route("/features", get_features, methods=["GET"]),
     Route("/workflow_templates", workflow_templates, methods=["GET"]),

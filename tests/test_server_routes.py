@@ -348,6 +348,14 @@ def test_models_and_embeddings(client):
     files = client.get("/api/experiment/models/checkpoints").json()
     assert files[0]["name"] == "m.safetensors" and files[0]["pathIndex"] == 0 and files[0]["size"] == 1
     assert client.get("/experiment/models/nope").status_code == 404
+    from PIL import Image
+
+    Image.new("RGB", (4, 4), (1, 2, 3)).save(client.root / "models" / "checkpoints" / "m.png")
+    preview = client.get("/api/experiment/models/preview/checkpoints/0/m.safetensors")
+    assert preview.status_code == 200 and preview.headers["content-type"] == "image/webp"
+    assert client.get("/experiment/models/preview/checkpoints/0/other.safetensors").status_code == 404
+    assert client.get("/experiment/models/preview/checkpoints/9/m.safetensors").status_code == 404
+    assert client.get("/experiment/models/preview/checkpoints/0/..%2F..%2Fx.safetensors").status_code == 404
 
 
 def test_system_stats_and_features(client):
