@@ -6,7 +6,14 @@ matching type), subgraph boundaries and promoted widgets until it reaches a real
 value; muted nodes produce nothing, so inputs linked to them disappear; PrimitiveNodes push their value into
 the widgets they feed; notes are dropped; widget values are read positionally against the widget list the
 catalogue implies (companion widgets such as control_after_generate take a position but never reach the
-prompt). Link resolution is a loop over explicit states, never recursion.
+prompt); dynamic-prompt text widgets get their `{a|b}` choices made and comments stripped, save nodes'
+filename_prefix its `%date:...%` / `%Node.widget%` patterns expanded. Link resolution is a loop over
+explicit states, never recursion.
+
+Where the editor has quirks, they are reproduced because they decide the prompt: a muted node's consumers
+stay in the prompt without that input; nested subgraph instances are expanded even when muted or bypassed
+(only top-level instances are gated by their mode); stale widget inputs are dropped by a loop that skips
+the slot after each removal. tools/frontend_export.py runs the real frontend to check all this.
 """
 
 from __future__ import annotations
