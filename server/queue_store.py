@@ -158,8 +158,9 @@ class QueueStore:
                 self._db.execute(
                     "INSERT INTO history (prompt_id, entry, status, created, started, finished) VALUES (?,?,?,?,?,?)",
                     (item.prompt_id, json.dumps(entry), status, item.created, item.started, time.time()))
+                # Retention: everything at or below the (limit+1)-th newest row goes (an index lookup, not a scan).
                 self._db.execute(
-                    "DELETE FROM history WHERE seq NOT IN (SELECT seq FROM history ORDER BY seq DESC LIMIT ?)",
+                    "DELETE FROM history WHERE seq <= (SELECT seq FROM history ORDER BY seq DESC LIMIT 1 OFFSET ?)",
                     (HISTORY_LIMIT,))
                 self._db.execute("COMMIT")
             except BaseException:
