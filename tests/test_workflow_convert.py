@@ -280,9 +280,10 @@ def test_api_to_ui_layers_follow_longest_path():
     nodes = {n["id"]: n for n in api_to_ui(api, CATALOGUE)["nodes"]}
     columns = sorted({n["pos"][0] for n in nodes.values()})
     column_of = {node_id: columns.index(n["pos"][0]) for node_id, n in nodes.items()}
-    # Checkpoint and latent start; encoders next; sampler after the encoders (not next to the latent).
-    assert column_of[4] == column_of[5] == 0
-    assert column_of[6] == column_of[7] == 1
+    # The checkpoint starts; encoders next; the sampler after the encoders, with the input-less latent
+    # moved right beside the encoders, just before the sampler that uses it.
+    assert column_of[4] == 0
+    assert column_of[6] == column_of[7] == column_of[5] == 1
     assert (column_of[3], column_of[8], column_of[9]) == (2, 3, 4)
 
 

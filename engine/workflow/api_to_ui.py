@@ -1,10 +1,11 @@
 """API prompt -> UI (LiteGraph) workflow with an automatic left-to-right layout.
 
 Nodes are placed in columns by longest-path layering (a node sits one column right of its furthest-right
-input source) and stacked top to bottom inside a column, ordered by where their sources sit so links cross
-less. Widget values are written in catalogue order with the editor's companion widgets filled in
-(control_after_generate = "fixed", so opening and running the file does not change the seed). Converting
-the result back with ui_to_api gives the same prompt.
+input source; input-less nodes sit just left of their first consumer) and stacked top to bottom inside a
+column, ordered by where their sources sit so links cross less. Widget values are written in catalogue
+order with the editor's companion widgets filled in (control_after_generate = "fixed", so opening and
+running the file does not change the seed). Converting the result back with ui_to_api gives the same
+prompt; the ComfyUI frontend's own Export (API) of it does too (checked with tools/frontend_export.py).
 """
 
 from __future__ import annotations
@@ -89,9 +90,14 @@ def _assign_ui_ids(prompt: dict) -> dict[str, int]:
 
 
 def _layers(graph: nx.DiGraph, order: list[str]) -> dict[str, int]:
+    """Longest-path layering; then nodes without inputs move right to sit just before their first consumer
+    (a latent or a loader used late would otherwise be stranded in column 0 with a long link)."""
     layer: dict[str, int] = {}
     for node_id in order:
         layer[node_id] = max((layer[source] + 1 for source in graph.predecessors(node_id)), default=0)
+    for node_id in order:
+        if graph.in_degree(node_id) == 0 and graph.out_degree(node_id) > 0:
+            layer[node_id] = min(layer[target] for target in graph.successors(node_id)) - 1
     return layer
 
 
@@ -99,7 +105,8 @@ def _node_size(layout: NodeLayout, socket_count: int) -> tuple[float, float]:
     visible = [w for w in layout.widgets if w.persisted]
     multiline = sum(1 for w in visible if w.dynamic_prompts)
     rows = max(socket_count, len(layout.outputs))
-    height = TITLE_HEIGHT + SLOT_HEIGHT * rows + WIDGET_HEIGHT * (len(visible) - multiline) + MULTILINE_HEIGHT * multiline
+    height = (TITLE_HEIGHT + SLOT_HEIGHT * rows + WIDGET_HEIGHT * (len(visible) - multiline)
+              + MULTILINE_HEIGHT * multiline)
     return (WIDE_NODE_WIDTH if multiline else NODE_WIDTH), float(max(height, 60))
 
 
@@ -171,7 +178,8 @@ def api_to_ui(prompt: dict, catalogue: dict[str, dict]) -> dict:
         known = {s.name for s in layout.sockets} | set(layout.widget_types)
         for name in inputs:
             if name not in known:
-                warnings.append(f"node {node_id}: input {name!r} is not in the catalogue for {node.class_type}; left out")
+                warnings.append(
+                    f"node {node_id}: input {name!r} is not in the catalogue for {node.class_type}; left out")
         for slot, ui_input in enumerate(node.inputs):
             value = inputs.get(ui_input["name"])
             if not _is_link(value):
