@@ -187,7 +187,8 @@ def command_run(args: argparse.Namespace) -> int:
         "cache": engine.cache.stats().as_dict(),
     }
     if manager is not None and hasattr(manager, "stats"):
-        summary["memory"] = manager.stats()
+        stats = manager.stats()  # a dataclass: as a JSON object, not its repr string
+        summary["memory"] = stats.as_dict() if hasattr(stats, "as_dict") else stats
     if result.error:
         summary["error"] = {k: result.error.get(k) for k in
                             ("node_id", "node_type", "exception_type", "exception_message") if k in result.error}
