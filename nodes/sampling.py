@@ -61,6 +61,16 @@ def _check_latent(latent: Any, node: str, name: str = "latent_image") -> dict:
     return latent
 
 
+def _check_channels(latent: dict, model: DiffusionModel, node: str, name: str = "latent_image") -> dict:
+    """The latent must have the model's latent channel count (inpainting UNets take their extra channels from
+    the conditioning, not from the latent)."""
+    channels, expected = latent["samples"].shape[1], model.latent_format.channels
+    if channels != expected:
+        raise ValueError(f"{node}: input '{name}' has {channels} channels, but this {model.family} model works "
+                         f"on {expected}-channel latents (a latent made for another model family?)")
+    return latent
+
+
 def _check_conditioning(conditioning: Any, node: str, name: str) -> list:
     if not isinstance(conditioning, list) or not all(
             isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[0], torch.Tensor)
@@ -113,7 +123,7 @@ def common_ksampler(ctx: Any, node: str, model: Any, seed: int, steps: int, cfg:
                     disable_noise: bool = False, start_step: int | None = None, last_step: int | None = None,
                     force_full_denoise: bool = False) -> tuple[dict]:
     model = _check_model(model, node)
-    latent = _check_latent(latent, node)
+    latent = _check_channels(_check_latent(latent, node), model, node)
     positive = _check_conditioning(positive, node, "positive")
     negative = _check_conditioning(negative, node, "negative")
     sampler = sampler_for_name(_check_choice(sampler_name, SAMPLER_NAMES, node, "sampler_name"))
@@ -222,7 +232,7 @@ class SamplerCustom(Node):
     def run(self, ctx):
         node = "SamplerCustom"
         model = _check_model(self.model, node)
-        latent = dict(_check_latent(self.latent_image, node))
+        latent = dict(_check_channels(_check_latent(self.latent_image, node), model, node))
         if not isinstance(self.sampler, Sampler):
             raise ValueError(f"{node}: input 'sampler' must be a SAMPLER")
         sigmas = _check_sigmas(self.sigmas, node)
@@ -255,6 +265,7 @@ class SamplerCustomAdvanced(Node):
         if not isinstance(self.sampler, Sampler):
             raise ValueError(f"{node}: input 'sampler' must be a SAMPLER")
         sigmas = _check_sigmas(self.sigmas, node)
+        _check_channels(latent, self.guider.model, node)
         x0_sink: dict = {}
         out = _sample(ctx, self.guider, self.noise.generate_noise(latent), latent, self.sampler, sigmas,
                       self.noise.seed, x0_sink)
