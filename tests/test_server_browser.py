@@ -158,6 +158,18 @@ def test_invalid_graph_marks_the_failing_node(tmp_path, browser):
         screenshot(page, "editor_invalid_graph")
 
 
+def runnable(engine, prompt: dict) -> bool:
+    """Valid here, and every image a LoadImage* node reads exists (those names are checked only at run time)."""
+    if not engine.validate(prompt).ok:
+        return False
+    for node in prompt.values():
+        if node["class_type"].startswith("LoadImage"):
+            name = str(node["inputs"].get("image", "")).split(" [")[0]
+            if not (Path(engine.env.input_dir) / name).is_file():
+                return False
+    return True
+
+
 def test_graphs_folder_opens_and_runs_in_the_editor(tmp_path, browser):
     """Every graph in graphs/ opens with known node types; those whose models are present in models/ (e.g. the
     toy checkpoint) are also queued from the editor, with progress and the output image checked."""
@@ -169,7 +181,8 @@ def test_graphs_folder_opens_and_runs_in_the_editor(tmp_path, browser):
     from server.app import create_app
     from server.state import ServerConfig
 
-    engine = create_engine(models_dir=REPO / "models", input_dir=tmp_path / "input",
+    input_dir = REPO / "input" if (REPO / "input").is_dir() else tmp_path / "input"
+    engine = create_engine(models_dir=REPO / "models", input_dir=input_dir,
                            output_dir=tmp_path / "output", temp_dir=tmp_path / "temp")
     app = create_app(engine, ServerConfig(user_dir=tmp_path / "user", graphs_dir=REPO / "graphs"))
     known = set(engine.registry.names())
@@ -190,7 +203,7 @@ def test_graphs_folder_opens_and_runs_in_the_editor(tmp_path, browser):
             prompt = page.evaluate("async () => (await window.app.graphToPrompt()).output")
             assert prompt and {node["class_type"] for node in prompt.values()} <= known
             screenshot(page, f"graph_{path.stem}")
-            if engine.validate(prompt).ok:  # its models are here: run it from the editor
+            if runnable(engine, prompt):  # its models (and input images) are here: run it from the editor
                 page.evaluate(RECORD_EVENTS)
                 assert page.evaluate("async () => await window.app.queuePrompt(0, 1)") is True
                 page.wait_for_function("() => window.__events.includes('execution_success') || "
