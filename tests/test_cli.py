@@ -128,3 +128,34 @@ def test_console_script_runs(workdir):
                           text=True, cwd=workdir, env={"PYTHONPATH": str(TESTS.parent), "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["text"] == ["5.0"]
+
+
+def test_run_accepts_ui_format_and_png(workdir, capsys):
+    from PIL import Image, PngImagePlugin
+
+    from engine.workflow import api_to_ui
+    from server.cli import build_parser, make_engine
+
+    engine = make_engine(build_parser().parse_args(["nodes"]))
+    ui = api_to_ui(GOOD, engine.catalogue())
+    ui_path = write(workdir / "ui.json", ui)
+    assert run_cli("run", ui_path, "--json") == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["format"] == "ui_json" and summary["text"] == ["5.0"]
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("prompt", json.dumps(GOOD))
+    Image.new("RGB", (8, 8)).save(workdir / "wf.png", pnginfo=info)
+    assert run_cli("run", str(workdir / "wf.png"), "--json", "--set", "2.b=1") == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["format"] == "png_prompt" and summary["text"] == ["3.0"]
+
+
+def test_convert_round_trip(workdir, capsys):
+    api_path = write(workdir / "g.json", GOOD)
+    assert run_cli("convert", api_path, "--to", "ui", "-o", str(workdir / "ui.json")) == 0
+    assert run_cli("convert", str(workdir / "ui.json"), "--to", "api") == 0
+    out = capsys.readouterr().out
+    back = json.loads(out)
+    assert {k: (v["class_type"], v["inputs"]) for k, v in back.items()} == \
+        {k: (v["class_type"], v["inputs"]) for k, v in GOOD.items()}
