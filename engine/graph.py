@@ -298,7 +298,11 @@ def run_custom_validator(node: GraphNode, env: Any, received: dict[str, str], er
         errors.append(make_error("exception_during_validation", "Exception when validating node", str(exc),
                                  exception_type=type(exc).__name__, traceback=traceback.format_exc().splitlines()))
         return
-    if verdict is not True:
+    if isinstance(verdict, dict):  # {input name: message}: errors the editor can show on those inputs
+        for name, message in verdict.items():
+            errors.append(make_error("custom_validation_failed", "Custom validation failed for node",
+                                     f"{name} - {message}", input_name=name))
+    elif verdict is not True:
         details = "" if verdict in (False, None) else str(verdict)
         errors.append(make_error("custom_validation_failed", "Custom validation failed for node", details))
 

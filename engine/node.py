@@ -104,8 +104,9 @@ class Node(BaseModel):
 
     @classmethod
     def validate_inputs(cls, env: Any, constants: dict[str, Any], input_types: dict[str, str]) -> bool | str:
-        """Custom validation: return True, or an error message. Linked inputs are absent from `constants`;
-        `input_types` maps each linked input to the type its source produces."""
+        """Custom validation: return True, an error message, or {input name: message} so the client can show the
+        error on the input. Linked inputs are absent from `constants`; `input_types` maps each linked input to
+        the type its source produces."""
         return True
 
     # Set True when validate_inputs checks the linked types itself: the engine then skips its own type check.

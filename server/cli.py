@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--database", help="SQLite file for the queue and history (default: USER_DIR/queue.db)")
     serve.add_argument("--cache-bytes", type=int)
     serve.add_argument("--auth-token", help="require 'Authorization: Bearer TOKEN' (set one off loopback)")
+    serve.add_argument("--allowed-hosts", help="extra Host names accepted, comma-separated (DNS-rebinding guard)")
+    serve.add_argument("--max-upload-size", type=float, help="upload limit in MB (default 100)")
     _engine_args(serve)
     return parser
 

@@ -270,7 +270,7 @@ class EvenOnly(Node):
     @classmethod
     def validate_inputs(cls, env, constants, input_types):
         if "value" in constants and constants["value"] % 2:
-            return f"{constants['value']} is odd"
+            return {"value": f"{constants['value']} is odd"}
         return True
 
     def run(self, ctx):

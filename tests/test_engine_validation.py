@@ -116,7 +116,8 @@ def test_range_and_combo_errors(engine):
 def test_custom_validator(engine):
     prompt = {"1": {"class_type": "EvenOnly", "inputs": {"value": 3}}, "2": collect("1")}
     (error,) = engine.validate(prompt).node_errors["1"]["errors"]
-    assert error["type"] == "custom_validation_failed" and error["details"] == "3 is odd"
+    assert error["type"] == "custom_validation_failed" and error["details"] == "value - 3 is odd"
+    assert error["extra_info"]["input_name"] == "value"
     prompt["1"]["inputs"]["value"] = 4
     assert engine.validate(prompt).ok
 
