@@ -276,3 +276,24 @@ def test_apply_nodes_chain_share_and_pass_through(env, ctx):
     assert old[0][1]["control_apply_to_uncond"] is True and old[0][1]["control"].previous is first
     assert ControlNetApply.model_construct(conditioning=p1, control_net=net, image=hint_image(),
                                            strength=0.0).run(ctx)[0] is p1
+
+
+def test_sdxl_controlnet_receives_the_size_conditioning(env):
+    net = tiny_controlnet("sdxl")
+    loaded = load_controlnet(write_controlnet(controlnet_dir(env) / "xl.safetensors", net))
+    model, _ = tiny_objects("sdxl")
+    g = torch.Generator().manual_seed(0)
+    x_in, context = torch.randn((2, 4, 8, 8), generator=g), torch.randn((2, 77, 64), generator=g)
+    added = {"text_embeds": torch.randn((2, 32), generator=g),
+             "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]] * 2)}
+    sigma, timestep = torch.tensor([2.0, 2.0]), torch.tensor([500.0, 500.0])
+    image = hint_image(9)
+    down, mid = loaded.applied(image, 0.6).residuals(x_in, sigma, timestep, context, model, added_cond_kwargs=added)
+    with torch.no_grad():
+        ref_down, ref_mid = net(x_in, timestep, context, image.movedim(-1, 1).expand(2, -1, -1, -1).contiguous(),
+                                conditioning_scale=0.6, added_cond_kwargs=added, return_dict=False)
+    for ours, theirs in zip(down + (mid,), tuple(ref_down) + (ref_mid,)):
+        assert torch.equal(ours, theirs)
+    sd1_model, _ = tiny_objects("sd1")
+    with pytest.raises(ValueError, match="SDXL ControlNet"):
+        loaded.applied(image, 0.6).residuals(x_in, sigma, timestep, context, sd1_model)

@@ -342,3 +342,39 @@ def test_shape_check_agrees_with_the_computed_change(kind, shapes):
     assert change.numel() == count
     with pytest.raises(lora_math.LoraFormatError):
         adapter.delta(torch.Size([count + 1]), torch.device("cpu"))
+
+
+# SDXL's layout (no attention on level 0; two transformer blocks on the last level) and SD2's single encoder.
+SDXL_LDM_TO_DIFFUSERS = {
+    "input_blocks_4_1_transformer_blocks_0_attn1_to_q": "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+    "input_blocks_7_1_transformer_blocks_1_ff_net_2": "down_blocks.2.attentions.0.transformer_blocks.1.ff.net.2",
+    "output_blocks_0_1_transformer_blocks_1_attn2_to_k": "up_blocks.0.attentions.0.transformer_blocks.1.attn2.to_k",
+    "middle_block_1_proj_in": "mid_block.attentions.0.proj_in",
+    "label_emb_0_0": "add_embedding.linear_1",
+}
+
+
+def test_sdxl_ldm_names_and_sd2_text_encoder(env, ctx):
+    model, _ = tiny_objects("sdxl")
+    tensors, expected = {}, {}
+    for n, (ldm, diffusers_name) in enumerate(SDXL_LDM_TO_DIFFUSERS.items()):
+        weight = model.unet.get_parameter(diffusers_name + ".weight").detach().double().clone()
+        up, down = random_factors(weight.shape, 2, n)
+        tensors.update({f"lora_unet_{ldm}.lora_up.weight": up, f"lora_unet_{ldm}.lora_down.weight": down})
+        expected[diffusers_name + ".weight"] = weight + lora_delta64(up, down, weight.shape)
+    (patched,) = LoraLoaderModelOnly.model_construct(model=model, lora_name=write_lora(env, "xl.safetensors", tensors),
+                                                     strength_model=1.0).run(ctx)
+    inside = patched_state(patched)[0]
+    for key, want in expected.items():
+        assert torch.allclose(inside[key].double(), want, atol=1e-5), key
+    sd2_model, sd2_clip = tiny_objects("sd2")
+    key = f"h.text_model.{TE_LAYER}.weight"
+    weight = sd2_clip.encoders.get_parameter(key).detach().double().clone()
+    up, down = random_factors(weight.shape, 2, 7)
+    name = write_lora(env, "sd2.safetensors", {
+        "lora_te_text_model_encoder_layers_1_self_attn_q_proj.lora_up.weight": up,
+        "lora_te_text_model_encoder_layers_1_self_attn_q_proj.lora_down.weight": down})
+    _, clip = LoraLoader.model_construct(model=sd2_model, clip=sd2_clip, lora_name=name, strength_model=1.0,
+                                         strength_clip=2.0).run(ctx)
+    want = weight + 2 * lora_delta64(up, down, weight.shape)
+    assert torch.allclose(patched_state(clip, "clip")[0][key].double(), want, atol=1e-5)
