@@ -378,3 +378,27 @@ def test_sdxl_ldm_names_and_sd2_text_encoder(env, ctx):
                                          strength_clip=2.0).run(ctx)
     want = weight + 2 * lora_delta64(up, down, weight.shape)
     assert torch.allclose(patched_state(clip, "clip")[0][key].double(), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("on_output_axis", [True, False])
+def test_dora_rescales_to_the_stored_magnitude(env, ctx, on_output_axis):
+    model, _ = tiny_objects("sd1")
+    q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k"
+    weight = model.unet.get_parameter(q + ".weight").detach().double().clone()   # [32, 32]
+    up, down = random_factors(weight.shape, 4, 11)
+    g = torch.Generator().manual_seed(12)
+    magnitude = torch.rand((32, 1) if on_output_axis else (1, 32), generator=g) + 0.5
+    key = "lora_unet_" + q.replace(".", "_")
+    name = write_lora(env, f"dora{on_output_axis}.safetensors", {
+        f"{key}.lora_up.weight": up, f"{key}.lora_down.weight": down, f"{key}.alpha": torch.tensor(2.0),
+        f"{key}.dora_scale": magnitude})
+    (patched,) = LoraLoaderModelOnly.model_construct(model=model, lora_name=name, strength_model=0.7).run(ctx)
+    combined = weight + 0.5 * lora_delta64(up, down, weight.shape)
+    if on_output_axis:   # norm of each output row of the weight before the adapter
+        norm = weight.norm(dim=1, keepdim=True)
+    else:                # norm of each input column of the adapted weight
+        norm = combined.norm(dim=0, keepdim=True)
+    rescaled = combined * magnitude.double() / (norm + torch.finfo(torch.float32).eps)
+    want = weight + 0.7 * (rescaled - weight)
+    assert ctx.warnings == []
+    assert torch.allclose(patched_state(patched)[0][q + ".weight"].double(), want, atol=1e-5)

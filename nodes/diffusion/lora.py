@@ -1,4 +1,4 @@
-"""LoRA-family weight adapters (LoRA/LoCon, LoHa, LoKr, full diffs) as reversible weight patches.
+"""LoRA-family weight adapters (LoRA/LoCon, LoHa, LoKr, DoRA magnitudes, full diffs) as reversible weight patches.
 
 A LoRA file is a flat dictionary of tensors `<module key><suffix>`. The module key names a layer of the UNet or
 of a text encoder in one of several spellings (kohya `lora_unet_…` with LDM or diffusers module paths,
@@ -284,10 +284,10 @@ def parse_lora(tensors: Mapping[str, torch.Tensor], key_map: Mapping[str, Target
         if target is None:
             (parsed.ignored if skip and module.startswith(skip) else parsed.unmatched).append(module)
             continue
-        if "dora_scale" in parts:
-            parsed.unusable.append(f"{module}.dora_scale")
         alpha = float(parts["alpha"].float().item()) if "alpha" in parts else _peft_alpha(module, metadata)
-        factors = {name: value for name, value in parts.items() if name not in ("alpha", "dora_scale", "diff_b")}
+        factors = {name: value for name, value in parts.items() if name not in ("alpha", "diff_b")}
+        if kind == "diff":
+            factors.pop("dora_scale", None)
         parsed.adapters.append((target, Adapter(module, kind, factors, alpha)))
     return parsed
 
@@ -340,13 +340,32 @@ class LoraPatch:
                     patched = parameter.detach() if in_place else parameter.detach().to(torch.float32, copy=True)
                     for adapter, strength in adapters:
                         change, scale = adapter.delta(parameter.shape, parameter.device)
-                        patched += (strength * scale) * change
+                        if "dora_scale" in adapter.tensors:
+                            _add_dora(patched, change * scale, adapter.tensors["dora_scale"], strength)
+                        else:
+                            patched += (strength * scale) * change
                     if not in_place:
                         parameter.copy_(patched.to(parameter.dtype))
         except BaseException:
             restore()
             raise
         return restore
+
+
+def _add_dora(weight: torch.Tensor, change: torch.Tensor, dora_scale: torch.Tensor, strength: float) -> None:
+    """DoRA (in place, float32): W' = (W + ΔW)·m/‖·‖, then W += strength·(W' − W). The norm is taken per output
+    row of the current W when the magnitude m has one entry per output, else per input column of W + ΔW (as
+    ComfyUI computes it; + float32 eps)."""
+    magnitude = dora_scale.to(device=weight.device, dtype=torch.float32)
+    combined = weight + change
+    if magnitude.shape[0] == weight.shape[0]:
+        norm = weight.reshape(weight.shape[0], -1).norm(dim=1).reshape(-1, *[1] * (weight.dim() - 1))
+    else:
+        columns = combined.transpose(0, 1)
+        norm = columns.reshape(columns.shape[0], -1).norm(dim=1).reshape(-1, *[1] * (weight.dim() - 1))
+        norm = norm.transpose(0, 1)
+    combined *= magnitude / (norm + torch.finfo(torch.float32).eps)
+    weight += strength * (combined - weight)
 
 
 def attach(target: Any, patch: LoraPatch) -> Any:
