@@ -31,6 +31,8 @@ class ServerConfig:
     graphs_dir: Path | None = None        # offered to the editor as workflow templates
     frontend_root: Path | None = None     # default: the comfyui-frontend-package static folder
     start_worker: bool = True
+    workers: str = "local"                # "ray": a pool of Ray actors (server.dispatch) instead of one thread
+    worker_options: Any = None            # server.dispatch.PoolOptions for workers="ray"
 
     @property
     def database_path(self) -> Path:
