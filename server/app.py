@@ -54,7 +54,12 @@ def create_app(engine, config: ServerConfig | None = None) -> Starlette:
     store = QueueStore(config.database_path)
     logs = LogBuffer()
     hub = Hub(store, {})
-    worker = Worker(engine, store, hub)
+    if config.workers == "ray":
+        from .dispatch import RayWorkerPool  # Ray is imported only in this mode
+
+        worker = RayWorkerPool(engine, store, hub, config.worker_options)
+    else:
+        worker = Worker(engine, store, hub)
     state = ServerState(engine, config, store, hub, worker, logs)
     hub.features = routes_system.features(state)
 
@@ -115,6 +120,12 @@ def config_from_args(args) -> ServerConfig:
                           database=Path(args.database) if args.database else None,
                           auth_token=args.auth_token or None,
                           allowed_hosts=_host_names(getattr(args, "allowed_hosts", None)))
+    if getattr(args, "workers", "local") == "ray":
+        try:
+            from .dispatch import pool_options_from_args
+        except ImportError as exc:
+            raise SystemExit(f"--workers ray needs Ray: pip install 'latentloom[ray]' ({exc})") from exc
+        config.workers, config.worker_options = "ray", pool_options_from_args(args)
     upload_mb = getattr(args, "max_upload_size", None)  # ComfyUI's --max-upload-size, in MB
     if upload_mb:
         config.max_upload_bytes = int(float(upload_mb) * 1024 * 1024)
