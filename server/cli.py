@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--database", help="SQLite file for the queue and history (default: USER_DIR/queue.db)")
     serve.add_argument("--cache-bytes", type=int)
     serve.add_argument("--auth-token", help="require 'Authorization: Bearer TOKEN' (set one off loopback)")
+    serve.add_argument("--workers", choices=("local", "ray"), default="local",
+                       help="'ray': run prompts on a pool of Ray actors (one per GPU) fed by this server's queue")
+    serve.add_argument("--ray-address", help="with --workers ray: an existing Ray cluster ('auto', "
+                       "'ray://HOST:10001'); default: start a local one")
+    serve.add_argument("--num-workers", type=int, help="with --workers ray: number of worker actors "
+                       "(default: one per GPU, or 1 without GPUs)")
     serve.add_argument("--allowed-hosts", help="extra Host names accepted, comma-separated (DNS-rebinding guard)")
     serve.add_argument("--max-upload-size", type=float, help="upload limit in MB (default 100)")
     _engine_args(serve)
