@@ -37,6 +37,8 @@ def test_cpu_figures_and_the_engine_computes_what_the_plain_loop_computes(bench,
     assert overhead["engine_sampler_node_s"] <= overhead["engine_s"]
     assert memory["cache_within_budget"] and 0 < memory["cache_bytes"] <= memory["cache_budget"]
     assert memory["model_loads"] == 1 and memory["rss_after_10_mb"] > 0
+    small = report["memory_small_cache"]
+    assert small["cache_evictions"] > 0 and small["cache_bytes"] <= small["cache_budget"] == 1 << 18
 
 
 def test_gpu_path_dry_run_on_cpu(bench, capsys):

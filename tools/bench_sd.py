@@ -14,7 +14,9 @@ CPU part, on a tiny random SD1.5-shaped checkpoint (tests/tiny_models.py) in a t
              per-repeat ratios) and `min_ratio` (fastest runs) as steadier figures on a loaded machine. `sampler_ratio` compares the KSampler node
              alone with the plain loop alone; `max_pixel_diff` checks that both computed the same picture.
   memory     the same graph at 64² / 2 steps with --prompts distinct positive prompts on one engine: RSS after 10
-             and after all of them (target growth ≤ 5 %), and the output cache's bytes against its budget.
+             and after all of them (target growth ≤ 5 %), and the output cache's bytes against its budget;
+             `memory_small_cache` repeats up to 30 prompts under a 256 KiB cache budget (evictions keep the
+             cache within it). Measured before the overhead runs, whose freed memory would hide growth.
 GPU part (--gpu, only where CUDA is available; otherwise a JSON note): SD1.5-size random weights from the real
 SD1.5 UNet / VAE / CLIP-L configs below (no download), written as a single-file fp16 checkpoint, 512², 20
 steps: the engine's KSampler (euler, cfg 7.5) against diffusers' StableDiffusionPipeline built from the very
@@ -47,6 +49,7 @@ import torch  # noqa: E402
 
 CHECKPOINT = "bench_sd15.safetensors"
 NEGATIVE = "blurry, low quality"
+SMALL_CACHE_BYTES = 1 << 18
 
 # The SD1.5 networks' diffusers / transformers configs (v1-5 model_index), written out so nothing is fetched.
 SD15_UNET = {
@@ -92,11 +95,11 @@ def txt2img(size: int, steps: int, seed: int, text: str, cfg: float = 7.0, prefi
     }
 
 
-def make_engine(root: Path, manager: Any = None):
+def make_engine(root: Path, manager: Any = None, cache_bytes: int | None = None):
     import nodes
 
     engine = nodes.create_engine(models_dir=root / "models", input_dir=root / "input", output_dir=root / "output",
-                                 temp_dir=root / "temp", entry_points=False)
+                                 temp_dir=root / "temp", entry_points=False, cache_bytes=cache_bytes)
     if manager is not None:
         engine.env.services["models"] = manager
     return engine
@@ -247,10 +250,10 @@ def bench_overhead(root: Path, size: int, steps: int, repeats: int, cfg: float =
 
 # --- CPU: memory over many prompts -----------------------------------------------------------------------------
 
-def bench_memory(root: Path, prompts: int) -> dict:
+def bench_memory(root: Path, prompts: int, cache_bytes: int | None = None) -> dict:
     from engine.memory import ModelManager
 
-    engine = make_engine(root, ModelManager(device="cpu"))
+    engine = make_engine(root, ModelManager(device="cpu"), cache_bytes)
     words = ("lighthouse", "forest", "city", "harbour", "mountain", "desert", "garden", "library", "bridge", "river")
     rss: dict[int, int] = {}
     started = time.perf_counter()
@@ -267,7 +270,8 @@ def bench_memory(root: Path, prompts: int) -> dict:
     return {
         "prompts": prompts, "size": 64, "steps": 2, "seconds": round(seconds, 2),
         "rss_after_10_mb": round(rss[10] / 2 ** 20, 1), f"rss_after_{prompts}_mb": round(rss[prompts] / 2 ** 20, 1),
-        "rss_growth": round(growth, 4), "target_growth": 0.05,
+        "rss_growth": round(growth, 4), "rss_growth_mb": round((rss[prompts] - rss[10]) / 2 ** 20, 1),
+        "target_growth": 0.05,
         "cache_bytes": cache["bytes"], "cache_budget": cache["budget"], "cache_entries": cache["entries"],
         "cache_evictions": cache["evictions"], "cache_within_budget": cache["bytes"] <= cache["budget"],
         "model_loads": manager.loads, "models_loaded": len(manager.entries),
@@ -410,9 +414,13 @@ def main(argv: list[str] | None = None) -> int:
             from tiny_models import write_tiny_checkpoint
 
             write_tiny_checkpoint(root / "models" / "checkpoints" / CHECKPOINT, family="sd1", seed=0)
-            report["overhead"] = bench_overhead(root, args.size, args.steps, args.repeats)
+            # Memory first: memory freed by the larger overhead runs would otherwise absorb any growth.
             if not args.skip_memory:
                 report["memory"] = bench_memory(root, args.prompts)
+                # The same with a cache budget the outputs overflow: evictions keep it within the budget.
+                report["memory_small_cache"] = bench_memory(root, min(args.prompts, 30),
+                                                            cache_bytes=SMALL_CACHE_BYTES)
+            report["overhead"] = bench_overhead(root, args.size, args.steps, args.repeats)
     print(json.dumps(report))
     return 0
 
