@@ -11,8 +11,9 @@ CPU part, on a tiny random SD1.5-shaped checkpoint (tests/tiny_models.py) in a t
              seed's CPU noise, the same sigmas and integer timesteps, one UNet call per step on [uncond, cond]
              with CFG in eps space, Euler steps, VAE decode, the PNG written. Medians over --repeats, the two
              alternating; `ratio` = engine / plain (target ≤ 1.02), with `paired_ratio` (median of the
-             per-repeat ratios) and `min_ratio` (fastest runs) as steadier figures on a loaded machine. `sampler_ratio` compares the KSampler node
-             alone with the plain loop alone; `max_pixel_diff` checks that both computed the same picture.
+             per-repeat ratios) and `min_ratio` (fastest runs) as steadier figures on a loaded machine.
+             `sampler_ratio` compares the KSampler node alone with the plain loop alone; `max_pixel_diff` checks
+             that both computed the same picture.
   memory     the same graph at 64² / 2 steps with --prompts distinct positive prompts on one engine: RSS after 10
              and after all of them (target growth ≤ 5 %), and the output cache's bytes against its budget;
              `memory_small_cache` repeats up to 30 prompts under a 256 KiB cache budget (evictions keep the
