@@ -20,7 +20,7 @@ from .diffusion import lora as lora_math
 from .diffusion.checkpoint import read_state_dict
 from .diffusion.clip import ClipModel
 from .diffusion.models import DiffusionModel
-from .loaders import _choices, _file_identity, _fingerprint, _key, _load, _locate, _manager
+from .loaders import _choices, _file_identity, _fingerprint, _key, _load, _locate
 
 # Spellings of text-encoder keys: ignored (not "unmatched") when there is no CLIP to patch.
 TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder", "text_encoders.", "lora_prior_te")
