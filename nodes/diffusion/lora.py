@@ -93,13 +93,15 @@ def _clip_prefixes(family: str, slot: str) -> tuple[tuple[str, str], ...]:
 
 
 def key_map_clip(encoders: torch.nn.ModuleDict, family: str) -> dict[str, Target]:
-    """Spellings of the text encoders' layers, relative to ClipModel.encoders ("l.encoder.layers.0...")."""
+    """Spellings of the text encoders' layers, relative to ClipModel.encoders ("l.encoder.layers.0...").
+
+    Only the transformer layers' linears: the pooled-output projection is stored transposed in some layouts, and
+    a square ΔW in the wrong orientation would pass every shape check, so its keys stay unmatched (warned)."""
     mapping: dict[str, Target] = {}
     for slot, module in encoders.items():
         inner = text_transformer(module)
         inner_path = next(name for name, candidate in module.named_modules() if candidate is inner)
         base = f"{slot}.{inner_path}." if inner_path else f"{slot}."
-        projection = getattr(module, "text_projection", None)
         for name, _ in inner.named_parameters():
             if not (name.startswith("encoder.layers.") and name.endswith(".weight")):
                 continue
@@ -111,11 +113,6 @@ def key_map_clip(encoders: torch.nn.ModuleDict, family: str) -> dict[str, Target
                 # peft through transformers >= 5 (flat CLIPTextModel) drops the text_model. level.
                 mapping[diffusers_prefix + hf_module[len("text_model."):]] = target
             mapping[f"text_encoders.clip_{slot}.transformer.{hf_module}"] = target
-        if isinstance(projection, torch.nn.Linear):
-            target = Target("clip", f"{slot}.text_projection.weight")
-            for kohya, diffusers_prefix in _clip_prefixes(family, slot):
-                mapping[kohya + "text_projection"] = target
-                mapping[diffusers_prefix + "text_projection"] = target
     return mapping
 
 
