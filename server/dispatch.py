@@ -214,8 +214,8 @@ class RayWorkerPool:
 
     def workers(self) -> list[dict]:
         with self._lock:
-            return [{"id": s.worker_id, "state": s.state, "running": s.item.prompt_id if s.item else None,
-                     "prompts_run": s.prompts_run, "models": len(s.models), **s.info} for s in self.slots]
+            return [{**s.info, "id": s.worker_id, "state": s.state, "running": s.item.prompt_id if s.item else None,
+                     "prompts_run": s.prompts_run, "models": len(s.models)} for s in self.slots]
 
     @property
     def current(self) -> QueueItem | None:
