@@ -111,6 +111,26 @@ def load_work_models(with_controlnet: bool = True):
     return unet, vae, text_encoder, controlnet
 
 
+@torch.no_grad()
+def evaluate_vae(vae, count: int) -> dict:
+    """Reconstruct held-out dataset images (filled and outlined) and measure them like generated ones."""
+    right = {"colour": 0, "shape": 0}
+    errors, fills = [], {}
+    for style in ("filled", "outline"):
+        samples = list(toy_dataset.iter_samples(count, start_seed=9_000_000, style=style))
+        pixels = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float() / 127.5 - 1
+        decoded = vae.decode(vae.encode(pixels).latent_dist.mean).sample
+        images = ((decoded.permute(0, 2, 3, 1) + 1) * 127.5).clamp(0, 255).round().to(torch.uint8).numpy()
+        errors.append(float(np.abs(images.astype(float) - np.stack([s.image for s in samples])).mean()))
+        analyses = [toy_metrics.analyse(image) for image in images]
+        fills[style] = float(np.mean([a.fill for a in analyses]))
+        if style == "filled":
+            right["colour"] = sum(a.colour == s.spec.colour for a, s in zip(analyses, samples))
+            right["shape"] = sum(a.shape == s.spec.shape for a, s in zip(analyses, samples))
+    return {"colour_rate": right["colour"] / count, "shape_rate": right["shape"] / count,
+            "mean_abs_error_0_255": round(float(np.mean(errors)), 2), "fill": fills}
+
+
 def _prompt_cases(seeds: int, offset: int) -> list[tuple[int, toy_dataset.ShapeSpec]]:
     """Seeded random (colour, shape, background, position) prompts, balanced over colours and shapes."""
     rng = np.random.default_rng(1234 + offset)
@@ -190,14 +210,22 @@ def main() -> None:
     parser.add_argument("--cfg", type=float, default=6.0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--lora", default=str(WORK_DIR / "lora_outline.safetensors"))
+    parser.add_argument("--vae-only", action="store_true", help="only measure VAE reconstructions")
     parser.add_argument("--sheet", default="", help="write a contact sheet of the colour/shape samples here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.time()
+    if args.vae_only:
+        from diffusers import AutoencoderKL
+
+        vae = _fp16_round(AutoencoderKL.from_pretrained(WORK_DIR / "vae"))
+        print(json.dumps({"vae_reconstruction": evaluate_vae(vae, args.seeds)}, indent=2))
+        return
     unet, vae, text_encoder, controlnet = load_work_models()
     sampler = ToySampler(unet, vae, text_encoder, load_tokenizer(), controlnet)
     examples: list = []
     results = evaluate(sampler, args.seeds, args.steps, args.cfg, Path(args.lora) if args.lora else None, examples)
+    results["vae_reconstruction"] = evaluate_vae(vae, args.seeds)
     results["seconds"] = round(time.time() - started, 1)
     if args.sheet:
         from PIL import Image

@@ -26,6 +26,7 @@ WORK_DIR = Path(os.environ.get("TOY_WORK_DIR", REPO_ROOT / "work-training"))
 TEXT_WIDTH = 64
 UNET_CHANNELS = (32, 64, 64, 64)
 VAE_CHANNELS = (32, 32, 64, 64)
+VAE_LAYERS_PER_BLOCK = 1  # SD uses 2; 1 halves the full-resolution work, and the loaders read it from the keys
 MAX_TOKENS = 77
 BOS_ID, EOS_ID = 49406, 49407
 
@@ -36,7 +37,7 @@ def build_vae():
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=VAE_CHANNELS, layers_per_block=2, norm_num_groups=32, sample_size=64,
+        block_out_channels=VAE_CHANNELS, layers_per_block=VAE_LAYERS_PER_BLOCK, norm_num_groups=32, sample_size=64,
         scaling_factor=0.18215,
     )
 
