@@ -71,11 +71,23 @@ def _check_channels(latent: dict, model: DiffusionModel, node: str, name: str = 
     return latent
 
 
-def _check_conditioning(conditioning: Any, node: str, name: str) -> list:
+def _context_width(model: DiffusionModel) -> int | None:
+    """The text-embedding width the UNet's cross-attention takes (its input projection's, where it has one)."""
+    config = getattr(model.unet, "config", None)
+    width = getattr(config, "encoder_hid_dim", None) or getattr(config, "cross_attention_dim", None)
+    return width if isinstance(width, int) else None
+
+
+def _check_conditioning(conditioning: Any, node: str, name: str, model: DiffusionModel) -> list:
     if not isinstance(conditioning, list) or not all(
             isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[0], torch.Tensor)
             and isinstance(pair[1], dict) for pair in conditioning):
         raise ValueError(f"{node}: input '{name}' must be CONDITIONING (a list of [tensor, dict] pairs)")
+    expected = _context_width(model)
+    for tensor, _ in conditioning:
+        if expected is not None and tensor.shape[-1] != expected:
+            raise ValueError(f"{node}: input '{name}' holds {tensor.shape[-1]}-wide text embeddings, but this "
+                             f"{model.family} model takes {expected}-wide ones (encoded with another model's CLIP?)")
     return conditioning
 
 
@@ -124,8 +136,8 @@ def common_ksampler(ctx: Any, node: str, model: Any, seed: int, steps: int, cfg:
                     force_full_denoise: bool = False) -> tuple[dict]:
     model = _check_model(model, node)
     latent = _check_channels(_check_latent(latent, node), model, node)
-    positive = _check_conditioning(positive, node, "positive")
-    negative = _check_conditioning(negative, node, "negative")
+    positive = _check_conditioning(positive, node, "positive", model)
+    negative = _check_conditioning(negative, node, "negative", model)
     sampler = sampler_for_name(_check_choice(sampler_name, SAMPLER_NAMES, node, "sampler_name"))
     _check_choice(scheduler, SCHEDULER_NAMES, node, "scheduler")
     samples = latent["samples"]
@@ -237,8 +249,8 @@ class SamplerCustom(Node):
             raise ValueError(f"{node}: input 'sampler' must be a SAMPLER")
         sigmas = _check_sigmas(self.sigmas, node)
         source = RandomNoiseSource(self.noise_seed) if self.add_noise else NoNoise()
-        guider = Guider(model, {"positive": _check_conditioning(self.positive, node, "positive"),
-                                "negative": _check_conditioning(self.negative, node, "negative")}, self.cfg)
+        guider = Guider(model, {"positive": _check_conditioning(self.positive, node, "positive", model),
+                                "negative": _check_conditioning(self.negative, node, "negative", model)}, self.cfg)
         x0_sink: dict = {}
         out = _sample(ctx, guider, source.generate_noise(latent), latent, self.sampler, sigmas, self.noise_seed,
                       x0_sink)
@@ -369,9 +381,9 @@ class CFGGuider(Node):
 
     def run(self, ctx):
         node = "CFGGuider"
-        return (Guider(_check_model(self.model, node),
-                       {"positive": _check_conditioning(self.positive, node, "positive"),
-                        "negative": _check_conditioning(self.negative, node, "negative")}, self.cfg),)
+        model = _check_model(self.model, node)
+        return (Guider(model, {"positive": _check_conditioning(self.positive, node, "positive", model),
+                               "negative": _check_conditioning(self.negative, node, "negative", model)}, self.cfg),)
 
 
 class BasicGuider(Node):
@@ -383,8 +395,8 @@ class BasicGuider(Node):
 
     def run(self, ctx):
         node = "BasicGuider"
-        return (Guider(_check_model(self.model, node),
-                       {"positive": _check_conditioning(self.conditioning, node, "conditioning")}),)
+        model = _check_model(self.model, node)
+        return (Guider(model, {"positive": _check_conditioning(self.conditioning, node, "conditioning", model)}),)
 
 
 NODES = [KSampler, KSamplerAdvanced, SamplerCustom, SamplerCustomAdvanced, KSamplerSelect, BasicScheduler,

@@ -285,15 +285,33 @@ def test_rerun_executes_nothing_and_a_new_seed_keeps_the_checkpoint(workspace):
 
 # --- errors -----------------------------------------------------------------------------------------------------
 
-def test_runtime_error_exits_1_and_names_the_node(workspace, capsys):
-    wide = graph({"5": {"class_type": "WideEmptyLatent", "inputs": {"channels": 8, "width": SIZE, "height": SIZE}}})
-    code, summary = cli(workspace, capsys, wide, "--json")
+def checkpoint(name: str, node_id: str = "4") -> dict:
+    return {node_id: {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": name}}}
+
+
+RUNTIME_ERRORS = {
+    # An 8-channel latent for a 4-channel model.
+    "wide_latent": ({"5": {"class_type": "WideEmptyLatent", "inputs": {"channels": 8, "width": SIZE,
+                                                                       "height": SIZE}}},
+                    "input 'latent_image' has 8 channels", "4-channel"),
+    # The SDXL model sampled with prompts encoded by the SD1 checkpoint's CLIP (32 wide; the tiny SDXL takes 64).
+    "foreign_conditioning": ({**checkpoint("sdxl.safetensors"), **checkpoint("sd1.safetensors", "40"),
+                              "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a cat", "clip": ["40", 1]}}},
+                             "input 'positive' holds 32-wide text embeddings", "64-wide"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RUNTIME_ERRORS))
+def test_runtime_error_exits_1_and_names_the_node(workspace, capsys, case):
+    changes, *phrases = RUNTIME_ERRORS[case]
+    broken = graph(changes)
+    code, summary = cli(workspace, capsys, broken, "--json")
     assert code == 1 and summary["status"] == "error"
     assert summary["error"]["node_id"] == "3" and summary["error"]["node_type"] == "KSampler"
     message = summary["error"]["exception_message"]
-    assert "input 'latent_image' has 8 channels" in message and "4-channel" in message
+    assert all(phrase in message for phrase in phrases), message
     assert summary["outputs"] == []
-    code, err = cli(workspace, capsys, wide)
+    code, err = cli(workspace, capsys, broken)
     assert code == 1 and "error in node #3 KSampler" in err and "Traceback" not in err
 
 
