@@ -1,0 +1,65 @@
+"""Ray pool membership and restarts on a local 2-CPU Ray cluster: workers join and leave while prompts run (every
+prompt still runs exactly once), a worker that cannot be placed yet waits without blocking the others, and a server
+restart loses no queued prompt (the one running at shutdown runs again)."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+ray = pytest.importorskip("ray", reason="Ray is an optional extra (pip install 'latentloom[ray]')")
+
+from tests.ray_support import image_graph, make_ray_app, wait_history  # noqa: E402
+from tests.server_support import live_server, wait_for  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def states(pool) -> list[str]:
+    return sorted(w["state"] for w in pool.workers())
+
+
+def test_workers_join_and_leave_while_prompts_run(tmp_path):
+    app = make_ray_app(tmp_path, num_workers=1)
+    with live_server(app) as base, httpx.Client(base_url=base) as http:
+        pool = app.state.server.worker
+        ids = [http.post("/prompt", json={"prompt": image_graph(i / 20, steps=8, pause=0.04, prefix="member")})
+               .json()["prompt_id"] for i in range(10)]
+        wait_for(lambda: states(pool) == ["busy"], timeout=60)
+        pool.resize(3)   # one more fits the 2 CPUs; the third waits for resources (a node that never joins)
+        wait_for(lambda: states(pool) == ["busy", "busy", "starting"], timeout=60)
+        pool.resize(1)   # the waiting one goes at once, a busy one after its prompt
+        wait_for(lambda: len(pool.workers()) == 1, timeout=60)
+        entries = [wait_history(http, prompt_id, timeout=60) for prompt_id in ids]
+    assert all(entry["status"]["status_str"] == "success" for entry in entries)
+    ran_on = [t["worker"] for t in pool.timings]
+    assert len(ran_on) == 10 and len(set(ran_on)) == 2          # each prompt ran once; two workers took part
+    names = sorted(entry["outputs"]["4"]["images"][0]["filename"] for entry in entries)
+    assert names == [f"member_{n:05}_.png" for n in range(1, 11)]
+    assert sorted(p.name for p in (tmp_path / "output").iterdir()) == names
+
+
+def test_server_restart_loses_no_queued_prompt(tmp_path):
+    database = tmp_path / "queue.db"
+    first_app = make_ray_app(tmp_path, num_workers=1, database=database)
+    with live_server(first_app) as base, httpx.Client(base_url=base) as http:
+        pool = first_app.state.server.worker
+        ids = [http.post("/prompt", json={"prompt": image_graph(i / 10, steps=40, pause=0.03, prefix="restart")})
+               .json()["prompt_id"] for i in range(3)]
+        wait_for(lambda: pool.running_prompt_id == ids[0], timeout=60)
+    # The first server stopped mid-prompt: nothing of it is in the history, everything is still queued.
+    second_app = make_ray_app(tmp_path, num_workers=2, database=database)
+    assert second_app.state.server.store.history() == {}
+    assert sorted(item.prompt_id for item in second_app.state.server.store.items("pending")) == sorted(ids)
+    with live_server(second_app) as base, httpx.Client(base_url=base) as http:
+        entries = [wait_history(http, prompt_id, timeout=60) for prompt_id in ids]
+    assert all(entry["status"]["status_str"] == "success" for entry in entries)
+    saved = sorted(p.name for p in (tmp_path / "output").iterdir())
+    assert saved == [f"restart_{n:05}_.png" for n in range(1, 4)]
