@@ -65,13 +65,15 @@ class LatentUpscale(Node):
         width, height = self.width, self.height
         if width == 0 and height == 0:
             return (self.samples,)
-        # One side 0 keeps the aspect ratio; sizes here are pixels, at least 64.
+        # One side 0 keeps the aspect ratio; sizes here are pixels, at least 64 (both given, too).
         if width == 0:
             height = max(64, height)
             width = max(64, round(samples.shape[-1] * height / samples.shape[-2]))
         elif height == 0:
             width = max(64, width)
             height = max(64, round(samples.shape[-2] * width / samples.shape[-1]))
+        else:
+            width, height = max(64, width), max(64, height)
         out = dict(self.samples)
         out["samples"] = common_upscale(samples, width // 8, height // 8, self.upscale_method, self.crop)
         return (out,)

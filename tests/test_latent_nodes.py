@@ -98,6 +98,13 @@ def test_latent_upscale_zero_side_keeps_the_aspect_with_a_64_px_floor(ctx):
     assert same is latent
 
 
+def test_latent_upscale_floor_of_64_px_applies_when_both_sides_are_given(ctx):
+    latent = {"samples": torch.randn(1, 4, 8, 12)}
+    (out,) = run(LatentUpscale, ctx, samples=latent, upscale_method="nearest-exact", width=8, height=200,
+                 crop="disabled")
+    assert out["samples"].shape == (1, 4, 25, 8)  # width 8 px raised to 64 (8 cells), as ComfyUI does
+
+
 def test_latent_upscale_by_rounds_the_scaled_size(ctx):
     latent = {"samples": torch.randn(1, 4, 8, 13)}
     (out,) = run(LatentUpscaleBy, ctx, samples=latent, upscale_method="bislerp", scale_by=1.5)
