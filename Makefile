@@ -19,4 +19,4 @@ run: install
 
 test: install
 	bash tools/install_browser.sh
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest -q tests
