@@ -166,6 +166,10 @@ def test_png_metadata_holds_prompt_and_ui_workflow(workspace, capsys):
     assert np.array_equal(pixels(from_ui["outputs"][0]), pixels(from_api["outputs"][0]))
     with Image.open(from_api["outputs"][0]) as image:
         assert "prompt" in image.text and "workflow" not in image.text
+    # A saved PNG is itself a workflow file: running it makes the same picture again.
+    again = run_ok(workspace, capsys, Path(from_ui["outputs"][0]))
+    assert again["format"] != "api_json"
+    assert np.array_equal(pixels(again["outputs"][0]), pixels(from_ui["outputs"][0]))
 
 
 # --- img2img, inpaint, hires fix, custom sampling ---------------------------------------------------------------
