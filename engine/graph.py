@@ -316,26 +316,24 @@ def dependency_graph(nodes: dict[str, GraphNode], members: Iterable[str] | None 
     return dag
 
 
-def upstream_of(dag: nx.DiGraph, starts: Iterable[str]) -> set[str]:
+def _reachable(starts: Iterable[str], neighbours) -> set[str]:
+    """Breadth-first closure (iterative: graphs may be thousands of nodes deep)."""
     seen = set(starts)
     queue = deque(seen)
     while queue:
-        for pred in dag.predecessors(queue.popleft()):
-            if pred not in seen:
-                seen.add(pred)
-                queue.append(pred)
+        for other in neighbours(queue.popleft()):
+            if other not in seen:
+                seen.add(other)
+                queue.append(other)
     return seen
+
+
+def upstream_of(dag: nx.DiGraph, starts: Iterable[str]) -> set[str]:
+    return _reachable(starts, dag.predecessors)
 
 
 def downstream_of(dag: nx.DiGraph, starts: Iterable[str]) -> set[str]:
-    seen = set(starts)
-    queue = deque(seen)
-    while queue:
-        for succ in dag.successors(queue.popleft()):
-            if succ not in seen:
-                seen.add(succ)
-                queue.append(succ)
-    return seen
+    return _reachable(starts, dag.successors)
 
 
 def find_cycles(dag: nx.DiGraph) -> list[list[str]]:
