@@ -18,12 +18,15 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import networkx as nx
+
 from .cache import DEFAULT_CACHE_BYTES, OutputCache, Uncacheable, node_key
-from .events import (Event, EventBus, Executed, ExecutionCached, ExecutionError, ExecutionInterrupted,
+from .events import (EventBus, Executed, ExecutionCached, ExecutionError, ExecutionInterrupted,
                      ExecutionStart, ExecutionSuccess, Executing, NodeProgressState, NodeWarning, Progress,
                      ProgressState)
-from .graph import Graph, GraphNode, InputChecker, Link, build_node, check_links, dependency_graph, find_cycles
-from .node import ExecutionBlocker, Node, NodeOutput
+from .graph import (Graph, GraphNode, InputChecker, Link, build_node, check_links, dependency_graph, find_cycles,
+                    parse_link, upstream_of)
+from .node import ExecutionBlocker, NodeOutput
 from .registry import NodeRegistry
 
 # Full progress_state maps are sent for runs up to this many nodes; bigger runs get per-node deltas, which keeps
@@ -166,6 +169,7 @@ class _Run:
         self.cached_at_start: list[str] = []
         self.warnings: list[str] = []
         self.states: dict[str, NodeProgressState] = {}
+        self.current_node: GraphNode | None = None      # the last node started (named by interrupts)
         self.listening = executor.bus.has_listeners
         self.checker = InputChecker(executor.env)
 
@@ -342,14 +346,8 @@ class _Run:
         result.seconds = time.perf_counter() - started
         return result
 
-    current_node: GraphNode | None = None
-
     def topological_order(self, targets: list[str]) -> list[str]:
         """Producers-first order of every node the targets may read (lazy and raw links included)."""
-        import networkx as nx
-
-        from .graph import upstream_of
-
         dag = dependency_graph(self.nodes)
         needed = upstream_of(dag, targets)
         if len(needed) < len(self.nodes):
@@ -573,24 +571,18 @@ class _Run:
         cycles = find_cycles(sub.subgraph(added))
         if cycles:
             raise DependencyCycleError(f"expansion created a dependency cycle: {' -> '.join(cycles[0])}")
-        import networkx as nx
-
         self.compute_keys([n for n in nx.topological_sort(sub) if n in mapping.values()])
         self.schedule([n for n in added if self.nodes[n].node_cls.output_node])
         return mapping
 
 
 def _as_link(value: Any) -> Link | None:
-    from .graph import parse_link
-
     if isinstance(value, Link):
         return value
     return parse_link(value) if isinstance(value, list) else None
 
 
 def _relink(value: Any, mapping: dict[str, str]) -> Any:
-    from .graph import parse_link
-
     link = parse_link(value)
     if link is not None and link.source in mapping:
         return [mapping[link.source], link.slot]
