@@ -133,7 +133,6 @@ class Worker:
         self.hub.post_status()
         extra_data = {**item.extra_data, **item.secrets}
         outputs: dict = {}
-        meta: dict = {}
         try:
             checked = self.engine.validate(item.prompt, item.outputs or None)
             if not checked.ok:
@@ -143,8 +142,6 @@ class Worker:
                 result = await self.engine.executor.run_async(checked.graph, item.prompt_id, extra_data, token)
                 status = result.status
                 outputs = result.outputs
-                meta = {node: {"node_id": node, "display_node": node, "parent_node": None, "real_node_id": node}
-                        for node in outputs}
         except Exception as exc:
             status = "error"
             self._fail(item, type(exc).__name__, str(exc), exc)
@@ -154,31 +151,43 @@ class Worker:
             with self._lock:
                 self.current, self._token = None, None
             return
-        entry = {
-            "prompt": item.as_tuple(),
-            "outputs": outputs,
-            "status": {"status_str": "success" if status == "success" else "error",
-                       "completed": status == "success", "messages": self._messages},
-            "meta": meta,
-        }
-        self.store.finish(item, entry, JOB_STATUS.get(status, "failed"))
+        self.store.finish(item, history_entry(item, outputs, status, self._messages), JOB_STATUS.get(status, "failed"))
         with self._lock:
             self.current, self._token = None, None
         self.hub.post_status()
         self.hub.post_json("executing", {"node": None, "prompt_id": item.prompt_id}, item.client_id)
 
     def _fail(self, item: QueueItem, exception_type: str, message: str, exc: BaseException | None) -> None:
-        """An error outside any node (e.g. a queued graph that no longer validates after a restart)."""
-        data = {"prompt_id": item.prompt_id, "node_id": "", "node_type": "", "executed": [],
-                "exception_message": message, "exception_type": exception_type,
-                "traceback": traceback.format_exception(exc) if exc else [], "current_inputs": {},
-                "current_outputs": [], "timestamp": int(time.time() * 1000)}
-        if not any(m[0] == "execution_start" for m in self._messages):
-            start = {"prompt_id": item.prompt_id, "timestamp": data["timestamp"]}
-            self._messages.append(["execution_start", start])
-            self.hub.post_json("execution_start", start, item.client_id)
-        self._messages.append(["execution_error", data])
-        self.hub.post_json("execution_error", data, item.client_id)
+        report_error(self.hub, item, self._messages, exception_type, message,
+                     traceback.format_exception(exc) if exc else [])
+
+
+def history_entry(item: QueueItem, outputs: dict, status: str, messages: list) -> dict:
+    """The history entry of a finished prompt (shared with the Ray pool, server.dispatch)."""
+    return {
+        "prompt": item.as_tuple(),
+        "outputs": outputs,
+        "status": {"status_str": "success" if status == "success" else "error",
+                   "completed": status == "success", "messages": messages},
+        "meta": {node: {"node_id": node, "display_node": node, "parent_node": None, "real_node_id": node}
+                 for node in outputs},
+    }
+
+
+def report_error(hub, item: QueueItem, messages: list, exception_type: str, message: str,
+                 traceback_lines: list[str]) -> None:
+    """An error outside any node (e.g. a queued graph that no longer validates after a restart): sent to the
+    prompt's client and recorded in `messages`, after an execution_start if none was sent."""
+    data = {"prompt_id": item.prompt_id, "node_id": "", "node_type": "", "executed": [],
+            "exception_message": message, "exception_type": exception_type,
+            "traceback": traceback_lines, "current_inputs": {},
+            "current_outputs": [], "timestamp": int(time.time() * 1000)}
+    if not any(m[0] == "execution_start" for m in messages):
+        start = {"prompt_id": item.prompt_id, "timestamp": data["timestamp"]}
+        messages.append(["execution_start", start])
+        hub.post_json("execution_start", start, item.client_id)
+    messages.append(["execution_error", data])
+    hub.post_json("execution_error", data, item.client_id)
 
 
 def _describe_invalid(checked) -> str:
