@@ -32,12 +32,12 @@ from typing import Any
 import ray
 
 from engine.environment import MODEL_FOLDERS
-from engine.events import Executed, Executing
+from engine.events import Executing
 
 from .outputs_commit import OutputCommitter
 from .queue_store import QueueItem, QueueStore
 from .ray_pool import EngineFactory, EngineWorker
-from .worker import HISTORY_EVENTS, JOB_STATUS
+from .worker import HISTORY_EVENTS, JOB_STATUS, history_entry, report_error
 
 log = logging.getLogger("latentloom.server")
 MAX_ATTEMPTS = 3              # runs of one prompt whose worker died before it gives up with an error
@@ -421,19 +421,13 @@ class RayWorkerPool:
             self.store.requeue(item.prompt_id)
             return
         if status in ("invalid", "crashed"):
-            self._report_error(item, attempt, result.get("error") or {})
+            error = result.get("error") or {}
+            report_error(self.hub, item, attempt.messages, str(error.get("exception_type", "RuntimeError")),
+                         str(error.get("exception_message", "")), list(error.get("traceback") or []))
             status = "error"
         outputs = {node: self.committer.rewrite(slot.worker_id, item.prompt_id, node, ui)
                    for node, ui in (result.get("outputs") or {}).items()}
-        meta = {node: {"node_id": node, "display_node": node, "parent_node": None, "real_node_id": node}
-                for node in outputs}
-        entry = {
-            "prompt": item.as_tuple(),
-            "outputs": outputs,
-            "status": {"status_str": "success" if status == "success" else "error",
-                       "completed": status == "success", "messages": attempt.messages},
-            "meta": meta,
-        }
+        entry = history_entry(item, outputs, status, attempt.messages)
         self.store.finish(item, entry, JOB_STATUS.get(status, "failed"))
         self.committer.forget_prompt(item.prompt_id)
         self._attempts.pop(item.prompt_id, None)
@@ -441,20 +435,6 @@ class RayWorkerPool:
         slot.prompts_run += 1
         self.hub.post_status()
         self.hub.post_json("executing", {"node": None, "prompt_id": item.prompt_id}, item.client_id)
-
-    def _report_error(self, item: QueueItem, attempt: _Attempt, error: dict) -> None:
-        """An error outside any node (no longer valid on the worker, a worker lost too often, a bug)."""
-        data = {"prompt_id": item.prompt_id, "node_id": "", "node_type": "", "executed": [],
-                "exception_message": str(error.get("exception_message", "")),
-                "exception_type": str(error.get("exception_type", "RuntimeError")),
-                "traceback": list(error.get("traceback") or []), "current_inputs": {}, "current_outputs": [],
-                "timestamp": int(time.time() * 1000)}
-        if not any(m[0] == "execution_start" for m in attempt.messages):
-            start = {"prompt_id": item.prompt_id, "timestamp": data["timestamp"]}
-            attempt.messages.append(["execution_start", start])
-            self.hub.post_json("execution_start", start, item.client_id)
-        attempt.messages.append(["execution_error", data])
-        self.hub.post_json("execution_error", data, item.client_id)
 
 
 def engine_factory_from_args(args) -> EngineFactory:

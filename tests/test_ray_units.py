@@ -117,7 +117,8 @@ def test_commit_retry_reuses_names_and_cached_events_map_back(tmp_path):
     # The worker died; the retry on another worker (its own staged counter) lands on the same name.
     retry = committer.commit("w2", "p", "4", ui("x_00005_.png"), {("output", "", "x_00005_.png"): b"attempt 2"})
     assert first == retry == ui("x_00001_.png")
-    assert sorted(p.name for p in out.iterdir()) == ["x_00001_.png"] and (out / "x_00001_.png").read_bytes() == b"attempt 2"
+    assert sorted(p.name for p in out.iterdir()) == ["x_00001_.png"]
+    assert (out / "x_00001_.png").read_bytes() == b"attempt 2"
     # History rewrite and a later cached `executed` of w2 (no bytes) give the committed name.
     assert committer.rewrite("w2", "p", "4", ui("x_00005_.png")) == ui("x_00001_.png")
     committer.forget_prompt("p")
