@@ -44,6 +44,7 @@ MAX_ATTEMPTS = 3              # runs of one prompt whose worker died before it g
 MAX_START_FAILURES = 3        # consecutive actors that failed to start before the pool stops trying
 ACTOR_CONCURRENCY = 4         # run + interrupt + info + free can overlap in one actor
 POLL_SECONDS = 0.5
+RESOURCES_SECONDS = 5.0       # how often a pool sized by the cluster's GPUs looks at them again
 STARTING_POLL_SECONDS = 0.05
 TIMINGS_KEPT = 10_000
 # Errors meaning the actor (or its node) is gone, as opposed to an exception raised by our own code in it.
@@ -135,9 +136,12 @@ class RayWorkerPool:
         self._attempts: dict[str, int] = {}
         self._kept_secrets: dict[str, dict] = {}   # secrets of re-queued prompts (the store hands them out once)
         self._start_failures = 0
+        self._gpus_per_worker: float | None = None
+        self._resources_checked = 0.0
         self._owns_ray = False
         self._actor_class = None
         self._actor_options: dict[str, Any] = {}
+        self._torch_threads: int | None = None
         self._thread: threading.Thread | None = None
 
     # Control (any thread) -------------------------------------------------------------------------------------
@@ -151,6 +155,8 @@ class RayWorkerPool:
         if per_worker is None:
             per_worker = 1.0 if gpus >= 1 else 0.0
         self.target = self.options.num_workers or (max(1, int(gpus // per_worker)) if per_worker else 1)
+        # One worker per GPU, following GPU nodes that join or leave the cluster, unless a number was given.
+        self._gpus_per_worker = per_worker if per_worker and not self.options.num_workers else None
         self._actor_options = {"num_cpus": 1, "num_gpus": per_worker, "max_concurrency": ACTOR_CONCURRENCY}
         self._torch_threads = None if per_worker else self.options.torch_threads
         self._actor_class = ray.remote(EngineWorker)
@@ -200,6 +206,7 @@ class RayWorkerPool:
         busy ones after their prompt)."""
         with self._lock:
             self.target = max(0, int(num_workers))
+            self._gpus_per_worker = None
         self._wake.set()
 
     def remove_worker(self, worker_id: str) -> bool:
@@ -254,6 +261,11 @@ class RayWorkerPool:
 
     def _maintain(self) -> None:
         """Bring started actors into service, drop dead and drained ones, start actors up to the target."""
+        if self._gpus_per_worker and time.monotonic() - self._resources_checked > RESOURCES_SECONDS:
+            self._resources_checked = time.monotonic()
+            gpus = float(ray.cluster_resources().get("GPU", 0))
+            with self._lock:
+                self.target = max(1, int(gpus // self._gpus_per_worker))
         with self._lock:
             starting = [s for s in self.slots if s.state in ("starting", "draining") and s.ready_ref is not None]
         if starting:

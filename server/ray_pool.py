@@ -108,7 +108,13 @@ class EngineWorker:
 
         manager = self.engine.env.services.get("models")
         device = str(getattr(manager, "device", "cpu"))
-        return {"pid": os.getpid(), "host": socket.gethostname(), "device": device,
+        try:
+            import ray
+
+            gpus = [str(gpu) for gpu in ray.get_gpu_ids()] if ray.is_initialized() else []
+        except ImportError:
+            gpus = []
+        return {"pid": os.getpid(), "host": socket.gethostname(), "device": device, "gpus": gpus,
                 "running": self._current[0] if self._current else None}
 
     def interrupt(self, prompt_id: str) -> bool:

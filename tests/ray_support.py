@@ -87,7 +87,7 @@ def make_engine(root: str | Path) -> Engine:
     return Engine(NodeRegistry(RAY_TEST_NODES), env)
 
 
-def make_ray_app(root: Path, num_workers: int = 2, **config: Any):
+def make_ray_app(root: Path, num_workers: int | None = 2, **config: Any):
     from server.dispatch import PoolOptions
     from server.ray_pool import EngineFactory
 

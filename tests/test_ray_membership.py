@@ -1,6 +1,7 @@
-"""Ray pool membership and restarts on a local 2-CPU Ray cluster: workers join and leave while prompts run (every
-prompt still runs exactly once), a worker that cannot be placed yet waits without blocking the others, and a server
-restart loses no queued prompt (the one running at shutdown runs again)."""
+"""Ray pool membership and restarts on a local Ray cluster of 2 CPUs that declares 2 GPUs: one worker per GPU by
+default; workers join and leave while prompts run (every prompt still runs exactly once), a worker that cannot be
+placed yet waits without blocking the others; a server restart loses no queued prompt (the one running at shutdown
+runs again)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from tests.server_support import live_server, wait_for  # noqa: E402
 
 @pytest.fixture(scope="module", autouse=True)
 def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # Two GPUs declared (none exist): the pool's GPU path (one actor per GPU, num_gpus=1) runs on CPUs.
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield
     finally:
@@ -24,6 +26,17 @@ def cluster():
 
 def states(pool) -> list[str]:
     return sorted(w["state"] for w in pool.workers())
+
+
+def test_one_worker_per_gpu_by_default(tmp_path):
+    app = make_ray_app(tmp_path, num_workers=None)
+    with live_server(app) as base, httpx.Client(base_url=base) as http:
+        pool = app.state.server.worker
+        wait_for(lambda: states(pool) == ["idle", "idle"], timeout=60)
+        assert pool.target == 2
+        assert sorted(gpu for w in pool.workers() for gpu in w["gpus"]) == ["0", "1"]  # one GPU each
+        prompt_id = http.post("/prompt", json={"prompt": image_graph(prefix="gpu")}).json()["prompt_id"]
+        assert wait_history(http, prompt_id)["status"]["status_str"] == "success"
 
 
 def test_workers_join_and_leave_while_prompts_run(tmp_path):
