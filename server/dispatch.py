@@ -391,7 +391,7 @@ class RayWorkerPool:
         self._finish(slot, item, attempt, result)
         total = time.perf_counter() - began
         self.timings.append({"prompt_id": item.prompt_id, "worker": slot.worker_id, "total": total,
-                             "run": float(result.get("seconds", 0.0)),
+                             "run": float(result.get("seconds", 0.0)), "cpu": float(result.get("cpu_seconds", 0.0)),
                              "dispatch": max(0.0, total - float(result.get("seconds", 0.0)))})
 
     def _forward(self, slot: WorkerSlot, item: QueueItem, attempt: _Attempt, message: tuple) -> None:

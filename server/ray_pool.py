@@ -189,7 +189,7 @@ class EngineWorker:
             else:
                 messages.put(("event", event))
 
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.thread_time()
         result: dict[str, Any] = {"status": "error", "outputs": {}}
         unsubscribe = self.engine.bus.subscribe(listen)
         try:
@@ -208,6 +208,7 @@ class EngineWorker:
         finally:
             unsubscribe()
             result["seconds"] = time.perf_counter() - started
+            result["cpu_seconds"] = time.thread_time() - cpu_started  # below `seconds`: waiting for a core
             result["models"] = self.loaded_models()
             messages.put(("result", result))
 

@@ -136,6 +136,8 @@ def measure(setup: Setup, prompts: int, steps: int, warmups: int) -> dict:
     timings = list(getattr(setup.worker, "timings", []))[timings_before:]
     if timings:
         result["run_ms_p50"] = ms(statistics.median(t["run"] for t in timings))
+        # CPU time of the run's thread: when well below run_ms, the worker was waiting for a core.
+        result["run_cpu_ms_p50"] = ms(statistics.median(t["cpu"] for t in timings))
         result["dispatch_overhead_ms"] = {"p50": ms(percentile([t["dispatch"] for t in timings], 0.5)),
                                           "p99": ms(percentile([t["dispatch"] for t in timings], 0.99))}
         result["prompts_per_worker"] = {w: sum(t["worker"] == w for t in timings)
