@@ -17,7 +17,8 @@ from tests.server_support import live_server, wait_for  # noqa: E402
 @pytest.fixture(scope="module", autouse=True)
 def cluster():
     # Two GPUs declared (none exist): the pool's GPU path (one actor per GPU, num_gpus=1) runs on CPUs.
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False,
+             object_store_memory=256 * 1024**2)
     try:
         yield
     finally:

@@ -24,7 +24,7 @@ VOLATILE = {"timestamp", "prompt_id"}
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 1024**2)
     try:
         yield
     finally:

@@ -171,7 +171,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench-scaleout-"))
     write_tiny_checkpoint(root / "models" / "checkpoints" / "sd1.safetensors", family="sd1", seed=0)
     load_before = os.getloadavg()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 1024**2)
     runs: dict[str, dict] = {}
     trivial: dict[str, float] = {}
     try:
