@@ -127,3 +127,18 @@ def wait_history(client, prompt_id: str, timeout: float = 30.0) -> dict:
             return body[prompt_id]
         time.sleep(0.05)
     raise AssertionError(f"prompt {prompt_id} did not finish in {timeout} s")
+
+
+def workers_that_ran(pool, prompt_ids: list[str], timeout: float = 10.0) -> list[str]:
+    """The worker of each prompt, from the pool's timings (recorded just after the history entry is written)."""
+    def known():
+        by_prompt = {t["prompt_id"]: t["worker"] for t in list(pool.timings)}
+        return [by_prompt[p] for p in prompt_ids] if all(p in by_prompt for p in prompt_ids) else None
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = known()
+        if found is not None:
+            return found
+        time.sleep(0.02)
+    raise AssertionError("the pool recorded no timing for some prompts")

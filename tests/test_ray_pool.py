@@ -15,7 +15,8 @@ ray = pytest.importorskip("ray", reason="Ray is an optional extra (pip install '
 
 from server.app import create_app  # noqa: E402
 from server.state import ServerConfig  # noqa: E402
-from tests.ray_support import image_graph, loader_graph, make_engine, make_ray_app, wait_history  # noqa: E402
+from tests.ray_support import (image_graph, loader_graph, make_engine, make_ray_app, wait_history,  # noqa: E402
+                               workers_that_ran)
 from tests.server_support import TINY_PNG, live_server, read_until_done, wait_for  # noqa: E402
 from websockets.asyncio.client import connect  # noqa: E402
 
@@ -112,7 +113,7 @@ def test_prompts_spread_over_two_workers(served, root):
                .json()["prompt_id"] for i in range(6)]
         entries = [wait_history(http, prompt_id) for prompt_id in ids]
     assert all(entry["status"]["status_str"] == "success" for entry in entries)
-    workers = {t["worker"] for t in pool.timings if t["prompt_id"] in ids}
+    workers = set(workers_that_ran(pool, ids))
     assert len(workers) == 2
     names = sorted(entry["outputs"]["4"]["images"][0]["filename"] for entry in entries)
     assert names == [f"spread_{n:05}_.png" for n in range(1, 7)]  # one counter across workers, no collision
@@ -153,7 +154,7 @@ def test_prompts_go_to_the_worker_that_holds_their_model(served, root):
             prompt_id = http.post("/prompt", json={"prompt": loader_graph(f"{name}.safetensors", index)}) \
                 .json()["prompt_id"]
             assert wait_history(http, prompt_id)["status"]["status_str"] == "success"
-            chosen.append(next(t["worker"] for t in pool.timings if t["prompt_id"] == prompt_id))
+            chosen.extend(workers_that_ran(pool, [prompt_id]))
     assert chosen[0] != chosen[1]                       # nothing loaded yet: the worker holding fewer models
     assert chosen[2] == chosen[4] == chosen[0]          # alpha stays where alpha is loaded
     assert chosen[3] == chosen[1]
