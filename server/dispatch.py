@@ -116,7 +116,6 @@ class _Attempt:
     """One run of one prompt on one worker: what the history entry needs."""
 
     messages: list = field(default_factory=list)
-    started: bool = False
 
 
 class RayWorkerPool:
@@ -401,7 +400,6 @@ class RayWorkerPool:
                                            message[2])
             event = event.model_copy(update={"output": output})
         if isinstance(event, HISTORY_EVENTS):
-            attempt.started = True
             attempt.messages.append([event.type, event.data()])
         if isinstance(event, Executing):
             slot.last_node = event.node
@@ -411,7 +409,9 @@ class RayWorkerPool:
         log.warning("ray worker %s lost while running prompt %s: %s", slot.worker_id, item.prompt_id,
                     str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         self._retire(slot)
-        runs = self._attempts.get(item.prompt_id, 0) + (1 if attempt.started else 0)
+        # Every loss counts, even before the first event came back: a graph that kills its worker at once must
+        # not take down worker after worker forever.
+        runs = self._attempts.get(item.prompt_id, 0) + 1
         self._attempts[item.prompt_id] = runs
         if runs >= MAX_ATTEMPTS:
             self._finish(slot, item, attempt, {"status": "crashed", "outputs": {}, "error": {

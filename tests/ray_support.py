@@ -5,6 +5,7 @@ Importing this module does not import Ray (the local-mode test checks that)."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -73,7 +74,22 @@ class Spin(Node):
         return (float(self.value) + float(state.mean()) * 0.0,)
 
 
-RAY_TEST_NODES = [*TEST_NODES, ValueImage, TinyLoader, Spin, SaveImage, PreviewImage]
+class Crash(Node):
+    """Ends the worker process that runs it, like a segfault or the OOM killer would (only inside a Ray actor)."""
+
+    category = "test"
+    outputs = (Output(FLOAT),)
+    value: Annotated[Any, Socket(FLOAT)]
+
+    def run(self, ctx):
+        import ray
+
+        if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+            raise RuntimeError("Crash only ends Ray actor processes")
+        os._exit(1)
+
+
+RAY_TEST_NODES = [*TEST_NODES, ValueImage, TinyLoader, Spin, Crash, SaveImage, PreviewImage]
 
 
 def make_engine(root: str | Path) -> Engine:

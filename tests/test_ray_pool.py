@@ -212,3 +212,20 @@ def test_worker_killed_mid_prompt_prompt_finishes_elsewhere(served, root):
     # The pool replaced the dead worker.
     wait_for(lambda: all_idle(pool) and killed_id not in {w["id"] for w in pool.workers()}, timeout=60)
     assert Path(root / "output").is_dir()
+
+
+def test_a_prompt_that_kills_every_worker_fails_after_three_tries(served):
+    base, pool = served
+    wait_for(lambda: all_idle(pool), timeout=60)
+    graph = {"1": {"class_type": "Const", "inputs": {"value": 1.0}},
+             "2": {"class_type": "Crash", "inputs": {"value": ["1", 0]}},
+             "3": {"class_type": "Collect", "inputs": {"value": ["2", 0]}}}
+    with httpx.Client(base_url=base) as http:
+        prompt_id = http.post("/prompt", json={"prompt": graph}).json()["prompt_id"]
+        entry = wait_history(http, prompt_id, timeout=90)
+        after = http.post("/prompt", json={"prompt": image_graph(prefix="after")}).json()["prompt_id"]
+        assert wait_history(http, after, timeout=60)["status"]["status_str"] == "success"
+    assert entry["status"]["status_str"] == "error"
+    error = dict(entry["status"]["messages"])["execution_error"]
+    assert error["exception_type"] == "WorkerLost" and "3 times" in error["exception_message"]
+    wait_for(lambda: all_idle(pool), timeout=60)   # the pool is back to two live workers
