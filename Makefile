@@ -9,7 +9,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	# torch first, pinned, so pip takes the CPU build where one lies on disk
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,ray]'
 	touch $@
 
 install: $(BIN)/.installed
