@@ -1,0 +1,169 @@
+"""The shipped toy model follows its prompts: measured through the engine on the graphs in graphs/.
+
+Each measure is one or a few sampler runs of a batch (ComfyUI's batch rule: one seed, batch_size N gives N
+different noises), judged by the geometric measures of tools/toy_metrics.py:
+  colour      the shape region's colour is the prompt's colour word            >= 90 % of images
+  shape       the shape's template fit (circle / square / triangle) is the prompt's shape word   >= 80 %
+  ControlNet  the shape's centre lies within 8 px of the control mask's centre  >= 90 %
+  LoRA        strength 1 draws outlines: the fill fraction drops well below strength 0's
+  seeds       the same seed repeats the image exactly; different seeds (and batch entries) differ
+The thresholds are the issue's; a model that misses them fails here (retrain, do not lower them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from engine.session import set_input
+from nodes import create_engine
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tools"))
+import toy_dataset  # noqa: E402
+import toy_metrics  # noqa: E402
+
+torch.set_num_threads(1)
+
+GRAPHS = REPO / "graphs"
+MODELS = Path(os.environ.get("TOY_MODELS_DIR", REPO / "models"))
+CHECKPOINT = MODELS / "checkpoints" / "toy-shapes.safetensors"
+LORA = MODELS / "loras" / "toy-outline.safetensors"
+CONTROLNET = MODELS / "controlnet" / "toy-shape-control.safetensors"
+
+
+def shipped(*paths: Path):
+    missing = [str(p.relative_to(MODELS)) for p in (CHECKPOINT, *paths) if not p.is_file()]
+    return pytest.mark.skipif(bool(missing), reason=f"toy model files not shipped: {missing}")
+
+
+PER_PROMPT = 4        # batch per colour/shape prompt: 12 prompts x 4 = 48 images
+CONTROL_BATCH = 20
+LORA_BATCH = 20
+SEED = 100
+COLOUR_RATE, SHAPE_RATE, CONTROL_RATE = 0.9, 0.8, 0.9
+CONTROL_DISTANCE_PX = 8.0
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy_semantics")
+    (root / "input").mkdir()
+    return create_engine(models_dir=MODELS, input_dir=root / "input", output_dir=root / "output",
+                         temp_dir=root / "temp", entry_points=False)
+
+
+def graph(name: str, **overrides) -> dict:
+    """graphs/NAME.json with inputs overridden: keyword NODE_INPUT (e.g. n6_text) -> value."""
+    prompt = json.loads((GRAPHS / f"{name}.json").read_text())
+    for key, value in overrides.items():
+        node_id, _, input_name = key.removeprefix("n").partition("_")
+        prompt = set_input(prompt, f"{node_id}.{input_name}", value)
+    return prompt
+
+
+def run_images(engine, prompt: dict) -> list[np.ndarray]:
+    """Run a prompt; the images its SaveImage wrote, as uint8 [H, W, 3], in batch order."""
+    result = engine.run(prompt)
+    assert getattr(result, "status", None) == "success", getattr(result, "error", result)
+    (saved,) = [ui["images"] for ui in result.outputs.values() if ui.get("images")]
+    return [np.asarray(Image.open(engine.env.output_dir / item["subfolder"] / item["filename"]).convert("RGB"))
+            for item in saved]
+
+
+def colour_shape_cases() -> list[tuple[str, str, str]]:
+    """Every colour with every shape, each on a different background (never its own colour)."""
+    backgrounds = list(toy_dataset.BACKGROUND_COLOURS)
+    cases = []
+    for index, (colour, shape) in enumerate((c, s) for c in toy_dataset.SHAPE_COLOURS for s in toy_dataset.SHAPES):
+        options = [b for b in backgrounds if b != colour]
+        cases.append((colour, shape, options[index % len(options)]))
+    return cases
+
+
+@shipped()
+def test_colour_and_shape_words_are_followed(engine):
+    colour_right = shape_right = total = 0
+    misses = []
+    for case_index, (colour, shape, background) in enumerate(colour_shape_cases()):
+        text = f"a {colour} {shape} on a {background} background"
+        images = run_images(engine, graph("txt2img", n6_text=text, n5_batch_size=PER_PROMPT,
+                                          n3_seed=SEED + case_index))
+        assert len(images) == PER_PROMPT
+        for image in images:
+            analysis = toy_metrics.analyse(image)
+            colour_right += analysis.colour == colour
+            shape_right += analysis.shape == shape
+            total += 1
+            if analysis.colour != colour or analysis.shape != shape:
+                misses.append(f"{text!r} -> {analysis.colour} {analysis.shape}")
+    colour_rate, shape_rate = colour_right / total, shape_right / total
+    print(f"colour {colour_rate:.3f} shape {shape_rate:.3f} over {total} images")
+    assert total >= 20
+    assert colour_rate >= COLOUR_RATE, (colour_rate, misses)
+    assert shape_rate >= SHAPE_RATE, (shape_rate, misses)
+
+
+def write_hints(folder: Path, count: int, shape: str) -> list[tuple[float, float]]:
+    """A multi-frame PNG of `count` shape masks at random places (LoadImage makes it a batch); their centres."""
+    rng = np.random.default_rng(7)
+    frames, centres = [], []
+    for _ in range(count):
+        spec = toy_dataset.random_spec(rng, shape=shape, size_word=str(rng.choice(["medium", "large"])))
+        _, mask = toy_dataset.render(spec)
+        grey = np.clip(np.rint(mask * 255), 0, 255).astype(np.uint8)
+        frames.append(Image.fromarray(np.repeat(grey[..., None], 3, axis=2), "RGB"))
+        centres.append(toy_metrics.mask_centre(mask))
+    frames[0].save(folder / "hints.png", save_all=True, append_images=frames[1:])
+    return centres
+
+
+@shipped(CONTROLNET)
+def test_controlnet_puts_the_shape_where_the_mask_is(engine):
+    centres = write_hints(engine.env.input_dir, CONTROL_BATCH, "triangle")
+    prompt = graph("controlnet", n11_image="hints.png", n5_batch_size=CONTROL_BATCH, n3_seed=SEED,
+                   n6_text="a red triangle on a white background")
+    images = run_images(engine, prompt)
+    assert len(images) == CONTROL_BATCH
+    distances = []
+    for image, (tx, ty) in zip(images, centres):
+        found = toy_metrics.analyse(image).centre
+        distances.append(float(np.hypot(found[0] - tx, found[1] - ty)) if found else float("inf"))
+    rate = float(np.mean(np.array(distances) <= CONTROL_DISTANCE_PX))
+    print(f"controlnet {rate:.3f}, median distance {np.median(distances):.1f} px")
+    assert rate >= CONTROL_RATE, (rate, [round(d, 1) for d in distances])
+
+
+@shipped(LORA)
+def test_lora_strength_draws_outlines(engine):
+    fills = {}
+    for strength in (0.0, 1.0):
+        images = run_images(engine, graph("lora", n10_strength_model=strength, n5_batch_size=LORA_BATCH,
+                                          n3_seed=SEED, n6_text="a yellow circle on a blue background"))
+        fills[strength] = [toy_metrics.analyse(image).fill for image in images]
+    before, after = float(np.mean(fills[0.0])), float(np.mean(fills[1.0]))
+    print(f"lora fill: strength 0 {before:.3f}, strength 1 {after:.3f}")
+    # Filled shapes fill ~1 of their outline, outlined ones ~0.3-0.6 (tools/toy_metrics.py).
+    assert before >= 0.85 and after <= before - 0.2, fills
+    assert np.mean(np.array(fills[1.0]) < np.array(fills[0.0])) >= 0.8, fills
+
+
+@shipped()
+def test_same_seed_same_image_and_different_seeds_differ(engine):
+    prompt = graph("txt2img", n5_batch_size=3, n3_seed=SEED)
+    first = run_images(engine, prompt)
+    engine.free()  # drop cached outputs and models: the repeat really samples again, from a fresh load
+    again = run_images(engine, prompt)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    other = run_images(engine, graph("txt2img", n5_batch_size=3, n3_seed=SEED + 1))
+    images = first + other
+    for i in range(len(images)):
+        for j in range(i + 1, len(images)):
+            assert np.abs(images[i].astype(int) - images[j].astype(int)).mean() > 1.0, (i, j)
