@@ -172,9 +172,11 @@ def train_decoder(args: argparse.Namespace) -> None:
         optimiser, lambda step: min(1.0, (step + 1) / 20) * (0.05 + 0.475 * (1 + math.cos(math.pi * step / total))))
     for step in range(total):
         index = torch.from_numpy(rng.integers(0, len(pixels), args.vae_batch))
-        ly, lx = (int(v) for v in rng.integers(0, 5, 2))
-        z = latents[index][:, :, ly:ly + 4, lx:lx + 4]
-        target = pixels[index][:, :, ly * 8:ly * 8 + 32, lx * 8:lx * 8 + 32]
+        # 4x4-latent crops, whole 8x8 latents for the last 10 % of the steps (borders, mid-block attention).
+        side = 8 if step >= 0.9 * total else 4
+        ly, lx = (int(v) for v in rng.integers(0, 9 - side, 2))
+        z = latents[index][:, :, ly:ly + side, lx:lx + side]
+        target = pixels[index][:, :, ly * 8:(ly + side) * 8, lx * 8:(lx + side) * 8]
         jitter = 0.1 * z.std() * torch.randn_like(z)
         reconstruction = vae.decode(z + jitter).sample
         loss = (reconstruction - target).abs().mean() + F.mse_loss(reconstruction, target)
@@ -285,11 +287,21 @@ def train_unet(args: argparse.Namespace) -> None:
     tokenizer = load_tokenizer()
     data = prepare_latents("filled", args.unet_images, 0, tokenizer)
     prepared = time.time() - started
-    unet, text_encoder = build_unet().to(args.device).train(), build_text_encoder().to(args.device).train()
+    if args.unet_resume:
+        # Continue from the last run: raw weights to train, the EMA weights as the EMA's starting point.
+        unet, text_encoder = _load_pair("unet_raw", "text_encoder_raw", args.device)
+        ema_unet, ema_text = _load_pair("unet", "text_encoder", "cpu")
+    else:
+        unet, text_encoder = build_unet().to(args.device), build_text_encoder().to(args.device)
+    unet.train().requires_grad_(True)
+    text_encoder.train().requires_grad_(True)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimiser = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=0.01)
-    schedule = _lr_schedule(optimiser, args.unet_steps)
+    schedule = _lr_schedule(optimiser, args.unet_steps, warmup=20 if args.unet_resume else 100)
     ema = _Ema([unet, text_encoder], decay=args.ema_decay)
+    if args.unet_resume:
+        ema.shadow = [p.detach().clone().to(args.device)
+                      for p in list(ema_unet.parameters()) + list(ema_text.parameters())]
     batches = _Batches(data, tokenizer, seed=2, device=args.device)
     alphas = sd_alphas_cumprod().float()
     running = 0.0
@@ -322,13 +334,17 @@ def train_unet(args: argparse.Namespace) -> None:
                  {"steps": step + 1, "batch": args.batch, "data_prep_seconds": round(prepared, 1)})
 
 
-def _load_base(device: str):
+def _load_pair(unet_folder: str, text_folder: str, device: str):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    unet = UNet2DConditionModel.from_pretrained(WORK_DIR / "unet").to(device).eval().requires_grad_(False)
-    text_encoder = CLIPTextModel.from_pretrained(WORK_DIR / "text_encoder").to(device).eval().requires_grad_(False)
-    return unet, text_encoder
+    unet = UNet2DConditionModel.from_pretrained(WORK_DIR / unet_folder).to(device)
+    return unet, CLIPTextModel.from_pretrained(WORK_DIR / text_folder).to(device)
+
+
+def _load_base(device: str):
+    unet, text_encoder = _load_pair("unet", "text_encoder", device)
+    return unet.eval().requires_grad_(False), text_encoder.eval().requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------------------------- ControlNet
@@ -428,6 +444,7 @@ def main() -> None:
     parser.add_argument("--unet-images", type=int, default=5000)
     parser.add_argument("--unet-steps", type=int, default=1000)
     parser.add_argument("--unet-lr", type=float, default=1e-3)
+    parser.add_argument("--unet-resume", action="store_true", help="continue from work-training/unet_raw")
     parser.add_argument("--ema-decay", type=float, default=0.995)
     parser.add_argument("--controlnet-steps", type=int, default=300)
     parser.add_argument("--controlnet-lr", type=float, default=5e-4)
