@@ -97,7 +97,7 @@ def colour_shape_cases() -> list[tuple[str, str, str]]:
 
 
 @shipped()
-@UNMET("shipped toy model: colour 61 %, shape 25 % (targets 90 % / 80 %)")
+@UNMET("shipped toy model: colour 61 %, shape 28 % (targets 90 % / 80 %)")
 def test_colour_and_shape_words_are_followed(engine):
     colour_right = shape_right = total = 0
     misses = []
@@ -135,7 +135,7 @@ def write_hints(folder: Path, count: int, shape: str) -> list[tuple[float, float
 
 
 @shipped(CONTROLNET)
-@UNMET("shipped toy ControlNet: 55 % within 8 px, median 3.7 px (target 90 %)")
+@UNMET("shipped toy ControlNet: 50 % within 8 px, median 6.6 px (target 90 %)")
 def test_controlnet_puts_the_shape_where_the_mask_is(engine):
     centres = write_hints(engine.env.input_dir, CONTROL_BATCH, "triangle")
     prompt = graph("controlnet", n11_image="hints.png", n5_batch_size=CONTROL_BATCH, n3_seed=SEED,
@@ -152,7 +152,7 @@ def test_controlnet_puts_the_shape_where_the_mask_is(engine):
 
 
 @shipped(LORA)
-@UNMET("shipped toy LoRA: mean fill 0.989 -> 0.986, no outline effect yet")
+@UNMET("shipped toy LoRA: mean fill 0.993 -> 0.984, no outline effect yet")
 def test_lora_strength_draws_outlines(engine):
     fills = {}
     for strength in (0.0, 1.0):
