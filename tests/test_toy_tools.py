@@ -123,3 +123,25 @@ def test_controlnet_ldm_writer_round_trips_through_diffusers_converter():
     back = convert_controlnet_checkpoint(ldm, dict(controlnet.config))
     assert set(back) == set(state)
     assert all(torch.equal(back[k], v) for k, v in state.items())
+
+
+def test_autoencoder_loss_weights_the_shape_and_its_rim():
+    import train_toy
+
+    sample = toy_dataset.make_sample(21)
+    weights = train_toy._pixel_weights(sample.mask[None], foreground_weight=8.0)[0, 0]
+    inside = sample.mask >= 0.99
+    far = weights.new_tensor(np.ones_like(sample.mask)).bool()
+    x0, y0, x1, y1 = (int(v) for v in sample.spec.bbox)
+    far[max(y0 - 4, 0):y1 + 4, max(x0 - 4, 0):x1 + 4] = False
+    assert torch.all(weights[torch.from_numpy(inside)] == 9.0)
+    assert torch.all(weights[far] == 1.0)
+    # The same pixel error costs more on the shape than on the background.
+    target = torch.zeros(1, 3, 64, 64)
+    on_shape, off_shape = target.clone(), target.clone()
+    ys, xs = np.nonzero(inside)
+    on_shape[..., ys[0], xs[0]] = 0.5
+    off_shape[..., 0, 0] = 0.5
+    weight = weights[None, None]
+    assert train_toy._reconstruction_loss(on_shape, target, weight) > \
+        5 * train_toy._reconstruction_loss(off_shape, target, weight)

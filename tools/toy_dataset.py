@@ -35,7 +35,7 @@ BACKGROUND_COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 # Extent (diameter / side / base = height) in pixels of the 64 px image.
-SIZE_RANGES: dict[str, tuple[int, int]] = {"small": (12, 18), "medium": (22, 30), "large": (34, 44)}
+SIZE_RANGES: dict[str, tuple[int, int]] = {"small": (16, 22), "medium": (26, 32), "large": (36, 46)}
 # 3x3 grid of position words, indexed [row][column] by the shape centre's third of the image.
 POSITION_WORDS: tuple[tuple[str, ...], ...] = (
     ("top left", "top", "top right"),

@@ -19,6 +19,7 @@ work-training/times.json. tools/pack_toy.py writes the shipped files from work-t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -69,6 +70,19 @@ def _images_to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
+def _pixel_weights(masks: np.ndarray, foreground_weight: float) -> torch.Tensor:
+    """Per-pixel loss weights [N, 1, H, W]: 1 on the background, 1 + foreground_weight on the shape and a 2-px rim.
+    A small shape is ~3 % of the pixels: unweighted, the autoencoder learns to blur it away."""
+    silhouette = torch.from_numpy(masks).float()[:, None]
+    rim = F.max_pool2d(silhouette, kernel_size=5, stride=1, padding=2)
+    return 1.0 + foreground_weight * rim
+
+
+def _reconstruction_loss(reconstruction: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    error = reconstruction - target
+    return (weight * (error.abs() + error.pow(2))).mean() / weight.mean()
+
+
 # ----------------------------------------------------------------------------------------------------------- VAE
 
 def train_vae(args: argparse.Namespace) -> None:
@@ -76,9 +90,10 @@ def train_vae(args: argparse.Namespace) -> None:
     torch.manual_seed(1)
     rng = np.random.default_rng(1)
     count = args.vae_images
-    filled, _, _ = toy_dataset.make_arrays(count // 2, start_seed=1_000_000)
-    outline, _, _ = toy_dataset.make_arrays(count // 2, start_seed=2_000_000, style="outline")
+    filled, filled_masks, _ = toy_dataset.make_arrays(count // 2, start_seed=1_000_000)
+    outline, outline_masks, _ = toy_dataset.make_arrays(count // 2, start_seed=2_000_000, style="outline")
     pixels = _images_to_tensor(np.concatenate([filled, outline]))
+    weights = _pixel_weights(np.concatenate([filled_masks, outline_masks]), args.foreground_weight)
     # --vae-resume continues from work-training/vae (its latent normalisation is folded in; it is re-done below).
     vae = (_load_vae() if args.vae_resume else build_vae()).to(args.device).train()
     optimiser = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
@@ -88,21 +103,22 @@ def train_vae(args: argparse.Namespace) -> None:
     step = 0
     while step < total:
         index = torch.from_numpy(rng.integers(0, len(pixels), args.vae_batch))
-        batch = pixels[index]
+        batch, weight = pixels[index], weights[index]
         if step < crop_steps:
             # Random crops on the 8-pixel latent grid: much cheaper per step, and convolutions barely care; the
             # whole-image phase at the end adapts the borders and the mid-block attention.
             crop = args.vae_crop
             oy, ox = (int(v) * 8 for v in rng.integers(0, (64 - crop) // 8 + 1, 2))
             batch = batch[:, :, oy:oy + crop, ox:ox + crop]
-        batch = batch.to(args.device)
+            weight = weight[:, :, oy:oy + crop, ox:ox + crop]
+        batch, weight = batch.to(args.device), weight.to(args.device)
         # Deterministic autoencoder (decode the posterior mean): sampling with the untrained unit variance would
         # drown the small initial latents in noise and slow learning badly. Mild latent noise keeps the decoder
         # tolerant of imperfect UNet outputs; a small L2 term keeps the latents bounded (instead of the KL term).
         latents = vae.encode(batch).latent_dist.mean
         jitter = 0.1 * latents.detach().std() * torch.randn_like(latents)
         reconstruction = vae.decode(latents + jitter).sample
-        loss = (reconstruction - batch).abs().mean() + F.mse_loss(reconstruction, batch)
+        loss = _reconstruction_loss(reconstruction, batch, weight)
         loss = loss + 1e-4 * latents.pow(2).mean()
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
@@ -156,9 +172,10 @@ def train_decoder(args: argparse.Namespace) -> None:
     rng = np.random.default_rng(5)
     vae = _load_vae()
     count = args.vae_images
-    filled, _, _ = toy_dataset.make_arrays(count // 2, start_seed=1_000_000)
-    outline, _, _ = toy_dataset.make_arrays(count // 2, start_seed=2_000_000, style="outline")
+    filled, filled_masks, _ = toy_dataset.make_arrays(count // 2, start_seed=1_000_000)
+    outline, outline_masks, _ = toy_dataset.make_arrays(count // 2, start_seed=2_000_000, style="outline")
     pixels = _images_to_tensor(np.concatenate([filled, outline]))
+    weights = _pixel_weights(np.concatenate([filled_masks, outline_masks]), args.foreground_weight)
     with torch.no_grad():
         latents = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in pixels.split(250)])
     vae.requires_grad_(False)
@@ -177,9 +194,10 @@ def train_decoder(args: argparse.Namespace) -> None:
         ly, lx = (int(v) for v in rng.integers(0, 9 - side, 2))
         z = latents[index][:, :, ly:ly + side, lx:lx + side]
         target = pixels[index][:, :, ly * 8:(ly + side) * 8, lx * 8:(lx + side) * 8]
+        weight = weights[index][:, :, ly * 8:(ly + side) * 8, lx * 8:(lx + side) * 8]
         jitter = 0.1 * z.std() * torch.randn_like(z)
         reconstruction = vae.decode(z + jitter).sample
-        loss = (reconstruction - target).abs().mean() + F.mse_loss(reconstruction, target)
+        loss = _reconstruction_loss(reconstruction, target, weight)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -278,6 +296,19 @@ class _Ema:
         for shadow, param in zip(self.shadow, self.params):
             param.copy_(shadow)
 
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """The EMA weights in the model for the duration (e.g. to save them), the trained ones restored after."""
+        with torch.no_grad():
+            trained = [param.detach().clone() for param in self.params]
+            self.copy_to_model()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for saved, param in zip(trained, self.params):
+                    param.copy_(saved)
+
 
 # ---------------------------------------------------------------------------------------------- UNet + CLIP
 
@@ -323,8 +354,12 @@ def train_unet(args: argparse.Namespace) -> None:
             if _stop_requested("unet"):
                 break
         if (step + 1) % 1000 == 0 and step + 1 < args.unet_steps:
+            # Checkpoint both the raw weights (to resume) and the EMA weights (to evaluate while training goes on).
             unet.save_pretrained(WORK_DIR / "unet_raw")
             text_encoder.save_pretrained(WORK_DIR / "text_encoder_raw")
+            with ema.swapped_in():
+                unet.save_pretrained(WORK_DIR / "unet")
+                text_encoder.save_pretrained(WORK_DIR / "text_encoder")
     unet.save_pretrained(WORK_DIR / "unet_raw")
     text_encoder.save_pretrained(WORK_DIR / "text_encoder_raw")
     ema.copy_to_model()
@@ -438,6 +473,8 @@ def main() -> None:
     parser.add_argument("--vae-full-steps", type=int, default=40)
     parser.add_argument("--vae-resume", action="store_true")
     parser.add_argument("--vae-crop", type=int, default=24, choices=[16, 24, 32, 40, 48])
+    parser.add_argument("--foreground-weight", type=float, default=8.0,
+                        help="extra loss weight on the shape's pixels (VAE and decoder parts)")
     parser.add_argument("--decoder-steps", type=int, default=600)
     parser.add_argument("--decoder-lr", type=float, default=5e-4)
     parser.add_argument("--batch", type=int, default=48)
