@@ -16,7 +16,8 @@ from engine.types import CONDITIONING, CONTROL_NET, IMAGE, MODEL, VAE, Combo, Fl
 
 from .diffusion.controlnet import ControlNet, load_controlnet
 from .diffusion.models import DiffusionModel
-from .loaders import _choices, _file_identity, _fingerprint, _key, _load, _locate, _manager
+from .model_files import (file_identity, load_model, locate_model, model_choices, model_fingerprint, model_key,
+                          model_manager)
 
 STRENGTH = Float(min=0.0, max=10.0, step=0.01)
 PERCENT = Float(min=0.0, max=1.0, step=0.001)
@@ -47,17 +48,17 @@ class ControlNetLoader(Node):
     display_name = "Load ControlNet Model"
     category = "loaders"
     outputs = (Output(CONTROL_NET),)
-    control_net_name: Annotated[str, Combo(_choices("controlnet"))]
+    control_net_name: Annotated[str, Combo(model_choices("controlnet"))]
 
     @classmethod
     def fingerprint(cls, env, constants):
-        return _fingerprint(env, "controlnet", constants.get("control_net_name"), "controlnet")
+        return model_fingerprint(env, "controlnet", constants.get("control_net_name"), "controlnet")
 
     def run(self, ctx):
         node = type(self).__name__
-        path = _locate(ctx, node, "control_net_name", "controlnet", self.control_net_name)
-        manager = _manager(ctx)
-        net = _load(ctx, node, "control_net_name", self.control_net_name, _key("controlnet", _file_identity(path)),
+        path = locate_model(ctx, node, "control_net_name", "controlnet", self.control_net_name)
+        manager = model_manager(ctx)
+        net = load_model(ctx, node, "control_net_name", self.control_net_name, model_key("controlnet", file_identity(path)),
                     lambda: load_controlnet(path, manager))
         return (net,)
 
@@ -67,22 +68,22 @@ class DiffControlNetLoader(Node):
     category = "loaders"
     outputs = (Output(CONTROL_NET),)
     model: Annotated[Any, Socket(MODEL)]
-    control_net_name: Annotated[str, Combo(_choices("controlnet"))]
+    control_net_name: Annotated[str, Combo(model_choices("controlnet"))]
 
     @classmethod
     def fingerprint(cls, env, constants):
         # The base model is a link, so its part of the key cannot be known here; file changes still count.
-        return _fingerprint(env, "controlnet", constants.get("control_net_name"), "diff_controlnet")
+        return model_fingerprint(env, "controlnet", constants.get("control_net_name"), "diff_controlnet")
 
     def run(self, ctx):
         node = type(self).__name__
         if not isinstance(self.model, DiffusionModel):
             raise ValueError(f"{node}: input 'model' is not a diffusion model (got {type(self.model).__name__})")
-        path = _locate(ctx, node, "control_net_name", "controlnet", self.control_net_name)
-        manager = _manager(ctx)
+        path = locate_model(ctx, node, "control_net_name", "controlnet", self.control_net_name)
+        manager = model_manager(ctx)
         # A diff ControlNet's weights depend on the base model, so the model's identity is part of the key.
-        key = _key("diff_controlnet", _file_identity(path), id(self.model.unet), self.model.source)
-        net = _load(ctx, node, "control_net_name", self.control_net_name, key,
+        key = model_key("diff_controlnet", file_identity(path), id(self.model.unet), self.model.source)
+        net = load_model(ctx, node, "control_net_name", self.control_net_name, key,
                     lambda: load_controlnet(path, manager, base_model=self.model))
         return (net,)
 

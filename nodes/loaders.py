@@ -8,12 +8,14 @@ same file share one set of networks, and a file replaced on disk is loaded afres
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Callable
+from typing import Annotated
 
 from engine.node import Node
 from engine.types import CLIP, MODEL, VAE, Combo, Output
 
 from .diffusion import checkpoint
+from .model_files import (file_identity, find_model_file, folder_identity, load_model, locate_model, model_choices,
+                          model_fingerprint, model_key, model_manager, times_dropped)
 
 UNET_WEIGHT_DTYPES = ["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"]
 # ComfyUI's CLIPLoader / DualCLIPLoader types (kept so workflows validate); the SD ones are supported.
@@ -23,86 +25,6 @@ DUAL_CLIP_TYPES = ["sdxl", "sd3", "flux", "hunyuan_video", "hidream", "hunyuan_i
 SUPPORTED_CLIP_TYPES = {"stable_diffusion", "sdxl"}
 
 
-def _choices(folder: str) -> Callable[[Any], list[str]]:
-    return lambda env: env.list_models(folder) if env is not None else []
-
-
-def _manager(ctx: Any) -> Any:
-    """The shared model memory manager; created on first use when the engine did not install one."""
-    env = ctx.env
-    manager = env.services.get("models")
-    if manager is None:
-        from engine.memory import ModelManager
-
-        manager = env.services.setdefault("models", ModelManager())
-    return manager
-
-
-def _file_identity(path: Path) -> tuple[str, int, int]:
-    stat = path.stat()
-    return str(path.resolve()), stat.st_size, stat.st_mtime_ns
-
-
-def _key(kind: str, identity: tuple, *options: Any) -> tuple:
-    """The memory manager's key for what a loader builds from a file (identity = path, size, mtime)."""
-    return (kind, *options, *identity)
-
-
-def _folder_identity(path: Path, index: Path) -> tuple[str, int, int]:
-    stat = index.stat()
-    return str(path.resolve()), stat.st_size, stat.st_mtime_ns
-
-
-def _find(env: Any, folder: str, name: Any) -> Path | None:
-    if env is None or not isinstance(name, str):
-        return None
-    try:
-        return env.find_model(folder, name)
-    except FileNotFoundError:
-        return None
-
-
-def _times_dropped(env: Any, key: tuple) -> int:
-    manager = env.services.get("models")
-    return manager.times_dropped(key) if manager is not None else 0
-
-
-def _fingerprint(env: Any, folder: str, name: Any, kind: str, *options: Any) -> Any:
-    """Size and mtime of the named file, and how often the memory manager dropped its models: the output cache
-    re-runs the loader when the file changes or when the weights its cached outputs hold were evicted."""
-    path = _find(env, folder, name)
-    if path is None:
-        return None
-    if path.is_dir():
-        index = path / "model_index.json"
-        if not index.is_file():
-            return None
-        identity = _folder_identity(path, index)
-    else:
-        identity = _file_identity(path)
-    return [identity[1:], _times_dropped(env, _key(kind, identity, *options))]
-
-
-def _locate(ctx: Any, node: str, input_name: str, folder: str, name: str) -> Path:
-    if not name:
-        raise ValueError(f"{node}: input '{input_name}' is empty; choose a file from models/{folder}")
-    try:
-        return ctx.env.find_model(folder, name)
-    except FileNotFoundError as error:
-        raise FileNotFoundError(f"{node}: input '{input_name}': {error}") from error
-
-
-def _load(ctx: Any, node: str, input_name: str, name: str, key: tuple, loader: Callable[[], Any]) -> Any:
-    """Load through the manager; file and architecture errors are re-raised naming the node input and file."""
-    try:
-        return _manager(ctx).get_or_load(key, loader)
-    except (FileNotFoundError, checkpoint.ModelFileError, ValueError) as error:
-        detail = str(error)
-        where = f"input '{input_name}'" if Path(name).name in detail else f"input '{input_name}' ({name})"
-        kind = FileNotFoundError if isinstance(error, FileNotFoundError) else ValueError
-        raise kind(f"{node}: {where}: {detail}") from error
-
-
 class CheckpointLoaderSimple(Node):
     display_name = "Load Checkpoint"
     category = "loaders"
@@ -110,17 +32,17 @@ class CheckpointLoaderSimple(Node):
     outputs = (Output(MODEL, tooltip="The model used for denoising latents."),
                Output(CLIP, tooltip="The CLIP model used for encoding text prompts."),
                Output(VAE, tooltip="The VAE model used for encoding and decoding images to and from latent space."))
-    ckpt_name: Annotated[str, Combo(_choices("checkpoints"), tooltip="The name of the checkpoint (model) to load.")]
+    ckpt_name: Annotated[str, Combo(model_choices("checkpoints"), tooltip="The name of the checkpoint (model) to load.")]
 
     @classmethod
     def fingerprint(cls, env, constants):
-        return _fingerprint(env, "checkpoints", constants.get("ckpt_name"), "checkpoint")
+        return model_fingerprint(env, "checkpoints", constants.get("ckpt_name"), "checkpoint")
 
     def run(self, ctx):
         node = type(self).__name__
-        path = _locate(ctx, node, "ckpt_name", "checkpoints", self.ckpt_name)
-        manager = _manager(ctx)
-        loaded = _load(ctx, node, "ckpt_name", self.ckpt_name, _key("checkpoint", _file_identity(path)),
+        path = locate_model(ctx, node, "ckpt_name", "checkpoints", self.ckpt_name)
+        manager = model_manager(ctx)
+        loaded = load_model(ctx, node, "ckpt_name", self.ckpt_name, model_key("checkpoint", file_identity(path)),
                        lambda: checkpoint.load_checkpoint(path, manager))
         for note in loaded.detected.notes:
             ctx.warn(f"{node}: {self.ckpt_name}: {note}")
@@ -141,19 +63,19 @@ class VAELoader(Node):
     display_name = "Load VAE"
     category = "loaders"
     outputs = (Output(VAE),)
-    vae_name: Annotated[str, Combo(_choices("vae"))]
+    vae_name: Annotated[str, Combo(model_choices("vae"))]
 
     @classmethod
     def fingerprint(cls, env, constants):
         name = constants.get("vae_name")
-        return _fingerprint(env, "vae", name, "vae", _vae_family(name if isinstance(name, str) else ""))
+        return model_fingerprint(env, "vae", name, "vae", _vae_family(name if isinstance(name, str) else ""))
 
     def run(self, ctx):
         node = type(self).__name__
-        path = _locate(ctx, node, "vae_name", "vae", self.vae_name)
-        manager = _manager(ctx)
+        path = locate_model(ctx, node, "vae_name", "vae", self.vae_name)
+        manager = model_manager(ctx)
         family = _vae_family(self.vae_name)
-        vae = _load(ctx, node, "vae_name", self.vae_name, _key("vae", _file_identity(path), family),
+        vae = load_model(ctx, node, "vae_name", self.vae_name, model_key("vae", file_identity(path), family),
                     lambda: checkpoint.load_vae_file(path, manager, family))
         return (vae,)
 
@@ -162,21 +84,21 @@ class UNETLoader(Node):
     display_name = "Load Diffusion Model"
     category = "advanced/loaders"
     outputs = (Output(MODEL),)
-    unet_name: Annotated[str, Combo(_choices("unet"))]
+    unet_name: Annotated[str, Combo(model_choices("unet"))]
     weight_dtype: Annotated[str, Combo(UNET_WEIGHT_DTYPES)] = "default"
 
     @classmethod
     def fingerprint(cls, env, constants):
-        return _fingerprint(env, "unet", constants.get("unet_name"), "unet")
+        return model_fingerprint(env, "unet", constants.get("unet_name"), "unet")
 
     def run(self, ctx):
         node = type(self).__name__
-        path = _locate(ctx, node, "unet_name", "unet", self.unet_name)
-        manager = _manager(ctx)
+        path = locate_model(ctx, node, "unet_name", "unet", self.unet_name)
+        manager = model_manager(ctx)
         if self.weight_dtype != "default":
             ctx.warn(f"{node}: weight_dtype {self.weight_dtype} (fp8 storage) is not supported; "
                      f"loading in {manager.dtype_for('diffusion')}")
-        model = _load(ctx, node, "unet_name", self.unet_name, _key("unet", _file_identity(path)),
+        model = load_model(ctx, node, "unet_name", self.unet_name, model_key("unet", file_identity(path)),
                       lambda: checkpoint.load_unet_file(path, manager))
         return (model,)
 
@@ -193,20 +115,20 @@ class CLIPLoader(Node):
     description = ("stable_diffusion: a CLIP-L file (SD1.x), a CLIP-H file (SD2.x) or a CLIP-G file "
                    "(SDXL refiner).")
     outputs = (Output(CLIP),)
-    clip_name: Annotated[str, Combo(_choices("clip"))]
+    clip_name: Annotated[str, Combo(model_choices("clip"))]
     type: Annotated[str, Combo(CLIP_TYPES)] = "stable_diffusion"
     device: Annotated[str, Combo(["default", "cpu"], optional=True, advanced=True)] = "default"
 
     @classmethod
     def fingerprint(cls, env, constants):
-        return _fingerprint(env, "clip", constants.get("clip_name"), "clip", constants.get("type"))
+        return model_fingerprint(env, "clip", constants.get("clip_name"), "clip", constants.get("type"))
 
     def run(self, ctx):
         node = type(self).__name__
         _clip_type_supported(node, self.type)
-        path = _locate(ctx, node, "clip_name", "clip", self.clip_name)
-        manager = _manager(ctx)
-        clip = _load(ctx, node, "clip_name", self.clip_name, _key("clip", _file_identity(path), self.type),
+        path = locate_model(ctx, node, "clip_name", "clip", self.clip_name)
+        manager = model_manager(ctx)
+        clip = load_model(ctx, node, "clip_name", self.clip_name, model_key("clip", file_identity(path), self.type),
                      lambda: checkpoint.load_clip_files([path], self.type, manager))
         return (clip,)
 
@@ -216,29 +138,29 @@ class DualCLIPLoader(Node):
     category = "advanced/loaders"
     description = "sdxl: a CLIP-L file and a CLIP-G file, in either order."
     outputs = (Output(CLIP),)
-    clip_name1: Annotated[str, Combo(_choices("clip"))]
-    clip_name2: Annotated[str, Combo(_choices("clip"))]
+    clip_name1: Annotated[str, Combo(model_choices("clip"))]
+    clip_name2: Annotated[str, Combo(model_choices("clip"))]
     type: Annotated[str, Combo(DUAL_CLIP_TYPES)] = "sdxl"
     device: Annotated[str, Combo(["default", "cpu"], optional=True, advanced=True)] = "default"
 
     @classmethod
     def fingerprint(cls, env, constants):
-        first = _find(env, "clip", constants.get("clip_name1"))
-        second = _find(env, "clip", constants.get("clip_name2"))
+        first = find_model_file(env, "clip", constants.get("clip_name1"))
+        second = find_model_file(env, "clip", constants.get("clip_name2"))
         if first is None or second is None:
             return None
-        identity = _file_identity(first) + _file_identity(second)
-        return [identity, _times_dropped(env, _key("dual_clip", identity, constants.get("type")))]
+        identity = file_identity(first) + file_identity(second)
+        return [identity, times_dropped(env, model_key("dual_clip", identity, constants.get("type")))]
 
     def run(self, ctx):
         node = type(self).__name__
         _clip_type_supported(node, self.type)
-        first = _locate(ctx, node, "clip_name1", "clip", self.clip_name1)
-        second = _locate(ctx, node, "clip_name2", "clip", self.clip_name2)
-        manager = _manager(ctx)
+        first = locate_model(ctx, node, "clip_name1", "clip", self.clip_name1)
+        second = locate_model(ctx, node, "clip_name2", "clip", self.clip_name2)
+        manager = model_manager(ctx)
         names = f"{self.clip_name1}, {self.clip_name2}"
-        key = _key("dual_clip", _file_identity(first) + _file_identity(second), self.type)
-        clip = _load(ctx, node, "clip_name1/clip_name2", names, key,
+        key = model_key("dual_clip", file_identity(first) + file_identity(second), self.type)
+        clip = load_model(ctx, node, "clip_name1/clip_name2", names, key,
                      lambda: checkpoint.load_clip_files([first, second], self.type, manager))
         return (clip,)
 
@@ -247,21 +169,21 @@ class DiffusersLoader(Node):
     display_name = "DiffusersLoader"
     category = "advanced/loaders/deprecated"
     outputs = (Output(MODEL), Output(CLIP), Output(VAE))
-    model_path: Annotated[str, Combo(_choices("diffusers"))]
+    model_path: Annotated[str, Combo(model_choices("diffusers"))]
 
     @classmethod
     def fingerprint(cls, env, constants):
-        return _fingerprint(env, "diffusers", constants.get("model_path"), "diffusers")
+        return model_fingerprint(env, "diffusers", constants.get("model_path"), "diffusers")
 
     def run(self, ctx):
         node = type(self).__name__
-        path = _locate(ctx, node, "model_path", "diffusers", self.model_path)
-        manager = _manager(ctx)
+        path = locate_model(ctx, node, "model_path", "diffusers", self.model_path)
+        manager = model_manager(ctx)
         index = path / "model_index.json"
         if not index.is_file():
             raise FileNotFoundError(f"{node}: input 'model_path' ({self.model_path}): no model_index.json in {path}")
-        key = _key("diffusers", _folder_identity(path, index))
-        loaded = _load(ctx, node, "model_path", self.model_path, key,
+        key = model_key("diffusers", folder_identity(path, index))
+        loaded = load_model(ctx, node, "model_path", self.model_path, key,
                        lambda: checkpoint.load_diffusers_folder(path, manager))
         return (loaded.model, loaded.clip, loaded.vae)
 

@@ -20,7 +20,7 @@ from .diffusion import lora as lora_math
 from .diffusion.checkpoint import read_state_dict
 from .diffusion.clip import ClipModel
 from .diffusion.models import DiffusionModel
-from .loaders import _choices, _file_identity, _fingerprint, _key, _load, _locate
+from .model_files import file_identity, load_model, locate_model, model_choices, model_fingerprint, model_key
 
 # Spellings of text-encoder keys: ignored (not "unmatched") when there is no CLIP to patch.
 TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder", "text_encoders.", "lora_prior_te")
@@ -54,8 +54,8 @@ def read_lora_file(path: Path) -> LoraTensors:
 
 
 def load_lora(ctx: Any, node: str, lora_name: str) -> LoraTensors:
-    path = _locate(ctx, node, "lora_name", "loras", lora_name)
-    return _load(ctx, node, "lora_name", lora_name, _key("lora", _file_identity(path)), lambda: read_lora_file(path))
+    path = locate_model(ctx, node, "lora_name", "loras", lora_name)
+    return load_model(ctx, node, "lora_name", lora_name, model_key("lora", file_identity(path)), lambda: read_lora_file(path))
 
 
 def _shown(keys: list[str]) -> str:
@@ -117,13 +117,13 @@ class LoraLoader(Node):
                Output(CLIP, tooltip="The modified CLIP model."))
     model: Annotated[Any, Socket(MODEL, tooltip="The diffusion model the LoRA will be applied to.")]
     clip: Annotated[Any, Socket(CLIP, tooltip="The CLIP model the LoRA will be applied to.")]
-    lora_name: Annotated[str, Combo(_choices("loras"), tooltip="The name of the LoRA.")]
+    lora_name: Annotated[str, Combo(model_choices("loras"), tooltip="The name of the LoRA.")]
     strength_model: Annotated[float, STRENGTH] = 1.0
     strength_clip: Annotated[float, STRENGTH] = 1.0
 
     @classmethod
     def fingerprint(cls, env, constants):
-        return _fingerprint(env, "loras", constants.get("lora_name"), "lora")
+        return model_fingerprint(env, "loras", constants.get("lora_name"), "lora")
 
     def run(self, ctx):
         node = type(self).__name__
@@ -142,12 +142,12 @@ class LoraLoaderModelOnly(Node):
     description = "A LoRA applied to the diffusion model only."
     outputs = (Output(MODEL),)
     model: Annotated[Any, Socket(MODEL)]
-    lora_name: Annotated[str, Combo(_choices("loras"))]
+    lora_name: Annotated[str, Combo(model_choices("loras"))]
     strength_model: Annotated[float, STRENGTH] = 1.0
 
     @classmethod
     def fingerprint(cls, env, constants):
-        return _fingerprint(env, "loras", constants.get("lora_name"), "lora")
+        return model_fingerprint(env, "loras", constants.get("lora_name"), "lora")
 
     def run(self, ctx):
         node = type(self).__name__

@@ -1,0 +1,89 @@
+"""What every model loader node shares: the model folders' choices, the file identity that keys the memory manager,
+the output-cache fingerprint of a model file, and loading with errors that name the node input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from .diffusion import checkpoint
+
+
+def model_choices(folder: str) -> Callable[[Any], list[str]]:
+    return lambda env: env.list_models(folder) if env is not None else []
+
+
+def model_manager(ctx: Any) -> Any:
+    """The shared model memory manager; created on first use when the engine did not install one."""
+    env = ctx.env
+    manager = env.services.get("models")
+    if manager is None:
+        from engine.memory import ModelManager
+
+        manager = env.services.setdefault("models", ModelManager())
+    return manager
+
+
+def file_identity(path: Path) -> tuple[str, int, int]:
+    stat = path.stat()
+    return str(path.resolve()), stat.st_size, stat.st_mtime_ns
+
+
+def model_key(kind: str, identity: tuple, *options: Any) -> tuple:
+    """The memory manager's key for what a loader builds from a file (identity = path, size, mtime)."""
+    return (kind, *options, *identity)
+
+
+def folder_identity(path: Path, index: Path) -> tuple[str, int, int]:
+    stat = index.stat()
+    return str(path.resolve()), stat.st_size, stat.st_mtime_ns
+
+
+def find_model_file(env: Any, folder: str, name: Any) -> Path | None:
+    if env is None or not isinstance(name, str):
+        return None
+    try:
+        return env.find_model(folder, name)
+    except FileNotFoundError:
+        return None
+
+
+def times_dropped(env: Any, key: tuple) -> int:
+    manager = env.services.get("models")
+    return manager.times_dropped(key) if manager is not None else 0
+
+
+def model_fingerprint(env: Any, folder: str, name: Any, kind: str, *options: Any) -> Any:
+    """Size and mtime of the named file, and how often the memory manager dropped its models: the output cache
+    re-runs the loader when the file changes or when the weights its cached outputs hold were evicted."""
+    path = find_model_file(env, folder, name)
+    if path is None:
+        return None
+    if path.is_dir():
+        index = path / "model_index.json"
+        if not index.is_file():
+            return None
+        identity = folder_identity(path, index)
+    else:
+        identity = file_identity(path)
+    return [identity[1:], times_dropped(env, model_key(kind, identity, *options))]
+
+
+def locate_model(ctx: Any, node: str, input_name: str, folder: str, name: str) -> Path:
+    if not name:
+        raise ValueError(f"{node}: input '{input_name}' is empty; choose a file from models/{folder}")
+    try:
+        return ctx.env.find_model(folder, name)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{node}: input '{input_name}': {error}") from error
+
+
+def load_model(ctx: Any, node: str, input_name: str, name: str, key: tuple, loader: Callable[[], Any]) -> Any:
+    """Load through the manager; file and architecture errors are re-raised naming the node input and file."""
+    try:
+        return model_manager(ctx).get_or_load(key, loader)
+    except (FileNotFoundError, checkpoint.ModelFileError, ValueError) as error:
+        detail = str(error)
+        where = f"input '{input_name}'" if Path(name).name in detail else f"input '{input_name}' ({name})"
+        kind = FileNotFoundError if isinstance(error, FileNotFoundError) else ValueError
+        raise kind(f"{node}: {where}: {detail}") from error
