@@ -90,7 +90,7 @@ class ExecutionError(Event):
     exception_message: str
     exception_type: str
     traceback: list[str]
-    current_inputs: dict[str, Any]
+    current_inputs: dict[str, Any] | list  # [] for a blocked node, as ComfyUI sends it
     current_outputs: list[str]
     timestamp: int = Field(default_factory=now_ms)
 

@@ -463,7 +463,11 @@ class _Run:
         for index in range(self.call_count(node, inputs)):
             self.interrupt.check()
             kwargs = self.call_inputs(node, inputs, index)
-            if _blocked(kwargs.values(), node.node_cls.input_is_list):
+            blocker = _blocker(kwargs.values(), node.node_cls.input_is_list)
+            if blocker is not None:
+                if blocker.message is not None:
+                    self.report_blocked(node, blocker.message)
+                # Downstream the block carries no message: the error is reported once, by the first node it stops.
                 results.append(tuple(ExecutionBlocker() for _ in node.node_cls.outputs))
                 continue
             outcome = node.node_cls.model_construct(**kwargs).run(ctx)
@@ -471,6 +475,14 @@ class _Run:
                 outcome = await outcome
             results.append(outcome)
         return results
+
+    def report_blocked(self, node: GraphNode, message: str) -> None:
+        """A blocker with a message sends execution_error (ComfyUI's shape for it) naming the node it stopped;
+        the run goes on and may still succeed."""
+        self.emit(lambda: ExecutionError(
+            prompt_id=self.prompt_id, node_id=node.display, node_type=node.class_type, executed=list(self.executed),
+            exception_message=f"Execution Blocked: {message}", exception_type="ExecutionBlocked", traceback=[],
+            current_inputs=[], current_outputs=[]))
 
     def normalise(self, node: GraphNode, outcome: Any) -> NodeOutput:
         if isinstance(outcome, NodeOutput):
@@ -589,13 +601,17 @@ def _relink(value: Any, mapping: dict[str, str]) -> Any:
     return value
 
 
-def _blocked(values, input_is_list: bool) -> bool:
+def _blocker(values, input_is_list: bool) -> ExecutionBlocker | None:
+    """The first blocker among a call's inputs (inside list inputs too), preferring one with a message."""
+    found = None
     for value in values:
-        if isinstance(value, ExecutionBlocker):
-            return True
-        if input_is_list and isinstance(value, list) and any(isinstance(v, ExecutionBlocker) for v in value):
-            return True
-    return False
+        items = value if input_is_list and isinstance(value, list) else [value]
+        for item in items:
+            if isinstance(item, ExecutionBlocker):
+                if item.message is not None:
+                    return item
+                found = found or item
+    return found
 
 
 def _merge_ui(uis: list[dict | None]) -> dict | None:

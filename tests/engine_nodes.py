@@ -182,10 +182,11 @@ class Gate(Node):
     outputs = (Output(FLOAT),)
     value: Annotated[Any, Socket(FLOAT)]
     block: Annotated[bool, Boolean()] = False
+    message: Annotated[str, String(optional=True)] = ""
 
     def run(self, ctx):
         _log(ctx)
-        return (ExecutionBlocker(None) if self.block else self.value,)
+        return (ExecutionBlocker(self.message or None) if self.block else self.value,)
 
 
 class BlockEqual(Node):

@@ -204,6 +204,29 @@ def test_blocked_list_elements_skip_downstream_calls(setup):
     assert calls.count("plus") == 2  # the blocked middle element was skipped
 
 
+def test_blocker_with_a_message_reports_an_error_once_and_the_run_goes_on(setup):
+    engine, calls = setup
+    prompt = {"a": const(1), "b": const(2),
+              "gate": {"class_type": "Gate", "inputs": {"value": ["a", 0], "block": True, "message": "no input"}},
+              "plus": add("gate", 1), "more": add("plus", 1), "blocked_out": collect("more"),
+              "free_out": collect("b")}
+    recorder = EventRecorder()
+    result = run_ok(engine, prompt, listener=recorder)
+    assert result.status == "success" and result.outputs == {"free_out": {"values": [2.0]}}
+    errors = [e.data() for e in recorder.events if e.type == "execution_error"]
+    assert len(errors) == 1  # the node it stopped reports it; the blocker travels on without the message
+    (error,) = errors
+    assert error["node_id"] == "plus" and error["node_type"] == "Add"
+    assert error["exception_message"] == "Execution Blocked: no input"
+    assert error["exception_type"] == "ExecutionBlocked" and error["traceback"] == [] == error["current_inputs"]
+    assert recorder.types()[-1] == "execution_success"
+    # Without a message nothing is reported.
+    prompt["gate"]["inputs"]["message"] = ""
+    recorder = EventRecorder()
+    run_ok(engine, prompt, listener=recorder)
+    assert "execution_error" not in recorder.types()
+
+
 def test_input_list_with_a_blocker_skips_the_call(setup):
     engine, calls = setup
     prompt = {"a": const(1), "b": const(2),
