@@ -8,8 +8,9 @@ Parts (run in order; each reads the previous parts' results from work-training/)
               eps-prediction on SD's scaled-linear schedule, 10 % caption dropout so classifier-free guidance works.
   controlnet  ControlNetModel.from_unet(unet), hint = the shape's silhouette mask (white on black), base frozen.
   lora        rank-8 LoRA on the UNet attention projections that draws outlined shapes instead of filled ones.
-  decoder     more VAE-decoder training with the encoder frozen (run after the others; sharpens the images).
-  all         vae, unet, controlnet, lora, decoder in order.
+  decoder     more VAE-decoder training with the encoder frozen (optional, after the others; the latents the
+              UNet learnt stay valid). Not part of the shipped recipe.
+  all         vae, unet, controlnet, lora in order: with the defaults, the recipe of the shipped files.
 
 Usage: .venv/bin/python tools/train_toy.py --part all [--device cpu] [--threads 2]
 Every part is seeded; the results do not depend on the device (a GPU only makes it faster). Times go to
@@ -465,34 +466,35 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", required=True, choices=["vae", "unet", "controlnet", "lora", "decoder", "all"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    # One thread: on a shared, oversubscribed CPU two threads were 4x slower per step (barrier waits).
-    parser.add_argument("--threads", type=int, default=1)
+    # Two threads on a quiet 2-core machine; use 1 when other jobs load the CPU (barrier waits made 2 threads
+    # up to 4x slower per step on an oversubscribed machine).
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--vae-images", type=int, default=8000)
-    parser.add_argument("--vae-batch", type=int, default=8)
-    parser.add_argument("--vae-crop-steps", type=int, default=2000)
-    parser.add_argument("--vae-full-steps", type=int, default=40)
+    parser.add_argument("--vae-batch", type=int, default=16)
+    parser.add_argument("--vae-crop-steps", type=int, default=3500)
+    parser.add_argument("--vae-full-steps", type=int, default=250)
     parser.add_argument("--vae-resume", action="store_true")
-    parser.add_argument("--vae-crop", type=int, default=24, choices=[16, 24, 32, 40, 48])
+    parser.add_argument("--vae-crop", type=int, default=32, choices=[16, 24, 32, 40, 48])
     parser.add_argument("--foreground-weight", type=float, default=8.0,
                         help="extra loss weight on the shape's pixels (VAE and decoder parts)")
     parser.add_argument("--decoder-steps", type=int, default=600)
     parser.add_argument("--decoder-lr", type=float, default=5e-4)
     parser.add_argument("--batch", type=int, default=48)
-    parser.add_argument("--unet-images", type=int, default=5000)
-    parser.add_argument("--unet-steps", type=int, default=1000)
+    parser.add_argument("--unet-images", type=int, default=12000)
+    parser.add_argument("--unet-steps", type=int, default=9000)
     parser.add_argument("--unet-lr", type=float, default=1e-3)
     parser.add_argument("--unet-resume", action="store_true", help="continue from work-training/unet_raw")
-    parser.add_argument("--ema-decay", type=float, default=0.995)
-    parser.add_argument("--controlnet-steps", type=int, default=300)
-    parser.add_argument("--controlnet-lr", type=float, default=5e-4)
-    parser.add_argument("--lora-images", type=int, default=2000)
-    parser.add_argument("--lora-steps", type=int, default=250)
+    parser.add_argument("--ema-decay", type=float, default=0.999)
+    parser.add_argument("--controlnet-steps", type=int, default=1200)
+    parser.add_argument("--controlnet-lr", type=float, default=1e-3)
+    parser.add_argument("--lora-images", type=int, default=3000)
+    parser.add_argument("--lora-steps", type=int, default=600)
     parser.add_argument("--lora-rank", type=int, default=8)
-    parser.add_argument("--lora-lr", type=float, default=1e-3)
+    parser.add_argument("--lora-lr", type=float, default=2e-3)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     WORK_DIR.mkdir(parents=True, exist_ok=True)
-    parts = ["vae", "unet", "controlnet", "lora", "decoder"] if args.part == "all" else [args.part]
+    parts = ["vae", "unet", "controlnet", "lora"] if args.part == "all" else [args.part]
     trainers = {"vae": train_vae, "decoder": train_decoder, "unet": train_unet, "controlnet": train_controlnet, "lora": train_lora}
     for part in parts:
         trainers[part](args)
