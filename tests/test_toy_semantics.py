@@ -1,7 +1,7 @@
 """The shipped toy model follows its prompts: measured through the engine on the graphs in graphs/.
 
-Each measure is one or a few sampler runs of a batch (ComfyUI's batch rule: one seed, batch_size N gives N
-different noises), judged by the geometric measures of tools/toy_metrics.py:
+Every image is its own run with its own seed (batch size 1), judged by the geometric measures of
+tools/toy_metrics.py:
   colour      the shape region's colour is the prompt's colour word            >= 90 % of images
   shape       the shape's template fit (circle / square / triangle) is the prompt's shape word   >= 80 %
   ControlNet  the shape's centre lies within 8 px of the control mask's centre  >= 90 %
@@ -44,18 +44,13 @@ def shipped(*paths: Path):
     return pytest.mark.skipif(bool(missing), reason=f"toy model files not shipped: {missing}")
 
 
-PER_PROMPT = 3        # batch per colour/shape prompt: 12 prompts x 3 = 36 images
-CONTROL_BATCH = 20
-LORA_BATCH = 20
+SEEDS_PER_PROMPT = 5  # 12 colour/shape prompts x 5 seeds = 60 images
+CONTROL_SEEDS = 30
+LORA_SEEDS = 24       # two per colour/shape prompt
 SEED = 100
 COLOUR_RATE, SHAPE_RATE, CONTROL_RATE = 0.9, 0.8, 0.9
 
 
-def UNMET(measured: str):
-    """The issue's targets stay in the assertions; the shipped toy model (trained ~100 CPU-minutes on a shared
-    machine) does not reach them yet. Marked as expected failures with the measured rates, until a longer training
-    run (tools/train_toy.py --unet-resume) ships better weights; then remove the marker."""
-    return pytest.mark.xfail(reason=f"issue 5 target not met: {measured}", strict=False)
 CONTROL_DISTANCE_PX = 8.0
 LORA_FILL_DROP = 0.09
 
@@ -97,73 +92,71 @@ def colour_shape_cases() -> list[tuple[str, str, str]]:
 
 
 @shipped()
-@UNMET("shipped toy model: colour 61 %, shape 28 % (targets 90 % / 80 %)")
 def test_colour_and_shape_words_are_followed(engine):
     colour_right = shape_right = total = 0
     misses = []
     for case_index, (colour, shape, background) in enumerate(colour_shape_cases()):
         text = f"a {colour} {shape} on a {background} background"
-        images = run_images(engine, graph("txt2img", n6_text=text, n5_batch_size=PER_PROMPT,
-                                          n3_seed=SEED + case_index))
-        assert len(images) == PER_PROMPT
-        for image in images:
+        for repeat in range(SEEDS_PER_PROMPT):
+            seed = SEED + case_index * SEEDS_PER_PROMPT + repeat
+            (image,) = run_images(engine, graph("txt2img", n6_text=text, n5_batch_size=1, n3_seed=seed))
             analysis = toy_metrics.analyse(image)
             colour_right += analysis.colour == colour
             shape_right += analysis.shape == shape
             total += 1
             if analysis.colour != colour or analysis.shape != shape:
-                misses.append(f"{text!r} -> {analysis.colour} {analysis.shape}")
+                misses.append(f"{text!r} seed {seed} -> {analysis.colour} {analysis.shape}")
     colour_rate, shape_rate = colour_right / total, shape_right / total
-    print(f"colour {colour_rate:.3f} shape {shape_rate:.3f} over {total} images")
+    print(f"colour {colour_rate:.3f} shape {shape_rate:.3f} over {total} seeds")
     assert total >= 20
     assert colour_rate >= COLOUR_RATE, (colour_rate, misses)
     assert shape_rate >= SHAPE_RATE, (shape_rate, misses)
 
 
-def write_hints(folder: Path, count: int, shape: str) -> list[tuple[float, float]]:
-    """A multi-frame PNG of `count` shape masks at random places (LoadImage makes it a batch); their centres."""
+def write_hints(folder: Path, count: int, shape: str) -> list[tuple[str, tuple[float, float]]]:
+    """`count` shape-mask PNGs at random places and sizes: (file name, mask centre) each."""
     rng = np.random.default_rng(7)
-    frames, centres = [], []
-    for _ in range(count):
+    hints = []
+    for index in range(count):
         spec = toy_dataset.random_spec(rng, shape=shape, size_word=str(rng.choice(["medium", "large"])))
         _, mask = toy_dataset.render(spec)
         grey = np.clip(np.rint(mask * 255), 0, 255).astype(np.uint8)
-        frames.append(Image.fromarray(np.repeat(grey[..., None], 3, axis=2), "RGB"))
-        centres.append(toy_metrics.mask_centre(mask))
-    frames[0].save(folder / "hints.png", save_all=True, append_images=frames[1:])
-    return centres
+        name = f"hint_{index:02d}.png"
+        Image.fromarray(np.repeat(grey[..., None], 3, axis=2), "RGB").save(folder / name)
+        hints.append((name, toy_metrics.mask_centre(mask)))
+    return hints
 
 
 @shipped(CONTROLNET)
-@UNMET("shipped toy ControlNet: 50 % within 8 px, median 6.6 px (target 90 %)")
 def test_controlnet_puts_the_shape_where_the_mask_is(engine):
-    centres = write_hints(engine.env.input_dir, CONTROL_BATCH, "triangle")
-    prompt = graph("controlnet", n11_image="hints.png", n5_batch_size=CONTROL_BATCH, n3_seed=SEED,
-                   n6_text="a red triangle on a white background")
-    images = run_images(engine, prompt)
-    assert len(images) == CONTROL_BATCH
     distances = []
-    for image, (tx, ty) in zip(images, centres):
+    for index, (name, (tx, ty)) in enumerate(write_hints(engine.env.input_dir, CONTROL_SEEDS, "triangle")):
+        (image,) = run_images(engine, graph("controlnet", n11_image=name, n5_batch_size=1, n3_seed=SEED + index,
+                                            n6_text="a red triangle on a white background"))
         found = toy_metrics.analyse(image).centre
         distances.append(float(np.hypot(found[0] - tx, found[1] - ty)) if found else float("inf"))
     rate = float(np.mean(np.array(distances) <= CONTROL_DISTANCE_PX))
-    print(f"controlnet {rate:.3f}, median distance {np.median(distances):.1f} px")
+    print(f"controlnet {rate:.3f}, median distance {np.median(distances):.1f} px over {len(distances)} seeds")
+    assert len(distances) >= 20
     assert rate >= CONTROL_RATE, (rate, [round(d, 1) for d in distances])
 
 
 @shipped(LORA)
-@UNMET("shipped toy LoRA: mean fill 0.993 -> 0.984, no outline effect yet")
 def test_lora_strength_draws_outlines(engine):
     fills = {}
     for strength in (0.0, 1.0):
-        images = run_images(engine, graph("lora", n10_strength_model=strength, n5_batch_size=LORA_BATCH,
-                                          n3_seed=SEED, n6_text="a yellow circle on a blue background"))
-        fills[strength] = [toy_metrics.analyse(image).fill for image in images]
+        fills[strength] = []
+        cases = colour_shape_cases()
+        for index in range(LORA_SEEDS):
+            colour, shape, background = cases[index % len(cases)]
+            text = f"a {colour} {shape} on a {background} background"
+            (image,) = run_images(engine, graph("lora", n10_strength_model=strength, n5_batch_size=1,
+                                                n3_seed=SEED + index, n6_text=text))
+            fills[strength].append(toy_metrics.analyse(image).fill)
     before, after = float(np.mean(fills[0.0])), float(np.mean(fills[1.0]))
-    print(f"lora fill: strength 0 {before:.3f}, strength 1 {after:.3f}")
-    # Filled shapes fill ~1 of their silhouette. The toy VAE itself renders the dataset's outlined shapes at a
-    # fill of ~0.82 (tools/eval_toy.py, vae_reconstruction), so a perfect outline LoRA lowers the mean by ~0.18:
-    # ask for half of that, and for most seeds (same noise at both strengths) to move the same way.
+    print(f"lora fill: strength 0 {before:.3f}, strength 1 {after:.3f} over {LORA_SEEDS} seeds")
+    # Filled shapes fill ~1 of their silhouette; the dataset's outlined shapes ~0.6 (their VAE round trip ~0.63,
+    # tools/eval_toy.py). Ask for a clear drop, and for most seeds (same noise at both strengths) to move that way.
     assert before >= 0.9, fills
     assert after <= before - LORA_FILL_DROP, (before, after)
     assert np.mean(np.array(fills[1.0]) < np.array(fills[0.0])) >= 0.75, fills
