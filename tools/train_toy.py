@@ -488,7 +488,7 @@ def main() -> None:
     parser.add_argument("--controlnet-steps", type=int, default=1200)
     parser.add_argument("--controlnet-lr", type=float, default=1e-3)
     parser.add_argument("--lora-images", type=int, default=3000)
-    parser.add_argument("--lora-steps", type=int, default=600)
+    parser.add_argument("--lora-steps", type=int, default=1200)
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--lora-lr", type=float, default=2e-3)
     args = parser.parse_args()
