@@ -190,12 +190,22 @@ def train_decoder(args: argparse.Namespace) -> None:
         optimiser, lambda step: min(1.0, (step + 1) / 20) * (0.05 + 0.475 * (1 + math.cos(math.pi * step / total))))
     for step in range(total):
         index = torch.from_numpy(rng.integers(0, len(pixels), args.vae_batch))
-        # 4x4-latent crops, whole 8x8 latents for the last 10 % of the steps (borders, mid-block attention).
-        side = 8 if step >= 0.9 * total else 4
-        ly, lx = (int(v) for v in rng.integers(0, 9 - side, 2))
-        z = latents[index][:, :, ly:ly + side, lx:lx + side]
-        target = pixels[index][:, :, ly * 8:(ly + side) * 8, lx * 8:(lx + side) * 8]
-        weight = weights[index][:, :, ly * 8:(ly + side) * 8, lx * 8:(lx + side) * 8]
+        if args.decoder_mosaic:
+            # Mosaics of 1x1 to 2x2 whole latents: the mid-block attention must also decode canvases larger than
+            # 64x64 (hires fix, outpaint, area composition), where it otherwise mixes colours across the image.
+            rows, cols = (int(v) for v in rng.integers(1, 3, 2))
+            tiles = [torch.from_numpy(rng.integers(0, len(pixels), args.vae_batch)) for _ in range(rows * cols)]
+            def mosaic(source):
+                grid = [torch.cat([source[tiles[r * cols + c]] for c in range(cols)], dim=3) for r in range(rows)]
+                return torch.cat(grid, dim=2)
+            z, target, weight = mosaic(latents), mosaic(pixels), mosaic(weights)
+        else:
+            # 4x4-latent crops, whole 8x8 latents for the last 10 % of the steps (borders, mid-block attention).
+            side = 8 if step >= 0.9 * total else 4
+            ly, lx = (int(v) for v in rng.integers(0, 9 - side, 2))
+            z = latents[index][:, :, ly:ly + side, lx:lx + side]
+            target = pixels[index][:, :, ly * 8:(ly + side) * 8, lx * 8:(lx + side) * 8]
+            weight = weights[index][:, :, ly * 8:(ly + side) * 8, lx * 8:(lx + side) * 8]
         jitter = 0.1 * z.std() * torch.randn_like(z)
         reconstruction = vae.decode(z + jitter).sample
         loss = _reconstruction_loss(reconstruction, target, weight)
@@ -479,6 +489,7 @@ def main() -> None:
                         help="extra loss weight on the shape's pixels (VAE and decoder parts)")
     parser.add_argument("--decoder-steps", type=int, default=600)
     parser.add_argument("--decoder-lr", type=float, default=5e-4)
+    parser.add_argument("--decoder-mosaic", action="store_true", help="decoder part: train on 1x1..2x2 mosaics")
     parser.add_argument("--batch", type=int, default=48)
     parser.add_argument("--unet-images", type=int, default=12000)
     parser.add_argument("--unet-steps", type=int, default=9000)
