@@ -137,7 +137,14 @@ def area_composition() -> dict:
     graph["12"] = _node("ConditioningSetArea", "Area: right half", width=SIZE, height=SIZE, x=SIZE, y=0,
                         strength=1.0, conditioning=["11", 0])
     graph["13"] = _node("ConditioningCombine", conditioning_1=["10", 0], conditioning_2=["12", 0])
-    graph["3"] = _ksampler(7, ("13", 0), ("7", 0), ("5", 0))
+    # The negative gets the same two areas: the toy model only ever saw 64x64 images, and its unconditional
+    # prediction on the whole 128x64 canvas (which ComfyUI's maths mixes into each half) washes the colours out.
+    graph["14"] = _node("ConditioningSetArea", "Negative: left half", width=SIZE, height=SIZE, x=0, y=0,
+                        strength=1.0, conditioning=["7", 0])
+    graph["15"] = _node("ConditioningSetArea", "Negative: right half", width=SIZE, height=SIZE, x=SIZE, y=0,
+                        strength=1.0, conditioning=["7", 0])
+    graph["16"] = _node("ConditioningCombine", conditioning_1=["14", 0], conditioning_2=["15", 0])
+    graph["3"] = _ksampler(7, ("13", 0), ("16", 0), ("5", 0))
     return graph
 
 
