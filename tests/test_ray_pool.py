@@ -76,6 +76,10 @@ def normalised(messages: list) -> list:
         data = message["data"]
         if isinstance(data, dict):
             data = {k: v for k, v in data.items() if k not in VOLATILE}
+            if message["type"] == "status":
+                # How many prompts a status counts depends on whether the queue had already handed the prompt to a
+                # worker when the broadcast went out: a race in either mode, not a difference between them.
+                data = {"status": "queue"}
             if message["type"] == "progress_state":
                 data["nodes"] = {n: {k: v for k, v in s.items() if k != "prompt_id"} for n, s in data["nodes"].items()}
         out.append((message["type"], json.dumps(data, sort_keys=True)))
