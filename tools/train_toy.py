@@ -79,6 +79,14 @@ def _pixel_weights(masks: np.ndarray, foreground_weight: float) -> torch.Tensor:
     return 1.0 + foreground_weight * rim
 
 
+def _autoencoder_data(count: int, foreground_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE's and the decoder's training images (half filled, half outlined) in -1..1, and their loss weights."""
+    filled, filled_masks, _ = toy_dataset.make_arrays(count // 2, start_seed=1_000_000)
+    outline, outline_masks, _ = toy_dataset.make_arrays(count // 2, start_seed=2_000_000, style="outline")
+    pixels = _images_to_tensor(np.concatenate([filled, outline]))
+    return pixels, _pixel_weights(np.concatenate([filled_masks, outline_masks]), foreground_weight)
+
+
 def _reconstruction_loss(reconstruction: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     error = reconstruction - target
     return (weight * (error.abs() + error.pow(2))).mean() / weight.mean()
@@ -91,10 +99,7 @@ def train_vae(args: argparse.Namespace) -> None:
     torch.manual_seed(1)
     rng = np.random.default_rng(1)
     count = args.vae_images
-    filled, filled_masks, _ = toy_dataset.make_arrays(count // 2, start_seed=1_000_000)
-    outline, outline_masks, _ = toy_dataset.make_arrays(count // 2, start_seed=2_000_000, style="outline")
-    pixels = _images_to_tensor(np.concatenate([filled, outline]))
-    weights = _pixel_weights(np.concatenate([filled_masks, outline_masks]), args.foreground_weight)
+    pixels, weights = _autoencoder_data(count, args.foreground_weight)
     # --vae-resume continues from work-training/vae (its latent normalisation is folded in; it is re-done below).
     vae = (_load_vae() if args.vae_resume else build_vae()).to(args.device).train()
     optimiser = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
@@ -173,10 +178,7 @@ def train_decoder(args: argparse.Namespace) -> None:
     rng = np.random.default_rng(5)
     vae = _load_vae()
     count = args.vae_images
-    filled, filled_masks, _ = toy_dataset.make_arrays(count // 2, start_seed=1_000_000)
-    outline, outline_masks, _ = toy_dataset.make_arrays(count // 2, start_seed=2_000_000, style="outline")
-    pixels = _images_to_tensor(np.concatenate([filled, outline]))
-    weights = _pixel_weights(np.concatenate([filled_masks, outline_masks]), args.foreground_weight)
+    pixels, weights = _autoencoder_data(count, args.foreground_weight)
     with torch.no_grad():
         latents = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in pixels.split(250)])
     vae.requires_grad_(False)
