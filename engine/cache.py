@@ -65,7 +65,7 @@ def estimate_nbytes(value: Any) -> int:
             total += int(reporter())
         elif hasattr(item, "element_size") and hasattr(item, "nelement"):  # torch tensor
             total += item.element_size() * item.nelement()
-        elif hasattr(item, "nbytes") and isinstance(getattr(item, "nbytes"), int):  # numpy array
+        elif hasattr(item, "nbytes") and isinstance(item.nbytes, int):  # numpy array
             total += item.nbytes
         elif isinstance(item, dict):
             stack.extend(item.values())

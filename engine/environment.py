@@ -39,7 +39,7 @@ class Environment:
     @classmethod
     def create(cls, models_dir: str | os.PathLike | None = None, input_dir: str | os.PathLike | None = None,
                output_dir: str | os.PathLike | None = None, temp_dir: str | os.PathLike | None = None,
-               extra_model_paths: str | os.PathLike | None = None) -> "Environment":
+               extra_model_paths: str | os.PathLike | None = None) -> Environment:
         env = cls(
             input_dir=Path(input_dir or "input").resolve(),
             output_dir=Path(output_dir or "output").resolve(),

@@ -21,13 +21,34 @@ from typing import Any
 import networkx as nx
 
 from .cache import DEFAULT_CACHE_BYTES, OutputCache, Uncacheable, node_key
-from .events import (EventBus, Executed, ExecutionCached, ExecutionError, ExecutionInterrupted,
-                     ExecutionStart, ExecutionSuccess, Executing, NodeProgressState, NodeWarning, Progress,
-                     ProgressState)
-from .graph import (Graph, GraphNode, InputChecker, Link, build_node, check_links, dependency_graph, find_cycles,
-                    parse_link, upstream_of)
+from .events import (
+    EventBus,
+    Executed,
+    Executing,
+    ExecutionCached,
+    ExecutionError,
+    ExecutionInterrupted,
+    ExecutionStart,
+    ExecutionSuccess,
+    NodeProgressState,
+    NodeWarning,
+    Progress,
+    ProgressState,
+)
 from .node import ExecutionBlocker, NodeOutput
 from .registry import NodeRegistry
+from .validation import (
+    Graph,
+    GraphNode,
+    InputChecker,
+    Link,
+    build_node,
+    check_links,
+    dependency_graph,
+    find_cycles,
+    parse_link,
+    upstream_of,
+)
 
 # Full progress_state maps are sent for runs up to this many nodes; bigger runs get per-node deltas, which keeps
 # the event volume linear.
@@ -101,7 +122,7 @@ def exception_type_name(exc: BaseException) -> str:
 class NodeContext:
     """What a running node sees (engine.node.RunContext)."""
 
-    def __init__(self, run: "_Run", node: GraphNode):
+    def __init__(self, run: _Run, node: GraphNode):
         self._run = run
         self.node_id = node.id
         self.display_node_id = node.display
@@ -219,7 +240,7 @@ class _Run:
                 cacheable = False
                 key = node_key(node.class_type, cls.version, {}, None, linked, f"{self.prompt_id}/{node_id}")
             self.keys[node_id] = key
-            self.cacheable[node_id] = cacheable and all(self.cacheable[l.source] for l in node.links.values())
+            self.cacheable[node_id] = cacheable and all(self.cacheable[link.source] for link in node.links.values())
 
     # Scheduling -----------------------------------------------------------------------------------------------
 
@@ -312,8 +333,8 @@ class _Run:
             for node_id in self.cached:
                 if self.nodes[node_id].node_cls.output_node:
                     node = self.nodes[node_id]
-                    self.emit(lambda: Executed(prompt_id=self.prompt_id, node=node.id, display_node=node.display,
-                                               output=self.ui.get(node.id)))
+                    self.emit(Executed(prompt_id=self.prompt_id, node=node.id, display_node=node.display,
+                                       output=self.ui.get(node.id)))
             await self.loop()
             self.emit(lambda: ExecutionSuccess(prompt_id=self.prompt_id))
         except Interrupted:

@@ -20,8 +20,9 @@ import dataclasses
 import itertools
 import logging
 import threading
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Iterator
+from typing import Any
 
 import torch
 

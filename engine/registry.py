@@ -8,8 +8,9 @@ import importlib.metadata
 import importlib.util
 import logging
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from .node import Node
 from .types import COMBO, InputSpec
@@ -83,7 +84,7 @@ class NodeRegistry:
                 module = importlib.util.module_from_spec(spec)
                 sys.modules[module_name] = module
                 spec.loader.exec_module(module)
-                self.register_all(getattr(module, "NODES"), python_module=f"custom_nodes.{path.stem}")
+                self.register_all(module.NODES, python_module=f"custom_nodes.{path.stem}")
             except Exception as exc:
                 sys.modules.pop(module_name, None)
                 self.load_errors[str(path)] = f"{type(exc).__name__}: {exc}"

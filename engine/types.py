@@ -11,8 +11,9 @@ carries the Python type and the widget default.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 # Port type names, spelled as ComfyUI spells them on the wire.
 MODEL = "MODEL"

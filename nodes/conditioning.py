@@ -10,9 +10,9 @@ from typing import Annotated, Any
 
 import torch
 
-from engine.node import Node
-from engine.types import CLIP, CONDITIONING, MASK, Combo, Float, Int, Output, Socket, String
-from nodes.diffusion.clip import EMBEDDINGS_SERVICE, MODELS_SERVICE, ClipModel, pad_token_chunks
+from latentloom.engine.node import Node
+from latentloom.engine.types import CLIP, CONDITIONING, MASK, Combo, Float, Int, Output, Socket, String
+from latentloom.nodes.diffusion.clip import EMBEDDINGS_SERVICE, MODELS_SERVICE, ClipModel, pad_token_chunks
 
 MAX_RESOLUTION = 16384
 

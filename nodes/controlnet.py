@@ -11,13 +11,20 @@ from typing import Annotated, Any
 
 import torch
 
-from engine.node import Node
-from engine.types import CONDITIONING, CONTROL_NET, IMAGE, MODEL, VAE, Combo, Float, Output, Socket
+from latentloom.engine.node import Node
+from latentloom.engine.types import CONDITIONING, CONTROL_NET, IMAGE, MODEL, VAE, Combo, Float, Output, Socket
 
 from .diffusion.controlnet import ControlNet, load_controlnet
 from .diffusion.models import DiffusionModel
-from .model_files import (file_identity, load_model, locate_model, model_choices, model_fingerprint, model_key,
-                          model_manager)
+from .model_files import (
+    file_identity,
+    load_model,
+    locate_model,
+    model_choices,
+    model_fingerprint,
+    model_key,
+    model_manager,
+)
 
 STRENGTH = Float(min=0.0, max=10.0, step=0.01)
 PERCENT = Float(min=0.0, max=1.0, step=0.001)
@@ -58,8 +65,9 @@ class ControlNetLoader(Node):
         node = type(self).__name__
         path = locate_model(ctx, node, "control_net_name", "controlnet", self.control_net_name)
         manager = model_manager(ctx)
-        net = load_model(ctx, node, "control_net_name", self.control_net_name, model_key("controlnet", file_identity(path)),
-                    lambda: load_controlnet(path, manager))
+        key = model_key("controlnet", file_identity(path))
+        net = load_model(ctx, node, "control_net_name", self.control_net_name, key,
+                         lambda: load_controlnet(path, manager))
         return (net,)
 
 

@@ -12,12 +12,19 @@ from typing import Annotated, Any
 
 import torch
 
-from engine.node import Node, NodeOutput
-from engine.types import IMAGE, MASK, Combo, Float, Int, Output, Socket, String
+from latentloom.engine.node import Node, NodeOutput
+from latentloom.engine.types import IMAGE, MASK, Combo, Float, Int, Output, Socket, String
 
 from .diffusion.resize import CROP_METHODS, IMAGE_UPSCALE_METHODS, common_upscale
-from .image_files import (file_fingerprint, list_input_images, load_image_file, load_mask_file, png_metadata,
-                          resolve_annotated_path, save_images)
+from .image_files import (
+    file_fingerprint,
+    list_input_images,
+    load_image_file,
+    load_mask_file,
+    png_metadata,
+    resolve_annotated_path,
+    save_images,
+)
 
 MAX_RESOLUTION = 16384
 # ComfyUI's alphabet for preview name suffixes.

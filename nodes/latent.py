@@ -11,8 +11,8 @@ from typing import Annotated, Any
 
 import torch
 
-from engine.node import Node
-from engine.types import LATENT, MASK, Combo, Float, Int, Output, Socket
+from latentloom.engine.node import Node
+from latentloom.engine.types import LATENT, MASK, Combo, Float, Int, Output, Socket
 
 from .diffusion.resize import CROP_METHODS, LATENT_UPSCALE_METHODS, common_upscale
 

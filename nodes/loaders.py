@@ -10,12 +10,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from engine.node import Node
-from engine.types import CLIP, MODEL, VAE, Combo, Output
+from latentloom.engine.node import Node
+from latentloom.engine.types import CLIP, MODEL, VAE, Combo, Output
 
 from .diffusion import checkpoint
-from .model_files import (file_identity, find_model_file, folder_identity, load_model, locate_model, model_choices,
-                          model_fingerprint, model_key, model_manager, times_dropped)
+from .model_files import (
+    file_identity,
+    find_model_file,
+    folder_identity,
+    load_model,
+    locate_model,
+    model_choices,
+    model_fingerprint,
+    model_key,
+    model_manager,
+    times_dropped,
+)
 
 UNET_WEIGHT_DTYPES = ["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"]
 # ComfyUI's CLIPLoader / DualCLIPLoader types (kept so workflows validate); the SD ones are supported.
@@ -32,7 +42,8 @@ class CheckpointLoaderSimple(Node):
     outputs = (Output(MODEL, tooltip="The model used for denoising latents."),
                Output(CLIP, tooltip="The CLIP model used for encoding text prompts."),
                Output(VAE, tooltip="The VAE model used for encoding and decoding images to and from latent space."))
-    ckpt_name: Annotated[str, Combo(model_choices("checkpoints"), tooltip="The name of the checkpoint (model) to load.")]
+    ckpt_name: Annotated[str, Combo(model_choices("checkpoints"),
+                                    tooltip="The name of the checkpoint (model) to load.")]
 
     @classmethod
     def fingerprint(cls, env, constants):

@@ -13,8 +13,8 @@ from typing import Annotated, Any
 
 import torch
 
-from engine.node import Node
-from engine.types import CLIP, MODEL, Combo, Float, Output, Socket
+from latentloom.engine.node import Node
+from latentloom.engine.types import CLIP, MODEL, Combo, Float, Output, Socket
 
 from .diffusion import lora as lora_math
 from .diffusion.checkpoint import read_state_dict
@@ -55,7 +55,8 @@ def read_lora_file(path: Path) -> LoraTensors:
 
 def load_lora(ctx: Any, node: str, lora_name: str) -> LoraTensors:
     path = locate_model(ctx, node, "lora_name", "loras", lora_name)
-    return load_model(ctx, node, "lora_name", lora_name, model_key("lora", file_identity(path)), lambda: read_lora_file(path))
+    key = model_key("lora", file_identity(path))
+    return load_model(ctx, node, "lora_name", lora_name, key, lambda: read_lora_file(path))
 
 
 def _shown(keys: list[str]) -> str:

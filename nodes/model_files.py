@@ -3,8 +3,9 @@ the output-cache fingerprint of a model file, and loading with errors that name 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .diffusion import checkpoint
 
@@ -18,7 +19,7 @@ def model_manager(ctx: Any) -> Any:
     env = ctx.env
     manager = env.services.get("models")
     if manager is None:
-        from engine.memory import ModelManager
+        from latentloom.engine.memory import ModelManager
 
         manager = env.services.setdefault("models", ModelManager())
     return manager

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from engine.node import Node
-from engine.types import IMAGE, Float, Output, Socket
+from latentloom.engine.node import Node
+from latentloom.engine.types import IMAGE, Float, Output, Socket
 
 from .diffusion.canny import canny_edges
 

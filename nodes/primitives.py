@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 from typing import Annotated
 
-from engine.node import Node
-from engine.types import BOOLEAN, FLOAT, INT, STRING, Boolean, Float, Int, Output, String
+from latentloom.engine.node import Node
+from latentloom.engine.types import BOOLEAN, FLOAT, INT, STRING, Boolean, Float, Int, Output, String
 
 
 class PrimitiveString(Node):

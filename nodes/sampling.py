@@ -6,22 +6,44 @@ the pieces and report progress with a latent preview after every step.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any
 
 import torch
 
-from engine.node import Node
-from engine.types import (CONDITIONING, GUIDER, LATENT, MODEL, NOISE, SAMPLER, SIGMAS, Boolean, Combo,
-                          Float, Int, Output, Socket)
+from latentloom.engine.node import Node
+from latentloom.engine.types import (
+    CONDITIONING,
+    GUIDER,
+    LATENT,
+    MODEL,
+    NOISE,
+    SAMPLER,
+    SIGMAS,
+    Boolean,
+    Combo,
+    Float,
+    Int,
+    Output,
+    Socket,
+)
 
 from .diffusion.denoiser import Guider
 from .diffusion.models import DiffusionModel
 from .diffusion.noise import initial_noise
 from .diffusion.preview import preview_jpeg
 from .diffusion.samplers import SAMPLER_NAMES, Sampler, sampler_for_name
-from .diffusion.schedules import (SCHEDULER_NAMES, DiscreteSchedule, advanced_sigmas, basic_scheduler_sigmas,
-                                  denoise_sigmas, exponential_sigmas, karras_sigmas, sd_turbo_sigmas)
+from .diffusion.schedules import (
+    SCHEDULER_NAMES,
+    DiscreteSchedule,
+    advanced_sigmas,
+    basic_scheduler_sigmas,
+    denoise_sigmas,
+    exponential_sigmas,
+    karras_sigmas,
+    sd_turbo_sigmas,
+)
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 CUSTOM = "sampling/custom_sampling"

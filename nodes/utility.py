@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any
 
-from engine.node import Node, NodeOutput
-from engine.types import ANY, STRING, Output, Socket, String
+from latentloom.engine.node import Node, NodeOutput
+from latentloom.engine.types import ANY, STRING, Output, Socket, String
 
 
 class StringConcatenate(Node):

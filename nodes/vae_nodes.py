@@ -8,8 +8,8 @@ from typing import Annotated, Any
 import torch
 import torch.nn.functional as F
 
-from engine.node import Node
-from engine.types import IMAGE, LATENT, MASK, VAE, Int, Output, Socket
+from latentloom.engine.node import Node
+from latentloom.engine.types import IMAGE, LATENT, MASK, VAE, Int, Output, Socket
 
 from .diffusion.vae import VAEModel, crop_to_multiple
 

@@ -19,6 +19,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route, WebSocketRoute
 
+from latentloom.nodes import bundled_graphs_dir
+
 from . import frontend, routes_files, routes_prompt, routes_system, routes_userdata
 from .queue_store import QueueStore
 from .security import SecurityMiddleware, SecurityPolicy
@@ -27,7 +29,6 @@ from .worker import Worker
 from .ws import Hub
 
 log = logging.getLogger("latentloom.server")
-REPO_GRAPHS = Path(__file__).resolve().parent.parent / "graphs"
 
 
 def with_api_alias(routes: list[Route]) -> list[Route]:
@@ -49,8 +50,8 @@ async def server_error(request: Request, exc: Exception):
 
 def create_app(engine, config: ServerConfig | None = None) -> Starlette:
     config = config or ServerConfig()
-    if config.graphs_dir is None and REPO_GRAPHS.is_dir():
-        config.graphs_dir = REPO_GRAPHS
+    if config.graphs_dir is None and bundled_graphs_dir().is_dir():
+        config.graphs_dir = bundled_graphs_dir()
     store = QueueStore(config.database_path)
     logs = LogBuffer()
     hub = Hub(store, {})

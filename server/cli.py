@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 EXIT_OK, EXIT_RUNTIME, EXIT_INVALID = 0, 1, 2
+DEFAULT_GRAPH = "txt2img.json"
 
 
 def _engine_args(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run a workflow file (API JSON, UI JSON or PNG) headless")
-    run.add_argument("file")
+    run.add_argument("file", nargs="?", default=DEFAULT_GRAPH,
+                     help=f"the workflow; a name of a bundled graph also works (default: {DEFAULT_GRAPH})")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="NODE_ID.INPUT=VALUE",
                      help="override an input (repeatable); VALUE is JSON or a plain string")
     run.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -73,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def make_engine(args: argparse.Namespace, cache_bytes: int | None = None):
-    from nodes import create_engine
+    from latentloom.nodes import create_engine
 
     custom = args.custom_nodes if args.custom_nodes and Path(args.custom_nodes).is_dir() else None
     return create_engine(models_dir=args.models_dir, input_dir=args.input_dir, output_dir=args.output_dir,
@@ -99,11 +101,24 @@ def format_node_errors(result, prompt: dict | None = None) -> str:
 
 
 def load_prompt(engine, path: str) -> tuple[dict, dict | None, str]:
-    from engine.session import WorkflowLoadError
 
-    if not Path(path).is_file():
-        raise WorkflowLoadError(f"{path}: no such file")
-    return engine.load_with_format(path)
+    return engine.load_with_format(resolve_workflow_path(path))
+
+
+def resolve_workflow_path(path: str) -> Path:
+    """A workflow file by path, else a bundled graph by name (`txt2img`, `txt2img.json`), so an installed wheel
+    runs its own graphs from any folder."""
+    from latentloom.engine.api import WorkflowLoadError
+    from latentloom.nodes import bundled_graphs_dir
+
+    given = Path(path)
+    if given.is_file():
+        return given
+    if given.name == path:
+        for candidate in (bundled_graphs_dir() / path, bundled_graphs_dir() / f"{path}.json"):
+            if candidate.is_file():
+                return candidate
+    raise WorkflowLoadError(f"{path}: no such file")
 
 
 class ProgressPrinter:
@@ -156,7 +171,7 @@ def output_files(engine, outputs: dict[str, dict]) -> list[str]:
 
 
 def command_run(args: argparse.Namespace) -> int:
-    from engine.session import OverrideError, WorkflowLoadError, parse_literal, set_input
+    from latentloom.engine.api import OverrideError, WorkflowLoadError, parse_literal, set_input
 
     engine = make_engine(args)
     try:
@@ -229,7 +244,7 @@ def _fail_invalid(args: argparse.Namespace, message: str) -> int:
 
 
 def command_validate(args: argparse.Namespace) -> int:
-    from engine.session import WorkflowLoadError
+    from latentloom.engine.api import WorkflowLoadError
 
     engine = make_engine(args)
     try:
@@ -251,7 +266,7 @@ def command_validate(args: argparse.Namespace) -> int:
 
 
 def command_convert(args: argparse.Namespace) -> int:
-    from engine.session import WorkflowLoadError
+    from latentloom.engine.api import WorkflowLoadError
 
     engine = make_engine(args)
     try:
@@ -259,7 +274,7 @@ def command_convert(args: argparse.Namespace) -> int:
         if args.to == "api":
             document = prompt
         else:
-            from engine.workflow import api_to_ui
+            from latentloom.engine.workflow import api_to_ui
 
             document = workflow if workflow is not None else api_to_ui(prompt,
                                                                                               engine.catalogue())
@@ -288,7 +303,7 @@ def command_nodes(args: argparse.Namespace) -> int:
 
 
 def command_serve(args: argparse.Namespace) -> int:
-    from server.app import serve
+    from latentloom.server.app import serve
 
     return serve(args) or EXIT_OK
 

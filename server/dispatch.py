@@ -31,8 +31,8 @@ from typing import Any
 
 import ray
 
-from engine.environment import MODEL_FOLDERS
-from engine.events import Executing
+from latentloom.engine.environment import MODEL_FOLDERS
+from latentloom.engine.events import Executing
 
 from .outputs_commit import OutputCommitter
 from .queue_store import QueueItem, QueueStore
@@ -86,7 +86,7 @@ def prompt_model_tokens(env, prompt: dict) -> set[tuple[str, int, int]]:
     return tokens
 
 
-def choose_worker(candidates: list["WorkerSlot"], tokens: set) -> "WorkerSlot":
+def choose_worker(candidates: list[WorkerSlot], tokens: set) -> WorkerSlot:
     """Most of the prompt's models already loaded; then fewest models held; then fewest prompts run."""
     return max(candidates, key=lambda s: (len(tokens & s.models), -len(s.models), -s.prompts_run, -s.number))
 

@@ -77,7 +77,7 @@ def _default_graph(state) -> dict | None:
         return None
     document = json.loads(path.read_text())
     if not (isinstance(document, dict) and isinstance(document.get("nodes"), list)):
-        from engine.workflow import api_to_ui
+        from latentloom.engine.workflow import api_to_ui
 
         document = with_view(api_to_ui(document, state.engine.catalogue()))
     return document

@@ -256,7 +256,7 @@ class QueueStore:
         keys = ("prompt_id", "entry", "status", "created", "started", "finished")
         out = []
         for row in rows:
-            record = dict(zip(keys, row))
+            record = dict(zip(keys, row, strict=False))
             record["entry"] = json.loads(record["entry"])
             out.append(record)
         return out, total
@@ -267,7 +267,7 @@ class QueueStore:
                                    "WHERE prompt_id=?", (prompt_id,)).fetchone()
         if row is None:
             return None
-        record = dict(zip(("prompt_id", "entry", "status", "created", "started", "finished"), row))
+        record = dict(zip(("prompt_id", "entry", "status", "created", "started", "finished"), row, strict=False))
         record["entry"] = json.loads(record["entry"])
         return record
 

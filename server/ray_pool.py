@@ -26,9 +26,10 @@ import tempfile
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .worker import _describe_invalid
 
@@ -148,7 +149,7 @@ class EngineWorker:
     def run(self, prompt_id: str, prompt: dict, targets: list[str], extra_data: dict) -> Iterator[list]:
         """Run one prompt; yields batches of messages (see the module docstring), the last one ends with the
         result. Batching whatever accumulated since the last yield keeps the per-event cost low."""
-        from engine.executor import InterruptToken
+        from latentloom.engine.executor import InterruptToken
 
         with self._run_lock:
             token = InterruptToken()
@@ -179,7 +180,7 @@ class EngineWorker:
 
     def _execute(self, prompt_id: str, prompt: dict, targets: list[str], extra_data: dict, token,
                  messages: queue.Queue) -> None:
-        from engine.events import Executed
+        from latentloom.engine.events import Executed
 
         def listen(event) -> None:
             if event.prompt_id != prompt_id:

@@ -19,7 +19,7 @@ HISTORY_STATES = frozenset({"completed", "failed", "cancelled"})
 
 
 def bad_request(error_type: str, message: str, details: str = "", node_errors: dict | None = None, **extra):
-    from engine.graph import make_error  # (lazy: keeps networkx out of the server's start-up)
+    from latentloom.engine.validation import make_error  # (lazy: keeps networkx out of the server's start-up)
 
     return json_response({"error": make_error(error_type, message, details, **extra),
                           "node_errors": node_errors or {}}, 400)
@@ -37,7 +37,7 @@ class ConversionError(ValueError):
 
 def convert_ui(state: ServerState, workflow: dict) -> dict:
     """UI (LiteGraph) format -> API prompt, server-side (ComfyUI's server cannot do this)."""
-    from engine.workflow import MissingNodeTypesError, WorkflowFormatError, ui_to_api
+    from latentloom.engine.workflow import MissingNodeTypesError, WorkflowFormatError, ui_to_api
 
     try:
         return ui_to_api(workflow, state.engine.catalogue())

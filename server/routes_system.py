@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
-from engine.environment import MODEL_FOLDERS
+from latentloom.engine.environment import MODEL_FOLDERS
 
 from .security import check_name, confine
 from .state import ServerState, json_response, read_json, server_state
@@ -47,7 +47,7 @@ async def object_info_one(request: Request):
     node_cls = state.engine.registry.get(name)
     if node_cls is None:
         return json_response({})
-    from engine.registry import node_info
+    from latentloom.engine.registry import node_info
 
     return json_response({name: await run_in_threadpool(node_info, node_cls, state.env)})
 

@@ -13,8 +13,15 @@ import threading
 import time
 import traceback
 
-from engine.events import Event, ExecutionCached, ExecutionError, ExecutionInterrupted, ExecutionStart, \
-    ExecutionSuccess, Executing
+from latentloom.engine.events import (
+    Event,
+    Executing,
+    ExecutionCached,
+    ExecutionError,
+    ExecutionInterrupted,
+    ExecutionStart,
+    ExecutionSuccess,
+)
 
 from .queue_store import QueueItem, QueueStore
 
@@ -124,7 +131,7 @@ class Worker:
         self.hub.post_event(event, current.client_id)
 
     async def _run(self, item: QueueItem) -> None:
-        from engine.executor import InterruptToken
+        from latentloom.engine.executor import InterruptToken
 
         token = InterruptToken()
         self._messages = []

@@ -20,7 +20,7 @@ from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from engine.events import Event, Progress
+from latentloom.engine.events import Event, Progress
 
 log = logging.getLogger("latentloom.server")
 # A client this far behind is disconnected (it reconnects and gets a fresh status) rather than buffered forever.

@@ -8,13 +8,13 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-
-from engine.environment import Environment  # noqa: E402
-from engine.memory import ModelManager  # noqa: E402
-from nodes.diffusion.clip import ClipModel  # noqa: E402
-from nodes.diffusion.models import DiffusionModel, SamplingConfig  # noqa: E402
-from nodes.diffusion.checkpoint import latent_format_for  # noqa: E402
 from tiny_models import tiny_components  # noqa: E402
+
+from latentloom.engine.environment import Environment  # noqa: E402
+from latentloom.engine.memory import ModelManager  # noqa: E402
+from latentloom.nodes.diffusion.checkpoint import latent_format_for  # noqa: E402
+from latentloom.nodes.diffusion.clip import ClipModel  # noqa: E402
+from latentloom.nodes.diffusion.models import DiffusionModel, SamplingConfig  # noqa: E402
 
 
 class FakeContext:
@@ -114,7 +114,7 @@ def tiny_controlnet(family: str = "sd1", seed: int = 0) -> torch.nn.Module:
 
 def write_controlnet(path: Path, net: torch.nn.Module, layout: str = "ldm") -> Path:
     """layout: "ldm" (control_model.*), "bare" (LDM names without prefix) or "diffusers"."""
-    from nodes.diffusion.controlnet import controlnet_to_ldm
+    from latentloom.nodes.diffusion.controlnet import controlnet_to_ldm
 
     state = {k: v.detach().clone() for k, v in net.state_dict().items()}
     if layout != "diffusers":

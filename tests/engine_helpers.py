@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.environment import Environment
-from engine.registry import NodeRegistry
-from engine.session import Engine
-
 import engine_nodes
+
+from latentloom.engine.api import Engine
+from latentloom.engine.environment import Environment
+from latentloom.engine.registry import NodeRegistry
 
 
 def make_engine(tmp_path: Path, cache_bytes: int = 1 << 30) -> tuple[Engine, list[str]]:

@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
-from engine.node import ExecutionBlocker, Node, NodeOutput
-from engine.types import (ANY, BOOLEAN, FLOAT, INT, STRING, Boolean, Combo, Float, Int, Output, Socket, String)
+from latentloom.engine.node import ExecutionBlocker, Node, NodeOutput
+from latentloom.engine.types import ANY, FLOAT, INT, STRING, Boolean, Combo, Float, Int, Output, Socket, String
 
 
 def _log(ctx, node_id_suffix: str = "") -> None:
@@ -387,5 +387,6 @@ class LiveBlobs(Node):
         return (float(sum(ref() is not None for ref in ctx.env.services.get("blobs", []))),)
 
 
-NODES = [MakeBlob, UseBlob, LiveBlobs, Const, IntConst, Add, Mix, Collect, Passthrough, Sleep, Fail, AsyncFail, MakeList, Sum, Pair, Gate, BlockEqual, Repeat,
-         CyclicExpand, ReadFile, Random, EvenOnly, FloatOnly, Pick, Steps, Variadic]
+NODES = [MakeBlob, UseBlob, LiveBlobs, Const, IntConst, Add, Mix, Collect, Passthrough, Sleep, Fail, AsyncFail,
+         MakeList, Sum, Pair, Gate, BlockEqual, Repeat, CyclicExpand, ReadFile, Random, EvenOnly, FloatOnly, Pick,
+         Steps, Variadic]

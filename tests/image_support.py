@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from engine.environment import Environment  # noqa: E402
+from latentloom.engine.environment import Environment  # noqa: E402
 
 
 @dataclass

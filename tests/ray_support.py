@@ -12,15 +12,15 @@ from typing import Annotated, Any
 
 import torch
 
-from engine.environment import Environment
-from engine.memory import ModelManager
-from engine.node import Node
-from engine.registry import NodeRegistry
-from engine.session import Engine
-from engine.types import FLOAT, IMAGE, Combo, Float, Int, Output, Socket
-from nodes.image import PreviewImage, SaveImage
-from server.app import create_app
-from server.state import ServerConfig
+from latentloom.engine.api import Engine
+from latentloom.engine.environment import Environment
+from latentloom.engine.memory import ModelManager
+from latentloom.engine.node import Node
+from latentloom.engine.registry import NodeRegistry
+from latentloom.engine.types import FLOAT, IMAGE, Combo, Float, Int, Output, Socket
+from latentloom.nodes.image import PreviewImage, SaveImage
+from latentloom.server.app import create_app
+from latentloom.server.state import ServerConfig
 from tests.server_support import TEST_NODES
 
 
@@ -104,8 +104,8 @@ def make_engine(root: str | Path) -> Engine:
 
 
 def make_ray_app(root: Path, num_workers: int | None = 2, **config: Any):
-    from server.dispatch import PoolOptions
-    from server.ray_pool import EngineFactory
+    from latentloom.server.dispatch import PoolOptions
+    from latentloom.server.ray_pool import EngineFactory
 
     config.setdefault("user_dir", root / "user")
     config.setdefault("allowed_hosts", ("testserver",))

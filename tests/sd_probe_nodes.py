@@ -11,8 +11,8 @@ from typing import Annotated, Any
 
 import torch
 
-from engine.node import Node, NodeOutput
-from engine.types import LATENT, Int, Output, Socket, String
+from latentloom.engine.node import Node, NodeOutput
+from latentloom.engine.types import LATENT, Int, Output, Socket, String
 
 
 class LatentProbe(Node):

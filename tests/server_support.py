@@ -16,13 +16,13 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
-from engine.environment import Environment
-from engine.node import Node, NodeOutput
-from engine.registry import NodeRegistry
-from engine.session import Engine
-from engine.types import FLOAT, Int, Output, Socket, String
-from server.app import create_app
-from server.state import ServerConfig
+from latentloom.engine.api import Engine
+from latentloom.engine.environment import Environment
+from latentloom.engine.node import Node, NodeOutput
+from latentloom.engine.registry import NodeRegistry
+from latentloom.engine.types import FLOAT, Int, Output, Socket, String
+from latentloom.server.app import create_app
+from latentloom.server.state import ServerConfig
 from tests import engine_nodes
 
 # A 1x1 PNG and a 1x1 JPEG, for preview frames.

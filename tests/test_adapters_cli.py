@@ -8,11 +8,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from adapter_support import kohya_lora_for_all, save_safetensors, tiny_controlnet, tiny_objects, write_controlnet
-from server.cli import main
+from PIL import Image
 from tiny_models import write_tiny_checkpoint
+
+from latentloom.server.cli import main
 
 torch.set_num_threads(1)
 

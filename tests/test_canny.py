@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.registry import node_info
-from nodes.preprocessors import Canny
+from latentloom.engine.registry import node_info
+from latentloom.nodes.preprocessors import Canny
 
 torch.set_num_threads(1)
 

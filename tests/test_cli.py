@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from server.cli import main
+from latentloom.server.cli import main
 
 TESTS = Path(__file__).resolve().parent
 
@@ -124,7 +124,7 @@ def test_nodes_json_is_a_comfyui_catalogue(workdir, capsys):
 
 def test_console_script_runs(workdir):
     path = write(workdir / "g.json", GOOD)
-    done = subprocess.run([sys.executable, "-m", "server.cli", "run", path, "--json"], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "latentloom.server.cli", "run", path, "--json"], capture_output=True,
                           text=True, cwd=workdir, env={"PYTHONPATH": str(TESTS.parent), "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["text"] == ["5.0"]
@@ -133,8 +133,8 @@ def test_console_script_runs(workdir):
 def test_run_accepts_ui_format_and_png(workdir, capsys):
     from PIL import Image, PngImagePlugin
 
-    from engine.workflow import api_to_ui
-    from server.cli import build_parser, make_engine
+    from latentloom.engine.workflow import api_to_ui
+    from latentloom.server.cli import build_parser, make_engine
 
     engine = make_engine(build_parser().parse_args(["nodes"]))
     ui = api_to_ui(GOOD, engine.catalogue())

@@ -8,11 +8,11 @@ import socket
 
 import pytest
 import torch
-
-from nodes.diffusion import tokenizer as tk
-from nodes.diffusion.clip import ClipModel, run_text_encoder
-from nodes.diffusion.tokenizer import EOS_ID, bpe_ids, chunk_ids, tokenize_prompt
 from tiny_clip import LAYERS, PROJECTION, WIDTH, text_encoder, tiny_clip
+
+from latentloom.nodes.diffusion import tokenizer as tk
+from latentloom.nodes.diffusion.clip import ClipModel, run_text_encoder
+from latentloom.nodes.diffusion.tokenizer import EOS_ID, bpe_ids, chunk_ids, tokenize_prompt
 
 torch.set_num_threads(1)
 

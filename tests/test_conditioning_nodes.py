@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 import torch
-
-import nodes
-import nodes.conditioning as cn
-from engine.environment import Environment
 from tiny_clip import PROJECTION, WIDTH, tiny_clip
+
+import latentloom.nodes.conditioning as cn
+from latentloom import nodes
+from latentloom.engine.environment import Environment
 
 torch.set_num_threads(1)
 
@@ -56,7 +56,7 @@ def cond_pair(fill: float, tokens: int = 77, width: int = 4, **options) -> list:
 
 
 def test_module_is_registered_and_exports_all_nodes():
-    assert "nodes.conditioning" in nodes.NODE_MODULES
+    assert "latentloom.nodes.conditioning" in nodes.NODE_MODULES
     assert {n.class_type() for n in cn.NODES} == {
         "CLIPTextEncode", "CLIPSetLastLayer", "CLIPTextEncodeSDXL", "CLIPTextEncodeSDXLRefiner",
         "ConditioningCombine", "ConditioningAverage", "ConditioningConcat", "ConditioningSetArea",

@@ -7,15 +7,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from adapter_support import FakeContext, make_env, save_safetensors, tiny_controlnet, tiny_objects, write_controlnet
 
-from adapter_support import (FakeContext, make_env, save_safetensors, tiny_controlnet, tiny_objects,
-                             write_controlnet)
-from nodes.controlnet import ControlNetApply, ControlNetApplyAdvanced, ControlNetLoader, DiffControlNetLoader
-from nodes.diffusion import convert
-from nodes.diffusion.controlnet import broadcast_hint, controlnet_to_ldm, load_controlnet
-from nodes.diffusion.denoiser import Guider, ModelCall
-from nodes.diffusion.samplers import SAMPLERS
-from nodes.diffusion.schedules import DiscreteSchedule, calculate_sigmas
+from latentloom.nodes.controlnet import ControlNetApply, ControlNetApplyAdvanced, ControlNetLoader, DiffControlNetLoader
+from latentloom.nodes.diffusion import convert
+from latentloom.nodes.diffusion.controlnet import broadcast_hint, controlnet_to_ldm, load_controlnet
+from latentloom.nodes.diffusion.denoiser import Guider, ModelCall
+from latentloom.nodes.diffusion.samplers import SAMPLERS
+from latentloom.nodes.diffusion.schedules import DiscreteSchedule, calculate_sigmas
 
 torch.set_num_threads(1)
 
@@ -112,7 +111,6 @@ def test_wrong_files_give_clear_node_errors(env, ctx):
 
 def test_residuals_and_unet_call_match_the_diffusers_pipeline(env):
     from diffusers import EulerDiscreteScheduler, StableDiffusionControlNetPipeline
-
     from tiny_models import tiny_components
 
     parts = tiny_components("sd1")
@@ -145,15 +143,15 @@ def test_residuals_and_unet_call_match_the_diffusers_pipeline(env):
     applied = load_controlnet(path).applied(image, 0.7)
     model, _ = tiny_objects("sd1")
     schedule = DiscreteSchedule(model.sampling)
-    for (x, sigma), (args, kwargs, (down_ref, mid_ref)), eps_ref in zip(captured["x"], captured["control"],
-                                                                        captured["unet"]):
+    for (x, sigma), (args, _kwargs, (down_ref, mid_ref)), eps_ref in zip(captured["x"], captured["control"],
+                                                                        captured["unet"], strict=False):
         sigma = sigma.reshape(1)
         x_in, t_ref = args[0], args[1]
         timestep = schedule.timestep(sigma)
         assert float(timestep) == float(t_ref)
         down, mid = applied.residuals(x_in, sigma, timestep, context, model)
         assert len(down) == len(down_ref) == 12
-        for ours, theirs in zip(down + (mid,), tuple(down_ref) + (mid_ref,)):
+        for ours, theirs in zip(down + (mid,), tuple(down_ref) + (mid_ref,), strict=False):
             assert torch.equal(ours, theirs), (ours - theirs).abs().max()
         assert float(mid.abs().max()) > 1e-3  # the ControlNet really contributes
         denoised = ModelCall(model, model.unet, schedule)(x, sigma, context, control=applied)
@@ -176,7 +174,7 @@ def test_two_chained_controlnets_equal_the_sum(env):
                        return_dict=False)
         d2, m2 = second(x_in, timestep, context, h2.movedim(-1, 1).expand(2, -1, -1, -1), conditioning_scale=0.5,
                         return_dict=False)
-    for ours, r1, r2 in zip(down + (mid,), tuple(d1) + (m1,), tuple(d2) + (m2,)):
+    for ours, r1, r2 in zip(down + (mid,), tuple(d1) + (m1,), tuple(d2) + (m2,), strict=False):
         assert torch.allclose(ours, r1 + r2, atol=1e-6)
 
 
@@ -292,7 +290,7 @@ def test_sdxl_controlnet_receives_the_size_conditioning(env):
     with torch.no_grad():
         ref_down, ref_mid = net(x_in, timestep, context, image.movedim(-1, 1).expand(2, -1, -1, -1).contiguous(),
                                 conditioning_scale=0.6, added_cond_kwargs=added, return_dict=False)
-    for ours, theirs in zip(down + (mid,), tuple(ref_down) + (ref_mid,)):
+    for ours, theirs in zip(down + (mid,), tuple(ref_down) + (ref_mid,), strict=False):
         assert torch.equal(ours, theirs)
     sd1_model, _ = tiny_objects("sd1")
     with pytest.raises(ValueError, match="SDXL ControlNet"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nodes.diffusion import convert, detect
+from latentloom.nodes.diffusion import convert, detect
 
 REAL_UNETS = {
     "sd15": dict(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,

@@ -6,11 +6,11 @@ import pickle
 
 import pytest
 import torch
-
 from adapter_support import FakeContext, make_env, save_safetensors, tiny_objects
-from nodes.conditioning import CLIPTextEncode
-from nodes.diffusion.embeddings import EmbeddingLibrary
-from nodes.diffusion.tokenizer import bpe_ids
+
+from latentloom.nodes.conditioning import CLIPTextEncode
+from latentloom.nodes.diffusion.embeddings import EmbeddingLibrary
+from latentloom.nodes.diffusion.tokenizer import bpe_ids
 
 torch.set_num_threads(1)
 
@@ -111,7 +111,7 @@ def test_missing_embedding_is_warned_and_dropped(env, ctx):
 
 
 def test_create_engine_installs_the_resolver(tmp_path):
-    from nodes import create_engine
+    from latentloom.nodes import create_engine
 
     engine = create_engine(models_dir=tmp_path, entry_points=False)
     save_safetensors({"emb_params": torch.ones((1, 4))}, tmp_path / "embeddings" / "ones.safetensors")

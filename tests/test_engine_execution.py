@@ -6,10 +6,10 @@ import threading
 import time
 
 import pytest
-
-from engine.events import EventRecorder
-from engine.executor import InterruptToken
 from engine_helpers import add, collect, const, make_engine
+
+from latentloom.engine.events import EventRecorder
+from latentloom.engine.executor import InterruptToken
 
 
 @pytest.fixture

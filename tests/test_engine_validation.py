@@ -4,9 +4,9 @@ import copy
 import json
 
 import pytest
-
-from engine.graph import coerce_value, CoercionError
 from engine_helpers import add, collect, const, make_engine
+
+from latentloom.engine.validation import CoercionError, coerce_value
 
 
 @pytest.fixture

@@ -15,9 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.workflow import ui_to_api
-from nodes import create_engine
-from server.cli import main
+from latentloom.engine.workflow import ui_to_api
+from latentloom.nodes import create_engine
+from latentloom.server.cli import main
 
 torch.set_num_threads(1)
 
@@ -62,7 +62,7 @@ def test_graphs_folder_holds_each_workflow_in_both_formats():
 
 
 def test_editor_default_graph_is_txt2img():
-    from server.frontend import default_graph_file
+    from latentloom.server.frontend import default_graph_file
 
     assert default_graph_file(GRAPHS) == GRAPHS / "txt2img.json"
 

@@ -10,14 +10,26 @@ import time
 import numpy as np
 import pytest
 import torch
+from image_support import LocalAutoencoder, make_context
 from PIL import Image
 
-from engine.node import NodeOutput
-from image_support import LocalAutoencoder, make_context
-from nodes.image import (EmptyImage, ImageBatch, ImageCrop, ImageInvert, ImagePadForOutpaint, ImageScale,
-                         ImageScaleBy, ImageScaleToTotalPixels, LoadImage, LoadImageMask, PreviewImage, SaveImage)
-from nodes.image_files import list_input_images
-from nodes.primitives import PrimitiveBoolean, PrimitiveFloat, PrimitiveInt, PrimitiveString
+from latentloom.engine.node import NodeOutput
+from latentloom.nodes.image import (
+    EmptyImage,
+    ImageBatch,
+    ImageCrop,
+    ImageInvert,
+    ImagePadForOutpaint,
+    ImageScale,
+    ImageScaleBy,
+    ImageScaleToTotalPixels,
+    LoadImage,
+    LoadImageMask,
+    PreviewImage,
+    SaveImage,
+)
+from latentloom.nodes.image_files import list_input_images
+from latentloom.nodes.primitives import PrimitiveBoolean, PrimitiveFloat, PrimitiveInt, PrimitiveString
 
 
 @pytest.fixture
@@ -232,7 +244,8 @@ def test_pad_for_outpaint_fills_grey_and_feathers_padded_sides(ctx):
     image = torch.rand(1, 20, 30, 3)
     padded, mask = run(ImagePadForOutpaint, ctx, image=image, left=8, top=0, right=0, bottom=8, feathering=4)
     assert padded.shape == (1, 28, 38, 3) and mask.shape == (1, 28, 38)
-    assert torch.equal(padded[0, :20, 8:], image[0]) and (padded[0, 20:] == 0.5).all() and (padded[0, :, :8] == 0.5).all()
+    assert torch.equal(padded[0, :20, 8:], image[0])
+    assert (padded[0, 20:] == 0.5).all() and (padded[0, :, :8] == 0.5).all()
     assert (mask[0, 20:] == 1).all() and (mask[0, :, :8] == 1).all()
     inner = mask[0, :20, 8:]
     # d = distance to the left edge j, or to the bottom edge 20 - i (never 0: ComfyUI's asymmetry); value
@@ -266,11 +279,13 @@ def test_primitives_pass_their_value_through(ctx):
 def test_load_encode_upscale_decode_save_through_the_engine(tmp_path):
     from typing import ClassVar
 
-    from engine.registry import NodeRegistry
-    from engine.session import Engine
-    from engine.types import VAE, Output
-    from nodes import image as image_nodes, latent as latent_nodes, vae_nodes
-    from nodes.diffusion.vae import VAEModel
+    from latentloom.engine.api import Engine
+    from latentloom.engine.registry import NodeRegistry
+    from latentloom.engine.types import VAE, Output
+    from latentloom.nodes import image as image_nodes
+    from latentloom.nodes import latent as latent_nodes
+    from latentloom.nodes import vae_nodes
+    from latentloom.nodes.diffusion.vae import VAEModel
 
     class TestVAELoader(image_nodes.Node):
         outputs: ClassVar = (Output(VAE),)

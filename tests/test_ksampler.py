@@ -12,13 +12,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from nodes.diffusion.denoiser import GuidedDenoiser, Guider, ModelCall  # noqa: E402
-from nodes.diffusion.models import DiffusionModel, SamplingConfig  # noqa: E402
-from nodes.diffusion.sampling_conds import prepare_conditioning  # noqa: E402
-from nodes.diffusion.samplers import sampler_for_name  # noqa: E402
-from nodes.diffusion.schedules import DiscreteSchedule, calculate_sigmas  # noqa: E402
-from nodes.sampling import (BasicGuider, BasicScheduler, CFGGuider, DisableNoise, KSampler,  # noqa: E402
-                            KSamplerAdvanced, KSamplerSelect, RandomNoise, SamplerCustom, SamplerCustomAdvanced)
+from latentloom.nodes.diffusion.denoiser import GuidedDenoiser, Guider, ModelCall  # noqa: E402
+from latentloom.nodes.diffusion.models import DiffusionModel, SamplingConfig  # noqa: E402
+from latentloom.nodes.diffusion.samplers import sampler_for_name  # noqa: E402
+from latentloom.nodes.diffusion.sampling_conds import prepare_conditioning  # noqa: E402
+from latentloom.nodes.diffusion.schedules import DiscreteSchedule, calculate_sigmas  # noqa: E402
+from latentloom.nodes.sampling import (  # noqa: E402
+    BasicGuider,
+    BasicScheduler,
+    CFGGuider,
+    DisableNoise,
+    KSampler,
+    KSamplerAdvanced,
+    KSamplerSelect,
+    RandomNoise,
+    SamplerCustom,
+    SamplerCustomAdvanced,
+)
 
 SCHEDULE = DiscreteSchedule()
 

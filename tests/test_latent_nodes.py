@@ -7,11 +7,18 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from image_support import make_context
-from nodes.diffusion.resize import bislerp, common_upscale
-from nodes.latent import (EmptyLatentImage, LatentComposite, LatentFromBatch, LatentUpscale, LatentUpscaleBy,
-                          RepeatLatentBatch, SetLatentNoiseMask)
+
+from latentloom.nodes.diffusion.resize import bislerp, common_upscale
+from latentloom.nodes.latent import (
+    EmptyLatentImage,
+    LatentComposite,
+    LatentFromBatch,
+    LatentUpscale,
+    LatentUpscaleBy,
+    RepeatLatentBatch,
+    SetLatentNoiseMask,
+)
 
 
 @pytest.fixture
@@ -39,7 +46,8 @@ def test_empty_latent_is_zeros_at_one_eighth_size(ctx):
 def test_plain_methods_are_torch_interpolate(method):
     torch.manual_seed(0)
     samples = torch.randn(2, 4, 6, 10)
-    torch.testing.assert_close(common_upscale(samples, 15, 9, method), F.interpolate(samples, size=(9, 15), mode=method))
+    expected = F.interpolate(samples, size=(9, 15), mode=method)
+    torch.testing.assert_close(common_upscale(samples, 15, 9, method), expected)
 
 
 def test_bislerp_slerps_channel_vectors_by_hand():

@@ -8,14 +8,28 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import (
+    FAMILIES,
+    save_state,
+    tiny_components,
+    write_tiny_checkpoint,
+    write_tiny_diffusers,
+    write_tiny_text_encoder,
+    write_tiny_unet,
+    write_tiny_vae,
+)
 
-from engine.environment import Environment
-from engine.memory import ModelManager
-from nodes.diffusion import checkpoint, convert, detect
-from nodes.loaders import (CheckpointLoaderSimple, CLIPLoader, DiffusersLoader, DualCLIPLoader, UNETLoader,
-                           VAELoader)
-from tiny_models import (FAMILIES, save_state, tiny_components, write_tiny_checkpoint, write_tiny_diffusers,
-                         write_tiny_text_encoder, write_tiny_unet, write_tiny_vae)
+from latentloom.engine.environment import Environment
+from latentloom.engine.memory import ModelManager
+from latentloom.nodes.diffusion import checkpoint, convert, detect
+from latentloom.nodes.loaders import (
+    CheckpointLoaderSimple,
+    CLIPLoader,
+    DiffusersLoader,
+    DualCLIPLoader,
+    UNETLoader,
+    VAELoader,
+)
 
 torch.set_num_threads(1)
 
@@ -300,7 +314,7 @@ def test_lightning_ckpt_with_callback_objects_loads(tmp_path, monkeypatch):
 
 
 def test_txt2img_graph_runs_through_the_engine_on_a_tiny_checkpoint(tmp_path):
-    import nodes
+    from latentloom import nodes
 
     write_tiny_checkpoint(tmp_path / "models" / "checkpoints" / "tiny.safetensors", "sd1")
     (tmp_path / "models" / "checkpoints" / "bad.safetensors").write_bytes(b"not weights")

@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
-
 from adapter_support import FakeContext, kohya_lora_for_all, make_env, save_safetensors, tiny_objects
-from nodes.diffusion import lora as lora_math
-from nodes.lora import LoraLoader, LoraLoaderModelOnly
+
+from latentloom.nodes.diffusion import lora as lora_math
+from latentloom.nodes.lora import LoraLoader, LoraLoaderModelOnly
 
 torch.set_num_threads(1)
 

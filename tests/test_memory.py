@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from engine.memory import ModelManager, find_modules, module_nbytes
+from latentloom.engine.memory import ModelManager, find_modules, module_nbytes
 
 FP32 = {"diffusion": torch.float32, "text_encoder": torch.float32, "vae": torch.float32, "other": torch.float32}
 

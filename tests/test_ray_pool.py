@@ -13,12 +13,12 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="Ray is an optional extra (pip install 'latentloom[ray]')")
 
-from server.app import create_app  # noqa: E402
-from server.state import ServerConfig  # noqa: E402
-from tests.ray_support import (image_graph, loader_graph, make_engine, make_ray_app, wait_history,  # noqa: E402
-                               workers_that_ran)
-from tests.server_support import TINY_PNG, live_server, read_until_done, wait_for  # noqa: E402
 from websockets.asyncio.client import connect  # noqa: E402
+
+from latentloom.server.app import create_app  # noqa: E402
+from latentloom.server.state import ServerConfig  # noqa: E402
+from tests.ray_support import image_graph, loader_graph, make_engine, make_ray_app, wait_history, workers_that_ran  # noqa: E402
+from tests.server_support import TINY_PNG, live_server, read_until_done, wait_for  # noqa: E402
 
 VOLATILE = {"timestamp", "prompt_id"}
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from server.outputs_commit import OutputCommitter, next_counter
-from server.ray_pool import EngineFactory, EngineWorker, model_tokens_from_keys
+from latentloom.server.outputs_commit import OutputCommitter, next_counter
+from latentloom.server.ray_pool import EngineFactory, EngineWorker, model_tokens_from_keys
 from tests.ray_support import image_graph, loader_graph
 
 REPO = Path(__file__).resolve().parent.parent
@@ -151,8 +151,8 @@ LOCAL_MODE_SCRIPT = """
 import json, sys, tempfile
 from pathlib import Path
 from starlette.testclient import TestClient
-from server.app import config_from_args
-from server.cli import build_parser
+from latentloom.server.app import config_from_args
+from latentloom.server.cli import build_parser
 from tests.server_support import const_graph, make_app, wait_for
 root = Path(tempfile.mkdtemp())
 config = config_from_args(build_parser().parse_args(["serve"]))
@@ -176,8 +176,8 @@ def test_local_mode_does_not_import_ray():
 
 def test_serve_flags_select_the_ray_pool():
     pytest.importorskip("ray", reason="Ray is an optional extra (pip install 'latentloom[ray]')")
-    from server.app import config_from_args
-    from server.cli import build_parser
+    from latentloom.server.app import config_from_args
+    from latentloom.server.cli import build_parser
 
     args = build_parser().parse_args(["serve", "--workers", "ray", "--ray-address", "auto", "--num-workers", "3",
                                       "--models-dir", "models", "--output-dir", "out"])
@@ -192,7 +192,7 @@ def test_serve_flags_select_the_ray_pool():
 
 def test_routing_prefers_loaded_models_then_the_least_loaded(tmp_path):
     pytest.importorskip("ray", reason="Ray is an optional extra (pip install 'latentloom[ray]')")
-    from server.dispatch import WorkerSlot, choose_worker, prompt_model_tokens
+    from latentloom.server.dispatch import WorkerSlot, choose_worker, prompt_model_tokens
     from tests.ray_support import make_engine
 
     env = make_engine(tmp_path).env

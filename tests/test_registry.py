@@ -3,13 +3,12 @@
 import importlib.metadata
 from typing import Annotated, Any
 
+import engine_nodes
 import pytest
 
-from engine.node import Node
-from engine.registry import NodeRegistry, RegistryError, node_info
-from engine.types import Combo, Float, Int, Output, Socket, String, types_compatible
-
-import engine_nodes
+from latentloom.engine.node import Node
+from latentloom.engine.registry import NodeRegistry, RegistryError, node_info
+from latentloom.engine.types import Combo, Float, Int, Output, Socket, String, types_compatible
 
 
 class Sample(Node):
@@ -85,8 +84,8 @@ def test_entry_points_are_loaded_and_broken_ones_reported(monkeypatch):
 def test_custom_nodes_folder(tmp_path):
     (tmp_path / "good.py").write_text(
         "from typing import Annotated\n"
-        "from engine.node import Node\n"
-        "from engine.types import Int, Output\n"
+        "from latentloom.engine.node import Node\n"
+        "from latentloom.engine.types import Int, Output\n"
         "class Seven(Node):\n"
         "    outputs = (Output('INT'),)\n"
         "    def run(self, ctx):\n"

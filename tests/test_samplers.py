@@ -8,8 +8,8 @@ follow it (and get closer with more steps); stochastic ones must end with sample
 import pytest
 import torch
 
-from nodes.diffusion.samplers import SAMPLER_NAMES, SAMPLERS, ancestral_step, sampler_for_name
-from nodes.diffusion.schedules import DiscreteSchedule, calculate_sigmas, karras_sigmas
+from latentloom.nodes.diffusion.samplers import SAMPLER_NAMES, SAMPLERS, ancestral_step, sampler_for_name
+from latentloom.nodes.diffusion.schedules import DiscreteSchedule, calculate_sigmas, karras_sigmas
 
 MU, S = 0.3, 0.5
 
@@ -129,7 +129,7 @@ def test_lcm_renoises_to_each_sigma():
 
 
 def test_sde_with_eta_zero_is_the_ode_solver(start):
-    from nodes.diffusion.samplers import dpmpp_2m, dpmpp_2m_sde, dpmpp_2s_ancestral, dpmpp_sde  # noqa: I001
+    from latentloom.nodes.diffusion.samplers import dpmpp_2m, dpmpp_2m_sde, dpmpp_2s_ancestral, dpmpp_sde  # noqa: I001
 
     sigmas = calculate_sigmas(DiscreteSchedule(), "normal", 12)
     x = start * sigmas[0]
@@ -193,7 +193,7 @@ def test_cfg_pp_samplers_step_along_the_unguided_prediction():
 
 
 def test_dpm_solver_steps_have_orders_one_to_three(start):
-    from nodes.diffusion.dpm_solver import _Solver
+    from latentloom.nodes.diffusion.dpm_solver import _Solver
 
     solver = _Solver(ExactDenoiser(), {}, None)
     x = (start * 14.6).double()
@@ -224,7 +224,7 @@ def test_dpm_fast_and_adaptive_end_at_the_last_nonzero_sigma(start):
 
 @pytest.mark.parametrize("name", ["seeds_2", "seeds_3"])
 def test_seeds_without_noise_solve_the_ode(name, start):
-    from nodes.diffusion import samplers
+    from latentloom.nodes.diffusion import samplers
 
     x = start * 14.6
     exact = ode_solution(x, 14.6, 0.5)
@@ -235,7 +235,7 @@ def test_seeds_without_noise_solve_the_ode(name, start):
 
 @pytest.mark.parametrize("use_pece", [False, True])
 def test_sa_solver_without_noise_is_a_high_order_ode_solver(use_pece, start):
-    from nodes.diffusion.sa_solver import sa_solver
+    from latentloom.nodes.diffusion.sa_solver import sa_solver
 
     x = start * 14.6
     exact = ode_solution(x, 14.6, 0.5)

@@ -6,11 +6,19 @@ import numpy as np
 import pytest
 import torch
 
-from nodes.diffusion.models import SamplingConfig
-from nodes.diffusion.noise import BrownianNoise, DeviceNoise, initial_noise
-from nodes.diffusion.schedules import (SCHEDULER_NAMES, DiscreteSchedule, advanced_sigmas, basic_scheduler_sigmas,
-                                       calculate_sigmas, denoise_sigmas, karras_sigmas, sampler_sigmas,
-                                       sd_turbo_sigmas)
+from latentloom.nodes.diffusion.models import SamplingConfig
+from latentloom.nodes.diffusion.noise import BrownianNoise, DeviceNoise, initial_noise
+from latentloom.nodes.diffusion.schedules import (
+    SCHEDULER_NAMES,
+    DiscreteSchedule,
+    advanced_sigmas,
+    basic_scheduler_sigmas,
+    calculate_sigmas,
+    denoise_sigmas,
+    karras_sigmas,
+    sampler_sigmas,
+    sd_turbo_sigmas,
+)
 
 NORMAL_20 = [14.61464, 10.74680, 8.08152, 6.20494, 4.85565, 3.86538, 3.12376, 2.55717, 2.11566, 1.76482, 1.48058,
              1.24581, 1.04814, 0.87843, 0.72972, 0.59643, 0.47358, 0.35555, 0.23216, 0.02917, 0.0]

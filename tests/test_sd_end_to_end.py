@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-from server.cli import main
 from tiny_models import write_tiny_checkpoint
+
+from latentloom.server.cli import main
 
 torch.set_num_threads(1)
 
@@ -270,7 +270,7 @@ def test_sampler_custom_advanced_equals_ksampler(workspace, capsys):
 # --- caching and model sharing ------------------------------------------------------------------------------------
 
 def test_rerun_executes_nothing_and_a_new_seed_keeps_the_checkpoint(workspace):
-    import nodes
+    from latentloom import nodes
 
     engine = nodes.create_engine(models_dir=workspace / "models", input_dir=workspace / "input",
                                  output_dir=workspace / "output_engine", temp_dir=workspace / "temp",

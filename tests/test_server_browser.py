@@ -177,9 +177,9 @@ def test_graphs_folder_opens_and_runs_in_the_editor(tmp_path, browser):
     if not graphs:
         pytest.skip("graphs/ has no workflows yet")
     new_user_root(tmp_path)
-    from nodes import create_engine
-    from server.app import create_app
-    from server.state import ServerConfig
+    from latentloom.nodes import create_engine
+    from latentloom.server.app import create_app
+    from latentloom.server.state import ServerConfig
 
     input_dir = REPO / "input" if (REPO / "input").is_dir() else tmp_path / "input"
     engine = create_engine(models_dir=REPO / "models", input_dir=input_dir,

@@ -9,14 +9,14 @@ import json
 import pytest
 from starlette.testclient import TestClient
 
-from engine.environment import Environment
-from engine.registry import NodeRegistry
-from engine.session import Engine
-from server.app import create_app
-from server.state import ServerConfig
+from latentloom.engine.api import Engine
+from latentloom.engine.environment import Environment
+from latentloom.engine.registry import NodeRegistry
+from latentloom.server.app import create_app
+from latentloom.server.state import ServerConfig
 from tests.server_support import wait_for
 
-image_nodes = pytest.importorskip("nodes.image")
+image_nodes = pytest.importorskip("latentloom.nodes.image")
 
 
 @pytest.fixture()
@@ -70,7 +70,7 @@ def test_upload_load_invert_save_view(client, name_form):
     assert saved.size == (8, 6)
     # Inverted (float maths, then ComfyUI's truncating conversion to 8 bits: within one level).
     pixel = saved.convert("RGB").getpixel((3, 3))
-    assert all(abs(got - want) <= 1 for got, want in zip(pixel, (245, 55, 225))), pixel
+    assert all(abs(got - want) <= 1 for got, want in zip(pixel, (245, 55, 225), strict=False)), pixel
     # The editor's workflow travels inside the PNG, as ComfyUI writes it.
     assert json.loads(saved.info["workflow"])["extra"]["marker"] == 42
     preview = client.get("/view", params={**image, "preview": "webp;90"})

@@ -13,8 +13,8 @@ import httpx
 import pytest
 from starlette.testclient import TestClient
 
-from server import queue_store
-from server.queue_store import QueueItem, QueueStore
+from latentloom.server import queue_store
+from latentloom.server.queue_store import QueueItem, QueueStore
 from tests.server_support import const_graph, free_port, live_server, make_app, steps_graph, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -153,7 +153,7 @@ def test_deferred_app_listens_first_and_holds_requests_until_the_engine_is_ready
     import threading
     import time
 
-    from server.app import DeferredApp
+    from latentloom.server.app import DeferredApp
 
     release = threading.Event()
 
@@ -180,8 +180,8 @@ def test_deferred_app_listens_first_and_holds_requests_until_the_engine_is_ready
 
 
 def test_config_from_cli_arguments(tmp_path):
-    from server.app import config_from_args
-    from server.cli import build_parser
+    from latentloom.server.app import config_from_args
+    from latentloom.server.cli import build_parser
 
     args = build_parser().parse_args(["serve", "--port", "9000", "--user-dir", str(tmp_path / "u"),
                                       "--auth-token", "tok"])

@@ -104,7 +104,7 @@ def test_invalid_prompt_gives_comfy_400_shape(client):
 
 
 def test_ui_format_prompt_is_converted_server_side(client):
-    from engine.workflow import api_to_ui
+    from latentloom.engine.workflow import api_to_ui
 
     workflow = api_to_ui(const_graph(3.5, 1.0), client.get("/object_info").json())
     assert isinstance(workflow["nodes"], list)

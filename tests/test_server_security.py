@@ -11,8 +11,8 @@ import pytest
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
-from engine.node import Node, NodeOutput
-from engine.types import Socket
+from latentloom.engine.node import Node, NodeOutput
+from latentloom.engine.types import Socket
 from tests.server_support import const_graph, make_app, wait_for
 
 LOCAL = "http://127.0.0.1:8188"

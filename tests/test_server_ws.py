@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import socket
-import json
 import struct
 import time
 from typing import Annotated, Any
@@ -16,8 +16,8 @@ import httpx
 import pytest
 from websockets.asyncio.client import connect
 
-from engine.node import Node
-from engine.types import FLOAT, Int, Output, Socket
+from latentloom.engine.node import Node
+from latentloom.engine.types import FLOAT, Int, Output, Socket
 from tests.server_support import const_graph, fail_graph, live_server, make_app, read_until_done, steps_graph
 
 
@@ -296,7 +296,7 @@ def stalled_socket(base: str, client_id: str) -> socket.socket:
 
 def test_a_stalled_client_does_not_block_the_others(tmp_path, monkeypatch):
     """A client that stops reading fills its own outbox and is cut off; everyone else keeps receiving."""
-    from server import ws as ws_module
+    from latentloom.server import ws as ws_module
 
     monkeypatch.setattr(ws_module, "OUTBOX_BYTES", 2 * 1024 * 1024)
     big_preview_graph = {"1": {"class_type": "Const", "inputs": {"value": 1.0}},

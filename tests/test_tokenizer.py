@@ -7,9 +7,19 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nodes.diffusion import tokenizer as tk
-from nodes.diffusion.tokenizer import (BOS_ID, EOS_ID, OPENCLIP_CHUNKS, SD1_CHUNKS, bpe_ids, chunk_ids, chunk_tokens,
-                                       parse_prompt_weights, token_groups, tokenize_prompt)
+from latentloom.nodes.diffusion import tokenizer as tk
+from latentloom.nodes.diffusion.tokenizer import (
+    BOS_ID,
+    EOS_ID,
+    OPENCLIP_CHUNKS,
+    SD1_CHUNKS,
+    bpe_ids,
+    chunk_ids,
+    chunk_tokens,
+    parse_prompt_weights,
+    token_groups,
+    tokenize_prompt,
+)
 
 CAT = bpe_ids("cat")[0]
 DOG = bpe_ids("dog")[0]

@@ -110,7 +110,6 @@ def test_kohya_lora_keys_match_unet_modules_and_apply_the_formula():
 def test_controlnet_ldm_writer_round_trips_through_diffusers_converter():
     from diffusers import ControlNetModel
     from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
-
     from pack_toy import CONTROLNET_PREFIX, controlnet_to_ldm
     from toy_common import build_unet
 

@@ -7,11 +7,18 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
-
 from image_support import LocalAutoencoder, make_context, tiny_autoencoder
-from nodes.diffusion import vae as vae_module
-from nodes.diffusion.vae import VAEModel, tiled_apply
-from nodes.vae_nodes import VAEDecode, VAEDecodeTiled, VAEEncode, VAEEncodeForInpaint, VAEEncodeTiled, inpaint_inputs
+
+from latentloom.nodes.diffusion import vae as vae_module
+from latentloom.nodes.diffusion.vae import VAEModel, tiled_apply
+from latentloom.nodes.vae_nodes import (
+    VAEDecode,
+    VAEDecodeTiled,
+    VAEEncode,
+    VAEEncodeForInpaint,
+    VAEEncodeTiled,
+    inpaint_inputs,
+)
 
 torch.set_num_threads(1)
 

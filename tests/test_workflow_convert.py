@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.workflow import MissingNodeTypesError, WorkflowFormatError, api_to_ui, ui_to_api
-from engine.workflow.catalogue import node_layout
-from engine.workflow.text import format_date, js_string, process_dynamic_prompt
+from latentloom.engine.workflow import MissingNodeTypesError, WorkflowFormatError, api_to_ui, ui_to_api
+from latentloom.engine.workflow.catalogue import node_layout
+from latentloom.engine.workflow.text import format_date, js_string, process_dynamic_prompt
 
 FIXTURES = Path(__file__).parent / "workflow_fixtures"
 CATALOGUE = json.loads((FIXTURES / "catalogue.json").read_text())
@@ -61,7 +61,7 @@ def test_fixture_round_trip_ui_api_ui_api_is_stable(name):
     else:
         # Flattened subgraph ids ("12:5:3") cannot be editor node ids; they are renumbered, nothing else changes.
         assert len(second) == len(first)
-        mapping = dict(zip(first, second))
+        mapping = dict(zip(first, second, strict=False))
         assert all(a == b for a, b in mapping.items() if a.isdigit())
         assert renumbered(first, mapping) == second
         third = ui_to_api(api_to_ui(second, CATALOGUE), CATALOGUE)
@@ -268,7 +268,7 @@ def test_api_to_ui_layout_and_structure():
         by_column.setdefault(node["pos"][0], []).append(node)
     for column in by_column.values():
         column.sort(key=lambda n: n["pos"][1])
-        for upper, lower in zip(column, column[1:]):
+        for upper, lower in zip(column, column[1:], strict=False):
             assert upper["pos"][1] + upper["size"][1] <= lower["pos"][1]
     assert nodes[3]["widgets_values"] == [156680208700286, "fixed", 24, 6.5, "dpmpp_2m", "karras", 0.85]
     assert nodes[6]["title"] == "Positive"

@@ -10,7 +10,13 @@ import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from engine.workflow import WorkflowFormatError, convert_workflow, detect_format, load_workflow, read_png_text_chunks
+from latentloom.engine.workflow import (
+    WorkflowFormatError,
+    convert_workflow,
+    detect_format,
+    load_workflow,
+    read_png_text_chunks,
+)
 
 FIXTURES = Path(__file__).parent / "workflow_fixtures"
 CATALOGUE = json.loads((FIXTURES / "catalogue.json").read_text())

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.workflow import MissingNodeTypesError, api_to_ui, ui_to_api
-from engine.workflow.catalogue import VIRTUAL_TYPES
-from engine.workflow.check import prompt_problems
+from latentloom.engine.workflow import MissingNodeTypesError, api_to_ui, ui_to_api
+from latentloom.engine.workflow.catalogue import VIRTUAL_TYPES
+from latentloom.engine.workflow.check import prompt_problems
 
 templates_package = pytest.importorskip("comfyui_workflow_templates_json")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
@@ -214,7 +214,7 @@ def test_conversion_equals_the_real_frontend_export(templates):
 def test_templates_against_the_real_registry(templates, tmp_path):
     """With the engine's own catalogue: every template converts or names the node types we lack, and what
     converts passes the engine's validation except for model files this machine does not have."""
-    from nodes import create_engine
+    from latentloom.nodes import create_engine
 
     engine = create_engine(models_dir=tmp_path / "models", input_dir=tmp_path / "in", output_dir=tmp_path / "out")
     catalogue = engine.catalogue()

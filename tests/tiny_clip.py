@@ -8,7 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from nodes.diffusion.clip import ClipModel  # noqa: E402
+from latentloom.nodes.diffusion.clip import ClipModel  # noqa: E402
 
 VOCAB_SIZE = 49408
 LAYERS = 3

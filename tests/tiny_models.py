@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from nodes.diffusion import convert  # noqa: E402
+from latentloom.nodes.diffusion import convert  # noqa: E402
 
 FAMILIES = ("sd1", "sd1_inpaint", "sd2", "sd2_v", "sdxl", "sdxl_refiner")
 VOCAB_SIZE = 49408
@@ -144,7 +144,7 @@ def checkpoint_state(components: TinyComponents) -> dict[str, torch.Tensor]:
 
 def save_state(state: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
     """Write a state dict as .safetensors, or as a weights-only pickle {"state_dict": ...} for .ckpt/.pt."""
-    from nodes.diffusion.checkpoint import save_state_dict
+    from latentloom.nodes.diffusion.checkpoint import save_state_dict
 
     return save_state_dict(state, path)
 

@@ -19,11 +19,11 @@ from typing import Annotated, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.environment import Environment  # noqa: E402
-from engine.node import Node, NodeOutput  # noqa: E402
-from engine.registry import NodeRegistry  # noqa: E402
-from engine.session import Engine  # noqa: E402
-from engine.types import FLOAT, Float, Output, Socket  # noqa: E402
+from latentloom.engine.api import Engine  # noqa: E402
+from latentloom.engine.environment import Environment  # noqa: E402
+from latentloom.engine.node import Node, NodeOutput  # noqa: E402
+from latentloom.engine.registry import NodeRegistry  # noqa: E402
+from latentloom.engine.types import FLOAT, Float, Output, Socket  # noqa: E402
 
 
 class Value(Node):

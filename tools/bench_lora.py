@@ -62,8 +62,9 @@ def build_unet(widths: tuple[int, ...], seed: int) -> torch.nn.Module:
 def write_models(root: Path, widths: tuple[int, ...], loras: int, rank: int) -> int:
     """Two checkpoints (a.safetensors, b.safetensors) and `loras` LoRA files; returns the UNet parameter count."""
     from adapter_support import kohya_lora_for_all, save_safetensors, tiny_objects
-    from nodes.diffusion import convert
     from tiny_models import tiny_components
+
+    from latentloom.nodes.diffusion import convert
 
     parts = tiny_components("sd1", 0)
     text = parts.text_encoders["l"].state_dict()
@@ -110,7 +111,7 @@ PREPARATION = ("ckpt", "lora", "pos", "neg")
 
 def timed_run(engine, prompt: dict, node_times: dict | None = None) -> float:
     """Seconds for the whole run; `node_times` (when given) receives the seconds each executed node took."""
-    from engine.events import Executing
+    from latentloom.engine.events import Executing
 
     starts: list[tuple[str | None, float]] = []
 
@@ -124,7 +125,7 @@ def timed_run(engine, prompt: dict, node_times: dict | None = None) -> float:
     if not getattr(result, "ok", False):
         raise RuntimeError(f"benchmark graph failed: {getattr(result, 'error', None) or result}")
     if node_times is not None:
-        for (node, began), (_, following) in zip(starts, starts[1:] + [(None, end)]):
+        for (node, began), (_, following) in zip(starts, starts[1:] + [(None, end)], strict=False):
             if node is not None:
                 node_times[node] = node_times.get(node, 0.0) + following - began
     return end - start
@@ -135,7 +136,7 @@ def preparation_seconds(node_times: dict) -> float:
 
 
 def measure_rerun(root: Path, args: argparse.Namespace) -> dict:
-    from nodes import create_engine
+    from latentloom.nodes import create_engine
 
     engine = create_engine(models_dir=root, entry_points=False)
     strengths = [0.8] * args.loras
@@ -167,8 +168,8 @@ def measure_rerun(root: Path, args: argparse.Namespace) -> dict:
     floor = statistics.median(floor_times)
     strength_s, checkpoint_s = statistics.median(strength_times), statistics.median(checkpoint_times)
     # What each change costs on top of the floor, per repeat (the three runs of a repeat are back to back).
-    strength_cost = statistics.median(t - f for t, f in zip(strength_times, floor_times))
-    checkpoint_cost = statistics.median(t - f for t, f in zip(checkpoint_times, floor_times))
+    strength_cost = statistics.median(t - f for t, f in zip(strength_times, floor_times, strict=False))
+    checkpoint_cost = statistics.median(t - f for t, f in zip(checkpoint_times, floor_times, strict=False))
     return {"first_run_s": round(first, 4), "unchanged_rerun_s": round(unchanged, 4),
             "seed_change_s": round(floor, 4),
             "strength_change_s": round(strength_s, 4), "checkpoint_change_s": round(checkpoint_s, 4),
@@ -186,8 +187,9 @@ def measure_rerun(root: Path, args: argparse.Namespace) -> dict:
 def measure_patch(root: Path, loras: int) -> dict:
     """Applying and restoring the stacked LoRAs' patch on the UNet, timed directly."""
     from adapter_support import FakeContext, make_env
-    from nodes.diffusion.checkpoint import load_checkpoint
-    from nodes.lora import LoraLoader
+
+    from latentloom.nodes.diffusion.checkpoint import load_checkpoint
+    from latentloom.nodes.lora import LoraLoader
 
     env = make_env(root)
     loaded = load_checkpoint(root / "checkpoints" / "a.safetensors")
@@ -219,7 +221,7 @@ def rss_mb() -> float:
 def child_peak(root: Path, loras: int, steps: int, size: int) -> dict:
     """Run in a fresh process: the graph once with `loras` stacked LoRAs (loading everything), then again with a
     new seed while RSS is polled: the memory sampling needs on top of the loaded models."""
-    from nodes import create_engine
+    from latentloom.nodes import create_engine
 
     engine = create_engine(models_dir=root, entry_points=False)
     timed_run(engine, graph("a.safetensors", loras, [0.8] * loras, steps, size))

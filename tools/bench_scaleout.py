@@ -63,10 +63,10 @@ class Setup:
     """A queue store, a hub with no clients, and a worker (the local thread or a Ray pool) over one root."""
 
     def __init__(self, root: Path, workers: int | None):
-        from nodes import create_engine
-        from server.queue_store import QueueStore
-        from server.worker import Worker
-        from server.ws import Hub
+        from latentloom.nodes import create_engine
+        from latentloom.server.queue_store import QueueStore
+        from latentloom.server.worker import Worker
+        from latentloom.server.ws import Hub
 
         self.root = root
         self.paths = {"models_dir": str(root / "models"), "input_dir": str(root / "input"),
@@ -77,8 +77,8 @@ class Setup:
         if workers is None:
             self.worker = Worker(self.engine, self.store, hub)
         else:
-            from server.dispatch import PoolOptions, RayWorkerPool
-            from server.ray_pool import EngineFactory
+            from latentloom.server.dispatch import PoolOptions, RayWorkerPool
+            from latentloom.server.ray_pool import EngineFactory
 
             options = PoolOptions(EngineFactory("nodes:create_engine", self.paths), num_workers=workers)
             self.worker = RayWorkerPool(self.engine, self.store, hub, options)
@@ -91,7 +91,7 @@ class Setup:
                 time.sleep(0.05)
 
     def submit(self, graph: dict) -> str:
-        from server.queue_store import QueueItem
+        from latentloom.server.queue_store import QueueItem
 
         item = QueueItem(self.store.next_number(False), str(uuid.uuid4()), graph, {}, [])
         self.store.put(item)
@@ -167,7 +167,6 @@ def main() -> None:
 
     import ray
     import torch
-
     from tiny_models import write_tiny_checkpoint
 
     torch.set_num_threads(1)

@@ -97,7 +97,7 @@ def txt2img(size: int, steps: int, seed: int, text: str, cfg: float = 7.0, prefi
 
 
 def make_engine(root: Path, manager: Any = None, cache_bytes: int | None = None):
-    import nodes
+    from latentloom import nodes
 
     engine = nodes.create_engine(models_dir=root / "models", input_dir=root / "input", output_dir=root / "output",
                                  temp_dir=root / "temp", entry_points=False, cache_bytes=cache_bytes)
@@ -117,7 +117,8 @@ class NodeTimer:
             self.marks.append((event.node, time.perf_counter()))
 
     def durations(self) -> dict[str, float]:
-        return {node: later - at for (node, at), (_, later) in zip(self.marks, self.marks[1:]) if node is not None}
+        pairs = zip(self.marks, self.marks[1:], strict=False)
+        return {node: later - at for (node, at), (_, later) in pairs if node is not None}
 
 
 def run_engine(engine, prompt: dict) -> tuple[float, dict[str, float], Any]:
@@ -139,8 +140,8 @@ def node_context(engine) -> SimpleNamespace:
 def loaded_parts(engine) -> tuple[Any, Any, Any, Any, Any]:
     """The model, VAE and both prompts' conditioning as the graph's nodes produce them (the memory manager hands
     out the very objects the engine's runs use)."""
-    from nodes.conditioning import CLIPTextEncode
-    from nodes.loaders import CheckpointLoaderSimple
+    from latentloom.nodes.conditioning import CLIPTextEncode
+    from latentloom.nodes.loaders import CheckpointLoaderSimple
 
     ctx = node_context(engine)
     model, clip, vae = CheckpointLoaderSimple.model_construct(ckpt_name=CHECKPOINT).run(ctx)
@@ -184,8 +185,8 @@ def plain_txt2img(unet, autoencoder, context_uncond, context_cond, seed: int, si
 def bench_overhead(root: Path, size: int, steps: int, repeats: int, cfg: float = 7.0) -> dict:
     from PIL import Image
 
-    from engine.memory import ModelManager
-    from nodes.diffusion.schedules import DiscreteSchedule, calculate_sigmas
+    from latentloom.engine.memory import ModelManager
+    from latentloom.nodes.diffusion.schedules import DiscreteSchedule, calculate_sigmas
 
     engine = make_engine(root, ModelManager(device="cpu"))
     model, _, vae, positive, negative = loaded_parts(engine)
@@ -238,7 +239,7 @@ def bench_overhead(root: Path, size: int, steps: int, repeats: int, cfg: float =
         "ratio": round(median(engine_s) / median(plain_s), 4),
         # The machine may be shared: per-repeat ratios (each pair ran back to back) and the fastest runs are
         # steadier than the medians under load.
-        "paired_ratio": round(median(e / p for e, p in zip(engine_s, plain_s)), 4),
+        "paired_ratio": round(median(e / p for e, p in zip(engine_s, plain_s, strict=False)), 4),
         "min_ratio": round(min(engine_s) / min(plain_s), 4),
         "engine_sampler_node_s": round(median(sampler_s), 4), "plain_loop_s": round(median(loop_s), 4),
         "sampler_ratio": round(median(sampler_s) / median(loop_s), 4),
@@ -252,7 +253,7 @@ def bench_overhead(root: Path, size: int, steps: int, repeats: int, cfg: float =
 # --- CPU: memory over many prompts -----------------------------------------------------------------------------
 
 def bench_memory(root: Path, prompts: int, cache_bytes: int | None = None) -> dict:
-    from engine.memory import ModelManager
+    from latentloom.engine.memory import ModelManager
 
     engine = make_engine(root, ModelManager(device="cpu"), cache_bytes)
     words = ("lighthouse", "forest", "city", "harbour", "mountain", "desert", "garden", "library", "bridge", "river")
@@ -287,8 +288,8 @@ def write_random_sd15(path: Path, unet_config: dict, vae_config: dict, text_conf
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from nodes.diffusion import convert
-    from nodes.diffusion.checkpoint import save_state_dict
+    from latentloom.nodes.diffusion import convert
+    from latentloom.nodes.diffusion.checkpoint import save_state_dict
 
     torch.manual_seed(seed)
     with torch.device(device):
@@ -310,7 +311,7 @@ def synchronize(device: torch.device) -> None:
 def bench_gpu(root: Path, device: torch.device, size: int, steps: int, repeats: int, dry_run: bool) -> dict:
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
-    from engine.memory import ModelManager
+    from latentloom.engine.memory import ModelManager
 
     configs = (DRY_UNET, DRY_VAE, DRY_TEXT) if dry_run else (SD15_UNET, SD15_VAE, SD15_TEXT)
     started = time.perf_counter()

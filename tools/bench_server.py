@@ -35,12 +35,12 @@ def tiny_graph(index: int) -> dict:
 def serve(port: int, root: Path) -> None:
     import uvicorn
 
-    from engine.environment import Environment
-    from engine.registry import NodeRegistry
-    from engine.session import Engine
-    from nodes import utility
-    from server.app import create_app
-    from server.state import ServerConfig
+    from latentloom.engine.api import Engine
+    from latentloom.engine.environment import Environment
+    from latentloom.engine.registry import NodeRegistry
+    from latentloom.nodes import utility
+    from latentloom.server.app import create_app
+    from latentloom.server.state import ServerConfig
 
     env = Environment.create(input_dir=root / "input", output_dir=root / "output", temp_dir=root / "temp")
     engine = Engine(NodeRegistry(utility.NODES), env)
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                     break
                 except OSError:
                     if time.monotonic() > deadline or process.poll() is not None:
-                        raise SystemExit("the server did not start")
+                        raise SystemExit("the server did not start") from None
                     time.sleep(0.05)
             result = asyncio.run(run_clients(base, args.prompts, args.clients))
             result["server_cpu_seconds"] = process_cpu_seconds(process.pid)

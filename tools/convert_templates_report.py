@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.workflow import MissingNodeTypesError, WorkflowFormatError, ui_to_api  # noqa: E402
-from engine.workflow.check import prompt_problems  # noqa: E402
+from latentloom.engine.workflow import MissingNodeTypesError, WorkflowFormatError, ui_to_api  # noqa: E402
+from latentloom.engine.workflow.check import prompt_problems  # noqa: E402
 
 DEFAULT_CATALOGUE = Path(__file__).resolve().parent.parent / "tests" / "workflow_fixtures" / "catalogue.json"
 
@@ -91,8 +91,8 @@ def main() -> None:
     parser.add_argument("--list", action="store_true", help="include the outcome of every template")
     args = parser.parse_args()
     if args.registry:
-        from engine.registry import NodeRegistry
-        from nodes import builtin_nodes
+        from latentloom.engine.registry import NodeRegistry
+        from latentloom.nodes import builtin_nodes
 
         catalogue = NodeRegistry(builtin_nodes()).object_info()
     else:

@@ -43,7 +43,7 @@ def txt2img_graph(prompt: str, seed: int, steps: int, cfg: float) -> dict:
 
 
 def run_engine(prompt: str, seed: int, steps: int, cfg: float, models_dir: Path) -> np.ndarray:
-    from server.cli import main
+    from latentloom.server.cli import main
 
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)

@@ -74,7 +74,7 @@ class ToySampler:
         hint_tensor = None
         if hint is not None:
             hint_tensor = torch.from_numpy(np.asarray(hint, dtype=np.float32))[None, None].expand(2, 3, -1, -1)
-        for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:], strict=False):
             x_in = torch.cat([x, x]) / (sigma ** 2 + 1) ** 0.5
             t = torch.full((2,), float(self._timestep(sigma)))
             extra = {}
@@ -125,8 +125,8 @@ def evaluate_vae(vae, count: int) -> dict:
         analyses = [toy_metrics.analyse(image) for image in images]
         fills[style] = float(np.mean([a.fill for a in analyses]))
         if style == "filled":
-            right["colour"] = sum(a.colour == s.spec.colour for a, s in zip(analyses, samples))
-            right["shape"] = sum(a.shape == s.spec.shape for a, s in zip(analyses, samples))
+            right["colour"] = sum(a.colour == s.spec.colour for a, s in zip(analyses, samples, strict=False))
+            right["shape"] = sum(a.shape == s.spec.shape for a, s in zip(analyses, samples, strict=False))
     return {"colour_rate": right["colour"] / count, "shape_rate": right["shape"] / count,
             "mean_abs_error_0_255": round(float(np.mean(errors)), 2), "fill": fills}
 

@@ -32,7 +32,7 @@ from starlette.staticfiles import StaticFiles
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.workflow import WorkflowFormatError, ui_to_api  # noqa: E402
+from latentloom.engine.workflow import WorkflowFormatError, ui_to_api  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 NODE_DEFAULTS = {"description": "", "python_module": "nodes", "category": "latentloom", "output_node": False}

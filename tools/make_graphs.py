@@ -167,8 +167,8 @@ def _ordered(graph: dict) -> dict:
 
 def write_graphs(folder: Path) -> list[Path]:
     sys.path.insert(0, str(REPO_ROOT))
-    from engine.workflow import api_to_ui
-    from nodes import create_engine
+    from latentloom.engine.workflow import api_to_ui
+    from latentloom.nodes import create_engine
 
     catalogue = create_engine(models_dir=REPO_ROOT / "models", entry_points=False).catalogue()
     folder.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from toy_common import REPO_ROOT, WORK_DIR  # noqa: E402
 
 sys.path.insert(0, str(REPO_ROOT))
-from nodes.diffusion import convert  # noqa: E402
+from latentloom.nodes.diffusion import convert  # noqa: E402
 
 MODELS_DIR = Path(os.environ.get("TOY_MODELS_DIR", REPO_ROOT / "models"))
 CHECKPOINT = MODELS_DIR / "checkpoints" / "toy-shapes.safetensors"
@@ -109,7 +109,7 @@ def _same(what: str, expected: dict[str, torch.Tensor], loaded: dict[str, torch.
 
 
 def _verify_checkpoint(unet, vae, text) -> None:
-    from nodes.diffusion.checkpoint import load_checkpoint
+    from latentloom.nodes.diffusion.checkpoint import load_checkpoint
 
     loaded = load_checkpoint(CHECKPOINT)
     _same("UNet", unet, loaded.model.unet.state_dict())

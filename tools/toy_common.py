@@ -84,7 +84,7 @@ def _bytes_to_unicode() -> dict[int, str]:
             printable.append(byte)
             codes.append(256 + extra)
             extra += 1
-    return dict(zip(printable, (chr(c) for c in codes)))
+    return dict(zip(printable, (chr(c) for c in codes), strict=False))
 
 
 def load_tokenizer():
@@ -95,7 +95,7 @@ def load_tokenizer():
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
     try:
-        from nodes.diffusion.tokenizer import clip_tokenizer
+        from latentloom.nodes.diffusion.tokenizer import clip_tokenizer
         return clip_tokenizer()
     except ImportError:
         pass

@@ -13,8 +13,8 @@ Everything is a pure function of the seed: `make_sample(seed)` always returns th
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 

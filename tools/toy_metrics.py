@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
-
 from toy_dataset import BACKGROUND_COLOURS, SHAPE_COLOURS, position_word
 
 FOREGROUND_DISTANCE = 60.0  # RGB distance from the background colour that counts as "shape"

@@ -38,8 +38,16 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import toy_dataset  # noqa: E402
 from toy_common import (  # noqa: E402
-    WORK_DIR, build_text_encoder, build_unet, build_vae, encode_prompts, inject_lora, kohya_state_dict,
-    load_tokenizer, sd_alphas_cumprod, tokenize,
+    WORK_DIR,
+    build_text_encoder,
+    build_unet,
+    build_vae,
+    encode_prompts,
+    inject_lora,
+    kohya_state_dict,
+    load_tokenizer,
+    sd_alphas_cumprod,
+    tokenize,
 )
 
 LATENT_SCALE = 0.18215
@@ -197,7 +205,7 @@ def train_decoder(args: argparse.Namespace) -> None:
             # 64x64 (hires fix, outpaint, area composition), where it otherwise mixes colours across the image.
             rows, cols = (int(v) for v in rng.integers(1, 3, 2))
             tiles = [torch.from_numpy(rng.integers(0, len(pixels), args.vae_batch)) for _ in range(rows * cols)]
-            def mosaic(source):
+            def mosaic(source, tiles=tiles, rows=rows, cols=cols):
                 grid = [torch.cat([source[tiles[r * cols + c]] for c in range(cols)], dim=3) for r in range(rows)]
                 return torch.cat(grid, dim=2)
             z, target, weight = mosaic(latents), mosaic(pixels), mosaic(weights)
@@ -301,12 +309,12 @@ class _Ema:
 
     @torch.no_grad()
     def update(self) -> None:
-        for shadow, param in zip(self.shadow, self.params):
+        for shadow, param in zip(self.shadow, self.params, strict=False):
             shadow.lerp_(param.detach(), 1 - self.decay)
 
     @torch.no_grad()
     def copy_to_model(self) -> None:
-        for shadow, param in zip(self.shadow, self.params):
+        for shadow, param in zip(self.shadow, self.params, strict=False):
             param.copy_(shadow)
 
     @contextlib.contextmanager
@@ -319,7 +327,7 @@ class _Ema:
             yield
         finally:
             with torch.no_grad():
-                for saved, param in zip(trained, self.params):
+                for saved, param in zip(trained, self.params, strict=False):
                     param.copy_(saved)
 
 
@@ -508,7 +516,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     WORK_DIR.mkdir(parents=True, exist_ok=True)
     parts = ["vae", "unet", "controlnet", "lora"] if args.part == "all" else [args.part]
-    trainers = {"vae": train_vae, "decoder": train_decoder, "unet": train_unet, "controlnet": train_controlnet, "lora": train_lora}
+    trainers = {"vae": train_vae, "decoder": train_decoder, "unet": train_unet, "controlnet": train_controlnet,
+                "lora": train_lora}
     for part in parts:
         trainers[part](args)
 

@@ -4,10 +4,10 @@ Everything here is driven by a node catalogue in ComfyUI's `/object_info` shape 
 diffusion or HTTP.
 """
 
-from engine.workflow.api_to_ui import api_to_ui
-from engine.workflow.catalogue import WorkflowFormatError
-from engine.workflow.formats import convert_workflow, detect_format, load_workflow, read_png_text_chunks
-from engine.workflow.ui_to_api import MissingNodeTypesError, ui_to_api
+from latentloom.engine.workflow.api_to_ui import api_to_ui
+from latentloom.engine.workflow.catalogue import WorkflowFormatError
+from latentloom.engine.workflow.formats import convert_workflow, detect_format, load_workflow, read_png_text_chunks
+from latentloom.engine.workflow.ui_to_api import MissingNodeTypesError, ui_to_api
 
 __all__ = [
     "MissingNodeTypesError",

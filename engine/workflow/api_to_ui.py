@@ -18,8 +18,8 @@ from typing import Any
 
 import networkx as nx
 
-from engine.workflow.catalogue import NodeLayout, WorkflowFormatError, node_layout
-from engine.workflow.ui_to_api import MissingNodeTypesError
+from latentloom.engine.workflow.catalogue import NodeLayout, WorkflowFormatError, node_layout
+from latentloom.engine.workflow.ui_to_api import MissingNodeTypesError
 
 COLUMN_GAP = 90
 ROW_GAP = 50

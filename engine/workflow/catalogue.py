@@ -177,7 +177,7 @@ def node_layout(class_type: str, catalogue: dict[str, dict]) -> NodeLayout:
     if entry is None:
         raise WorkflowFormatError(f"node type {class_type!r} is not in the node catalogue")
     extra: list[tuple[str, Any]] = []
-    for name, spec in (entry.get("input") or {}).get("required", {}).items():
+    for spec in (entry.get("input") or {}).get("required", {}).values():
         type_name, options, _ = spec_type_and_options(spec)
         if type_name == "COMBO" and any(options.get(flag) is True for flag in MEDIA_UPLOAD_FLAGS):
             extra.append(("upload", ["IMAGEUPLOAD", {}]))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.workflow.catalogue import spec_type_and_options, types_compatible
+from latentloom.engine.workflow.catalogue import spec_type_and_options, types_compatible
 
 
 def _is_link(value: Any) -> bool:

@@ -15,9 +15,9 @@ import zlib
 from pathlib import Path
 from typing import Any, Literal
 
-from engine.workflow.api_to_ui import api_to_ui
-from engine.workflow.catalogue import WorkflowFormatError
-from engine.workflow.ui_to_api import ui_to_api
+from latentloom.engine.workflow.api_to_ui import api_to_ui
+from latentloom.engine.workflow.catalogue import WorkflowFormatError
+from latentloom.engine.workflow.ui_to_api import ui_to_api
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 DocumentFormat = Literal["api", "ui"]

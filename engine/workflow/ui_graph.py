@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.workflow.catalogue import WorkflowFormatError
+from latentloom.engine.workflow.catalogue import WorkflowFormatError
 
 SUBGRAPH_INPUT_NODE = "-10"  # the pseudo-node that a subgraph's inputs leave from
 SUBGRAPH_OUTPUT_NODE = "-20"

@@ -26,7 +26,7 @@ from typing import Any
 
 import networkx as nx
 
-from engine.workflow.catalogue import (
+from latentloom.engine.workflow.catalogue import (
     DECORATIVE_TYPES,
     GET_NODE_TYPE,
     NOTE_TYPES,
@@ -39,8 +39,8 @@ from engine.workflow.catalogue import (
     node_layout,
     types_compatible,
 )
-from engine.workflow.text import MISSING, SAVE_NODE_TYPES, apply_text_replacements, process_dynamic_prompt
-from engine.workflow.ui_graph import SUBGRAPH_INPUT_NODE, Link, Placed, Scope, parse_scopes
+from latentloom.engine.workflow.text import MISSING, SAVE_NODE_TYPES, apply_text_replacements, process_dynamic_prompt
+from latentloom.engine.workflow.ui_graph import SUBGRAPH_INPUT_NODE, Link, Placed, Scope, parse_scopes
 
 MODE_MUTED = 2  # LiteGraph "NEVER"
 MODE_BYPASS = 4
@@ -175,7 +175,7 @@ def _aligned_widget_values(node: dict, layout: NodeLayout) -> dict[str, Any]:
     if isinstance(raw, dict):
         values.update({name: value for name, value in raw.items() if name in values})
     elif isinstance(raw, list):
-        for widget, value in zip(layout.persisted_widgets, raw):
+        for widget, value in zip(layout.persisted_widgets, raw, strict=False):
             values[widget.name] = value
     return values
 

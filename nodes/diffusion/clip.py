@@ -26,13 +26,22 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import torch
 
-from .tokenizer import (OPENCLIP_CHUNKS, SD1_CHUNKS, Chunk, ChunkFormat, EmbeddingResolver, Warn, empty_chunk,
-                        tokenize_prompt)
+from .tokenizer import (
+    OPENCLIP_CHUNKS,
+    SD1_CHUNKS,
+    Chunk,
+    ChunkFormat,
+    EmbeddingResolver,
+    Warn,
+    empty_chunk,
+    tokenize_prompt,
+)
 
 EMBEDDINGS_SERVICE = "embeddings"
 MODELS_SERVICE = "models"
@@ -203,11 +212,11 @@ class ClipModel:
     def roles(self) -> dict[str, EncoderRole]:
         return FAMILY_ENCODERS[self.family]
 
-    def clone_with_layer(self, layer_idx: int | None) -> "ClipModel":
+    def clone_with_layer(self, layer_idx: int | None) -> ClipModel:
         """Clip skip: the same weights, reading the hidden state `layer_idx` (-1 last, -2 penultimate, ...)."""
         return dataclasses.replace(self, layer_idx=layer_idx, options=dict(self.options))
 
-    def with_patches(self, *patches: Any) -> "ClipModel":
+    def with_patches(self, *patches: Any) -> ClipModel:
         return dataclasses.replace(self, patches=self.patches + tuple(patches), options=dict(self.options))
 
     def cache_nbytes(self) -> int:

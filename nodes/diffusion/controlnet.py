@@ -17,9 +17,10 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -109,7 +110,7 @@ def _ldm_to_diffusers(ldm: StateDict, config: Mapping[str, Any]) -> StateDict:
     converted = {k: v for k, v in converted.items() if not k.startswith("controlnet_cond_embedding.")}
     hints = _hint_indices(ldm)
     names = (["conv_in"] + [f"blocks.{n}" for n in range(len(hints) - 2)] + ["conv_out"])
-    for name, index in zip(names, hints):
+    for name, index in zip(names, hints, strict=False):
         for kind in ("weight", "bias"):
             converted[f"controlnet_cond_embedding.{name}.{kind}"] = ldm[f"input_hint_block.{index}.{kind}"]
     # ... and leaves out SDXL's size-conditioning embedding.
@@ -171,7 +172,7 @@ class ControlNet:
         return 0  # the weights belong to the model memory manager
 
     def applied(self, hint: torch.Tensor, strength: float, start_percent: float = 0.0, end_percent: float = 1.0,
-                previous: "AppliedControlNet | None" = None) -> "AppliedControlNet":
+                previous: AppliedControlNet | None = None) -> AppliedControlNet:
         """hint: IMAGE [B, H, W, C] in 0..1."""
         # Contiguous NCHW: a channels-last view would pick other conv kernels (results differing in the 6th digit).
         hint = hint.movedim(-1, 1).float().contiguous()
@@ -257,11 +258,11 @@ class AppliedControlNet:
     strength: float
     start_percent: float = 0.0
     end_percent: float = 1.0
-    previous: "AppliedControlNet | None" = None
+    previous: AppliedControlNet | None = None
     # Resized hints by (height, width, batch, device, dtype): the same hint serves every step of a run.
     _hints: dict = field(default_factory=dict, repr=False, compare=False)
 
-    def chain(self) -> list["AppliedControlNet"]:
+    def chain(self) -> list[AppliedControlNet]:
         links, node = [], self
         while node is not None:
             links.append(node)
@@ -301,7 +302,7 @@ class AppliedControlNet:
             if total is None:
                 total = own
             else:
-                total = (tuple(a + b for a, b in zip(total[0], own[0])), total[1] + own[1])
+                total = (tuple(a + b for a, b in zip(total[0], own[0], strict=False)), total[1] + own[1])
         return total
 
     def own_residuals(self, x_in: torch.Tensor, sigma: torch.Tensor, timestep: torch.Tensor,

@@ -16,7 +16,8 @@ Prefixes inside a single-file checkpoint:
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

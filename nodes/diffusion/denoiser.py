@@ -14,9 +14,9 @@ called once per UNet call with the batched UNet inputs: `x_in` the c_in-scaled l
 `sigma` [N] (float32), `timestep` [N] the integer timesteps the UNet receives (as float), `context` [N, T, D]
 (float32), `model` the DiffusionModel, and the keyword `batched_number` (how many conditioning chunks share the
 batch, for broadcasting a hint batch as ComfyUI does). For SDXL models `added_cond_kwargs={"text_embeds",
-"time_ids"}` is also passed as a keyword. The object applies its own strength, σ-range gating (return None when inactive) and chain
-of previous ControlNets (summing their residuals). Entries batch together only when they share the very same
-control object. The residuals are cast to the UNet's dtype and handed to diffusers' UNet2DConditionModel.
+"time_ids"}` is also passed as a keyword. The object applies its own strength, σ-range gating (return None when
+inactive) and chain of previous ControlNets (summing their residuals). Entries batch together only when they share
+the very same control object. The residuals are cast to the UNet's dtype and handed to diffusers' UNet2DConditionModel.
 
 Sampler hooks in `DiffusionModel.options` (ComfyUI's model_options keys, same argument dicts):
 `sampler_cfg_function(args) -> noise` replaces the CFG formula (RescaleCFG & co.), each
@@ -27,14 +27,15 @@ evaluated at cfg 1.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from .models import DiffusionModel
 from .noise import seeded_randn
-from .sampling_conds import CondEntry, inpaint_concat, prepare_conditioning, repeat_to_batch
 from .samplers import Sampler, is_max_denoise
+from .sampling_conds import CondEntry, inpaint_concat, prepare_conditioning, repeat_to_batch
 from .schedules import DiscreteSchedule
 
 # Contexts of different token counts share a UNet call by repetition up to their LCM, if that is ≤ 4× the shorter.
@@ -119,7 +120,7 @@ class _Chunk:
         if self.concat is not None and area is not None:
             self.concat = self.concat[:, :, area[2]:area[2] + area[0], area[3]:area[3] + area[1]]
 
-    def can_join(self, other: "_Chunk") -> bool:
+    def can_join(self, other: _Chunk) -> bool:
         if self.input_x.shape != other.input_x.shape or self.entry.control is not other.entry.control:
             return False
         a, b = self.context.shape, other.context.shape
@@ -207,7 +208,7 @@ class GuidedDenoiser:
             outputs = self.call(torch.cat([c.input_x for c in batch]), sigma[:1].repeat(n * len(batch)),
                                 _concat_contexts([c.context for c in batch]), added or None,
                                 batch[0].entry.control, concat, len(batch)).chunk(len(batch))
-            for chunk, output in zip(batch, outputs):
+            for chunk, output in zip(batch, outputs, strict=False):
                 total, weight = totals[chunk.owner], weights[chunk.owner]
                 if chunk.area is not None:
                     h, w, y, x0 = chunk.area
@@ -215,7 +216,7 @@ class GuidedDenoiser:
                     weight = weight[:, :, y:y + h, x0:x0 + w]
                 total += output * chunk.mult
                 weight += chunk.mult
-        return [total / weight for total, weight in zip(totals, weights)]
+        return [total / weight for total, weight in zip(totals, weights, strict=False)]
 
 
 def prepare_mask(mask: torch.Tensor, shape: torch.Size, device: torch.device) -> torch.Tensor:

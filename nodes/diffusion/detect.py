@@ -12,14 +12,22 @@ inputs), so non-standard and tiny checkpoints load as well as the stock ones. Wh
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
 from .convert import (
-    REFINER_CLIP_G_PREFIX, SD1_CLIP_PREFIX, SD2_CLIP_PREFIX, SDXL_CLIP_G_PREFIX, SDXL_CLIP_L_PREFIX, VAE_PREFIX,
-    has_prefix, strip_prefix, vae_to_ldm,
+    REFINER_CLIP_G_PREFIX,
+    SD1_CLIP_PREFIX,
+    SD2_CLIP_PREFIX,
+    SDXL_CLIP_G_PREFIX,
+    SDXL_CLIP_L_PREFIX,
+    VAE_PREFIX,
+    has_prefix,
+    strip_prefix,
+    vae_to_ldm,
 )
 
 SDXL_TIME_EMBED_DIM = 256

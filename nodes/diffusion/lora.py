@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 
@@ -299,7 +300,7 @@ class LoraPatch:
 
     entries: tuple[tuple[str, Adapter, float], ...]   # (parameter name, adapter, strength)
 
-    def merged(self, other: "LoraPatch") -> "LoraPatch":
+    def merged(self, other: LoraPatch) -> LoraPatch:
         return LoraPatch(self.entries + other.entries)
 
     def parameters(self) -> list[str]:

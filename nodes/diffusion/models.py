@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -82,7 +83,7 @@ class DiffusionModel:
     def prediction(self) -> str:
         return self.sampling.prediction
 
-    def with_patches(self, *patches: WeightPatch) -> "DiffusionModel":
+    def with_patches(self, *patches: WeightPatch) -> DiffusionModel:
         return dataclasses.replace(self, patches=self.patches + tuple(patches), options=dict(self.options))
 
     def cache_nbytes(self) -> int:

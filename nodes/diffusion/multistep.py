@@ -38,7 +38,7 @@ def lms(model, x, sigmas, extra_args=None, callback=None, order=4):
         else:
             current_order = min(i + 1, order)
             coefficients = [_lms_coefficient(current_order, sigmas_cpu, i, j) for j in range(current_order)]
-            x = x + sum(c * d for c, d in zip(coefficients, reversed(history)))
+            x = x + sum(c * d for c, d in zip(coefficients, reversed(history), strict=False))
     return x
 
 

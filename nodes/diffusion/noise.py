@@ -14,7 +14,8 @@ Every generator here is private: nothing touches torch's global RNG.
 from __future__ import annotations
 
 import warnings
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 

@@ -8,7 +8,7 @@ ComfyUI; sa_solver_pece re-evaluates the model after each correction.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -18,16 +18,15 @@ multistep.py (LMS, iPNDM, RES, gradient estimation, ER-SDE), solvers.py (UniPC, 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 
 from .noise import DeviceNoise, brownian_noise_for
-from .sampler_steps import (Callback, ancestral_step, batch_ones, lambda_of, report, seed_of,  # noqa: F401
-                            sigma_of, to_d)
-
+from .sampler_steps import Callback, ancestral_step, batch_ones, lambda_of, report, seed_of, sigma_of, to_d  # noqa: F401
 
 # --- first-order and Runge-Kutta samplers --------------------------------------------------------------------
 
@@ -400,7 +399,8 @@ def seeds_2(model, x, sigmas, extra_args=None, callback=None, eta=1.0, s_noise=1
             x = sigmas[i + 1] / sigmas[i] * (-h * eta).exp() * x - alpha_t * (b1 * denoised + b2 * denoised_2)
         if inject:
             segment = (r - 1) * h * eta
-            sde_noise = sde_noise * segment.exp() + segment.mul(2).expm1().neg().sqrt() * noise(sigma_s_1, sigmas[i + 1])
+            fresh = noise(sigma_s_1, sigmas[i + 1])
+            sde_noise = sde_noise * segment.exp() + segment.mul(2).expm1().neg().sqrt() * fresh
             x = x + sde_noise * sigmas[i + 1] * s_noise
     return x
 
@@ -445,7 +445,8 @@ def seeds_3(model, x, sigmas, extra_args=None, callback=None, eta=1.0, s_noise=1
         x = sigmas[i + 1] / sigmas[i] * (-h * eta).exp() * x - alpha_t * (b1 * denoised + b3 * denoised_3)
         if inject:
             segment = (r_2 - 1) * h * eta
-            sde_noise = sde_noise * segment.exp() + segment.mul(2).expm1().neg().sqrt() * noise(sigma_s_2, sigmas[i + 1])
+            fresh = noise(sigma_s_2, sigmas[i + 1])
+            sde_noise = sde_noise * segment.exp() + segment.mul(2).expm1().neg().sqrt() * fresh
             x = x + sde_noise * sigmas[i + 1] * s_noise
     return x
 

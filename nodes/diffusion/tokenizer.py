@@ -19,9 +19,10 @@ import json
 import logging
 import re
 import unicodedata
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Union
+from typing import Any
 
 import torch
 
@@ -43,14 +44,14 @@ EMBEDDING_PREFIX = "embedding:"
 _ESCAPED_CLOSE, _ESCAPED_OPEN = "\0\1", "\0\2"
 
 # A token: a vocabulary id, or one embedding vector [D] (a textual-inversion token).
-Token = Union[int, torch.Tensor]
+Token = int | torch.Tensor
 WeightedToken = tuple[Token, float]
 Chunk = list[WeightedToken]
 
 # resolve_embedding(name) -> the embedding's vectors, or None when there is no such embedding. The value is a
 # tensor [n, D] (or [D]) used by every encoder of width D, or a mapping from encoder key ("l", "g", "h", or the
 # file keys "clip_l", "clip_g", "clip_h") to such a tensor for multi-encoder (SDXL) embedding files.
-EmbeddingResolver = Callable[[str], Union[torch.Tensor, Mapping[str, torch.Tensor], None]]
+EmbeddingResolver = Callable[[str], torch.Tensor | Mapping[str, torch.Tensor] | None]
 Warn = Callable[[str], None]
 
 

@@ -17,9 +17,10 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -58,7 +59,7 @@ class TilePlan:
     cols: tuple[int, ...]
 
     @classmethod
-    def create(cls, size_hw: tuple[int, int], tile_hw: tuple[int, int], overlap: int, align: int = 1) -> "TilePlan":
+    def create(cls, size_hw: tuple[int, int], tile_hw: tuple[int, int], overlap: int, align: int = 1) -> TilePlan:
         tile_h, tile_w = (max(align, size // align * align) for size in tile_hw)
         overlap = max(0, min(overlap // align * align, min(tile_h, tile_w) - align))
         if size_hw[0] <= tile_h and size_hw[1] <= tile_w:

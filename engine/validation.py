@@ -9,8 +9,9 @@ from __future__ import annotations
 import math
 import traceback
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import networkx as nx
 

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from .cache import DEFAULT_CACHE_BYTES, OutputCache
 from .environment import Environment
 from .events import Event, EventBus
 from .executor import Executor, InterruptToken, RunResult
-from .graph import ValidationResult, make_error, validate_prompt
 from .registry import NodeRegistry
+from .validation import ValidationResult, make_error, validate_prompt
 
 
 class WorkflowLoadError(Exception):
