@@ -14,7 +14,7 @@ import hashlib
 import json
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import networkx as nx
 
@@ -32,7 +32,7 @@ WIDE_NODE_WIDTH = 420
 ORIGIN = (0.0, 0.0)
 
 
-def _is_link(value: Any) -> bool:
+def _is_link(value: Any) -> TypeGuard[list[Any] | tuple[Any, ...]]:
     return (
         isinstance(value, (list, tuple))
         and len(value) == 2
@@ -55,14 +55,14 @@ class _UiNode:
     ui_id: int
     class_type: str
     layout: NodeLayout
-    entry: dict
-    inputs: list[dict] = field(default_factory=list)
-    outputs: list[dict] = field(default_factory=list)
+    entry: dict[str, Any]
+    inputs: list[dict[str, Any]] = field(default_factory=list)
+    outputs: list[dict[str, Any]] = field(default_factory=list)
     widgets_values: list[Any] = field(default_factory=list)
     size: tuple[float, float] = (NODE_WIDTH, 100.0)
 
 
-def _check_prompt(prompt: Any, catalogue: dict[str, dict]) -> None:
+def _check_prompt(prompt: Any, catalogue: dict[str, dict[str, Any]]) -> None:
     if not isinstance(prompt, dict) or not prompt:
         raise WorkflowFormatError("an API prompt must be a non-empty JSON object of node id -> node")
     missing = []
@@ -77,7 +77,7 @@ def _check_prompt(prompt: Any, catalogue: dict[str, dict]) -> None:
         raise MissingNodeTypesError(missing)
 
 
-def _assign_ui_ids(prompt: dict) -> dict[str, int]:
+def _assign_ui_ids(prompt: dict[str, Any]) -> dict[str, int]:
     """Numeric API ids are kept; others (e.g. flattened subgraph ids "12:5") get fresh numbers after them."""
     numeric = {node_id: int(node_id) for node_id in prompt if str(node_id).isdigit()}
     next_id = max(numeric.values(), default=0) + 1
@@ -132,7 +132,7 @@ def _place(nodes: dict[str, _UiNode], graph: nx.DiGraph, order: list[str]) -> di
     return positions
 
 
-def api_to_ui(prompt: dict, catalogue: dict[str, dict]) -> dict:
+def api_to_ui(prompt: dict[str, Any], catalogue: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Convert an API prompt to an editor workflow (version 0.4) with a left-to-right layout.
 
     Inputs the catalogue does not know, and literal values given for link-only sockets, have no place in
@@ -184,15 +184,16 @@ def api_to_ui(prompt: dict, catalogue: dict[str, dict]) -> dict:
             value = inputs.get(ui_input["name"])
             if not _is_link(value):
                 continue
-            source = nodes[str(value[0])]
+            source_node = nodes[str(value[0])]
             source_slot = int(value[1])
-            if not 0 <= source_slot < len(source.layout.outputs):
+            if not 0 <= source_slot < len(source_node.layout.outputs):
                 raise WorkflowFormatError(
                     f"API node {node_id!r} input {ui_input['name']!r} uses output {source_slot} of node "
-                    f"{source.api_id!r} ({source.class_type}), which has {len(source.layout.outputs)} output(s)")
+                    f"{source_node.api_id!r} ({source_node.class_type}), which has "
+                    f"{len(source_node.layout.outputs)} output(s)")
             link_id = len(links) + 1
-            link_type = source.layout.outputs[source_slot].type
-            links.append([link_id, source.ui_id, source_slot, node.ui_id, slot, link_type])
+            link_type = source_node.layout.outputs[source_slot].type
+            links.append([link_id, source_node.ui_id, source_slot, node.ui_id, slot, link_type])
             ui_input["link"] = link_id
         for widget in layout.widgets:
             if not widget.persisted:
@@ -235,7 +236,7 @@ def api_to_ui(prompt: dict, catalogue: dict[str, dict]) -> dict:
     return workflow
 
 
-def _serialise(node: _UiNode, pos: tuple[float, float], order: int) -> dict:
+def _serialise(node: _UiNode, pos: tuple[float, float], order: int) -> dict[str, Any]:
     meta = node.entry.get("_meta") or {}
     properties: dict[str, Any] = {"Node name for S&R": node.class_type}
     for key in ("cnr_id", "aux_id", "ver"):

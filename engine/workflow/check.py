@@ -11,13 +11,13 @@ def _is_link(value: Any) -> bool:
     return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
 
 
-def prompt_problems(prompt: dict[str, dict], catalogue: dict[str, dict]) -> list[str]:
+def prompt_problems(prompt: dict[str, dict[str, Any]], catalogue: dict[str, dict[str, Any]]) -> list[str]:
     """Every wiring problem: unknown class types, links to absent nodes or outputs, type mismatches,
     required inputs left empty. An empty list means the prompt is well-formed for this catalogue."""
     problems: list[str] = []
     for node_id, entry in prompt.items():
         class_type = entry.get("class_type")
-        info = catalogue.get(class_type)
+        info = catalogue.get(class_type) if isinstance(class_type, str) else None
         if info is None:
             problems.append(f"node {node_id}: unknown class type {class_type!r}")
             continue
@@ -30,7 +30,7 @@ def prompt_problems(prompt: dict[str, dict], catalogue: dict[str, dict]) -> list
             if source is None:
                 problems.append(f"node {node_id} input {name!r}: links to missing node {value[0]!r}")
                 continue
-            outputs = (catalogue.get(source.get("class_type")) or {}).get("output") or []
+            outputs = (catalogue.get(str(source.get("class_type"))) or {}).get("output") or []
             if not 0 <= value[1] < len(outputs):
                 problems.append(f"node {node_id} input {name!r}: node {value[0]!r} has no output {value[1]}")
                 continue

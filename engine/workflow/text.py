@@ -56,8 +56,8 @@ def format_date(pattern: str, moment: datetime) -> str:
     """The editor's small date formatter: d, M, h, m, s (doubled = zero-padded), yy and yyyy."""
     fields = {"d": moment.day, "M": moment.month, "h": moment.hour, "m": moment.minute, "s": moment.second}
 
-    def token(match: re.Match) -> str:
-        text = match.group(0)
+    def token(match: re.Match[str]) -> str:
+        text: str = match.group(0)
         if text == "yy":
             return str(moment.year)[2:]
         if text == "yyyy":
@@ -87,13 +87,14 @@ def apply_text_replacements(text: str, widget_value: Callable[[str, str], Any], 
     then the pattern is left as written, like the editor does.
     """
 
-    def replace(match: re.Match) -> str:
+    def replace(match: re.Match[str]) -> str:
+        whole: str = match.group(0)
         parts = match.group(1).split(".")
         if len(parts) != 2:
-            return format_date(parts[0][5:], moment) if parts[0].startswith("date:") else match.group(0)
+            return format_date(parts[0][5:], moment) if parts[0].startswith("date:") else whole
         value = widget_value(parts[0], parts[1])
         if value is MISSING:
-            return match.group(0)
+            return whole
         return _UNSAFE_FILENAME_CHARS.sub("_", js_string(value))
 
     return re.sub(r"%([^%]+)%", replace, text)

@@ -31,9 +31,9 @@ class Scope:
     """One graph level: the root graph or a subgraph definition."""
 
     key: str
-    nodes: dict[str, dict]
+    nodes: dict[str, dict[str, Any]]
     links: dict[str, Link]
-    definition: dict | None = None
+    definition: dict[str, Any] | None = None
     aliases: dict[str, str] = field(default_factory=dict)  # dropped duplicate link id -> surviving link id
 
     def link(self, link_id: Any) -> Link | None:
@@ -62,7 +62,7 @@ class Placed:
         return ":".join(self.path)
 
 
-def parse_links(raw_links: Any, where: str, nodes: dict[str, dict]) -> tuple[dict[str, Link], dict[str, str]]:
+def parse_links(raw_links: Any, where: str, nodes: dict[str, dict[str, Any]]) -> tuple[dict[str, Link], dict[str, str]]:
     """Links by id, and aliases for the duplicates the editor drops on load.
 
     Only one link can end at an input: of several links to the same slot the first listed is kept, unless a
@@ -70,6 +70,7 @@ def parse_links(raw_links: Any, where: str, nodes: dict[str, dict]) -> tuple[dic
     mean the survivor.
     """
     parsed: list[Link] = []
+    fields: list[Any]
     for raw in raw_links or []:
         if isinstance(raw, dict):
             fields = [raw.get(k) for k in ("id", "origin_id", "origin_slot", "target_id", "target_slot", "type")]
@@ -101,16 +102,16 @@ def parse_links(raw_links: Any, where: str, nodes: dict[str, dict]) -> tuple[dic
     return {link.id: link for link in kept}, aliases
 
 
-def _nodes_by_id(nodes: list[dict]) -> dict[str, dict]:
-    by_id: dict[str, dict] = {}
+def _nodes_by_id(nodes: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    by_id: dict[str, dict[str, Any]] = {}
     for node in nodes:
         by_id.setdefault(str(node.get("id")), node)  # the editor keeps the first of duplicated ids
     return by_id
 
 
-def _subgraph_definitions(workflow: dict) -> list[dict]:
+def _subgraph_definitions(workflow: dict[str, Any]) -> list[dict[str, Any]]:
     """Definitions in the editor's order: each one followed by its own nested definitions, first id wins."""
-    ordered: list[dict] = []
+    ordered: list[dict[str, Any]] = []
     seen: set[str] = set()
     stack = list(reversed((workflow.get("definitions") or {}).get("subgraphs") or []))
     while stack:
@@ -122,7 +123,7 @@ def _subgraph_definitions(workflow: dict) -> list[dict]:
     return ordered
 
 
-def _last_node_id(workflow: dict) -> int:
+def _last_node_id(workflow: dict[str, Any]) -> int:
     value = workflow.get("last_node_id", (workflow.get("state") or {}).get("lastNodeId", 0))
     return value if isinstance(value, int) and value >= 0 else 0
 
@@ -162,7 +163,7 @@ def _renumber_clashing_ids(scopes: list[Scope], root: Scope, last_node_id: int) 
         }
 
 
-def parse_scopes(workflow: dict) -> tuple[dict[str, Scope], set[str]]:
+def parse_scopes(workflow: dict[str, Any]) -> tuple[dict[str, Scope], set[str]]:
     if not isinstance(workflow.get("nodes"), list):
         raise WorkflowFormatError("not a UI workflow: it has no 'nodes' list")
     root_nodes = _nodes_by_id(workflow["nodes"])

@@ -68,14 +68,14 @@ class WidgetValue:
 class _Workflow:
     scopes: dict[str, Scope]
     subgraph_ids: set[str]
-    catalogue: dict[str, dict]
+    catalogue: dict[str, dict[str, Any]]
     placed: dict[str, Placed] = field(default_factory=dict)
     order: list[str] = field(default_factory=list)
     layouts: dict[str, NodeLayout] = field(default_factory=dict)
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # PrimitiveNode values by exec id
-    live_inputs: dict[int, list[dict]] = field(default_factory=dict)
+    live_inputs: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
 
-    def node(self, placed: Placed) -> dict:
+    def node(self, placed: Placed) -> dict[str, Any]:
         return self.scopes[placed.scope_key].nodes[placed.node_id]
 
     def layout(self, class_type: str) -> NodeLayout:
@@ -83,14 +83,14 @@ class _Workflow:
             self.layouts[class_type] = node_layout(class_type, self.catalogue)
         return self.layouts[class_type]
 
-    def is_instance(self, node: dict) -> bool:
+    def is_instance(self, node: dict[str, Any]) -> bool:
         return str(node.get("type")) in self.subgraph_ids
 
-    def has_widget(self, node: dict, name: str) -> bool:
+    def has_widget(self, node: dict[str, Any], name: str) -> bool:
         node_type = str(node.get("type"))
         return node_type in self.catalogue and any(w.name == name for w in self.layout(node_type).widgets)
 
-    def inputs(self, node: dict) -> list[dict]:
+    def inputs(self, node: dict[str, Any]) -> list[dict[str, Any]]:
         """A node's input slots as the editor holds them after loading.
 
         For a catalogue node type the editor first creates the slots the definition implies (sockets, then
@@ -108,10 +108,10 @@ class _Workflow:
             self.live_inputs[key] = saved
             return saved
         layout = self.layout(node_type)
-        saved_by_name: dict[str, dict] = {}
+        saved_by_name: dict[str, dict[str, Any]] = {}
         for slot in saved:
             saved_by_name.setdefault(str(slot.get("name")), slot)
-        created = [{"name": socket.name, "type": socket.type} for socket in layout.sockets]
+        created: list[dict[str, Any]] = [{"name": socket.name, "type": socket.type} for socket in layout.sockets]
         created += [
             {"name": w.name, "type": layout.widget_types.get(w.name, "IMAGEUPLOAD"), "widget": {"name": w.name}}
             for w in layout.widgets if w.kind in ("value", "upload")
@@ -168,7 +168,7 @@ def _check_types(flow: _Workflow) -> None:
         raise MissingNodeTypesError(missing)
 
 
-def _aligned_widget_values(node: dict, layout: NodeLayout) -> dict[str, Any]:
+def _aligned_widget_values(node: dict[str, Any], layout: NodeLayout) -> dict[str, Any]:
     """Widget name -> value, reading widgets_values against the catalogue's widget list."""
     raw = node.get("widgets_values")
     values = {w.name: w.default for w in layout.widgets}
@@ -256,7 +256,7 @@ def _promoted_value(flow: _Workflow, instance: Placed, slot: int) -> WidgetValue
         return WidgetValue(values.get(widget_name))
 
 
-def _promotion_target(flow: _Workflow, scope: Scope, def_input: dict) -> tuple[str, str, int] | None:
+def _promotion_target(flow: _Workflow, scope: Scope, def_input: dict[str, Any]) -> tuple[str, str, int] | None:
     """(inner node id, widget or input name, inner slot) of the first inner widget a subgraph input drives."""
     for link_id in def_input.get("linkIds") or []:
         link = scope.link(link_id)
@@ -277,7 +277,7 @@ def _promotion_target(flow: _Workflow, scope: Scope, def_input: dict) -> tuple[s
     return None
 
 
-def _drives_widget(flow: _Workflow, scope: Scope, def_input: dict) -> bool:
+def _drives_widget(flow: _Workflow, scope: Scope, def_input: dict[str, Any]) -> bool:
     """Whether a subgraph input reaches a widget input, descending through nested instances (no recursion)."""
     stack = [(scope, def_input)]
     seen: set[tuple[str, str]] = set()
@@ -305,7 +305,7 @@ def _drives_widget(flow: _Workflow, scope: Scope, def_input: dict) -> bool:
     return False
 
 
-def _target_input(flow: _Workflow, scope: Scope, node: dict, link: Link) -> dict:
+def _target_input(flow: _Workflow, scope: Scope, node: dict[str, Any], link: Link) -> dict[str, Any]:
     if flow.is_instance(node):  # an instance's slots are its definition's inputs, matched to links by name
         def_inputs = (flow.scopes[str(node["type"])].definition or {}).get("inputs") or []
         for candidate in node.get("inputs") or []:
@@ -325,8 +325,8 @@ def _resolve_input(flow: _Workflow, placed: Placed, slot: int) -> tuple[str, int
     if first_link is None:
         return None
     wanted_type = flow.inputs(node)[slot].get("type") if not flow.is_instance(node) else None
-    state: tuple = ("link", placed, first_link)
-    visited: set[tuple] = set()
+    state: tuple[Any, ...] = ("link", placed, first_link)
+    visited: set[tuple[Any, ...]] = set()
     while True:
         key = (state[0], state[1].exec_id, state[2])
         if key in visited:
@@ -426,7 +426,7 @@ def _widget_lookup(flow: _Workflow) -> Callable[[str, str], Any]:
     return widget_value
 
 
-def _title(flow: _Workflow, node: dict) -> str:
+def _title(flow: _Workflow, node: dict[str, Any]) -> str:
     if node.get("title"):
         return str(node["title"])
     node_type = str(node.get("type"))
@@ -460,7 +460,7 @@ def _wrap(value: Any) -> Any:
     return {"__value__": value} if isinstance(value, list) else value
 
 
-def _meta(node: dict, layout: NodeLayout) -> dict:
+def _meta(node: dict[str, Any], layout: NodeLayout) -> dict[str, Any]:
     title = node.get("title")
     meta: dict[str, Any] = {"title": title if title else layout.display_name}  # the editor treats "" as unset
     properties = node.get("properties") or {}
@@ -471,8 +471,9 @@ def _meta(node: dict, layout: NodeLayout) -> dict:
 
 
 def ui_to_api(
-    workflow: dict, catalogue: dict[str, dict], rng: random.Random | None = None, now: datetime | None = None
-) -> dict[str, dict]:
+    workflow: dict[str, Any], catalogue: dict[str, dict[str, Any]], rng: random.Random | None = None,
+    now: datetime | None = None,
+) -> dict[str, dict[str, Any]]:
     """Convert an editor (LiteGraph) workflow to an API prompt {id: {inputs, class_type, _meta}}.
 
     `rng` drives the `{a|b}` choices of dynamic-prompt text widgets (a fresh generator when omitted), `now`
@@ -490,7 +491,7 @@ def ui_to_api(
     rng = rng or random.Random()
     lookup = _widget_lookup(flow)
 
-    prompt: dict[str, dict] = {}
+    prompt: dict[str, dict[str, Any]] = {}
     for exec_id in flow.order:
         placed = flow.placed[exec_id]
         node = flow.node(placed)
@@ -533,7 +534,7 @@ def _is_link(value: Any) -> bool:
     return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
 
 
-def _execution_ordered(prompt: dict[str, dict]) -> dict[str, dict]:
+def _execution_ordered(prompt: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     graph = nx.DiGraph()
     position = {node_id: index for index, node_id in enumerate(prompt)}
     graph.add_nodes_from(prompt)
