@@ -4,7 +4,9 @@
                                                     first_stage_model.* (VAE), cond_stage_model.transformer.
                                                     text_model.* (CLIP), written by nodes.diffusion.convert
   models/controlnet/toy-shape-control.safetensors  LDM ControlNet layout (control_model.*: input_blocks,
-                                                    middle_block, zero_convs, middle_block_out, input_hint_block)
+                                                    middle_block, zero_convs, middle_block_out, input_hint_block),
+                                                    written by nodes.diffusion.controlnet.controlnet_to_ldm (the
+                                                    engine's own reader of diffusers-named ControlNet files)
   models/loras/toy-outline.safetensors             kohya naming with LDM module names (lora_unet_input_blocks_1_1_
                                                     transformer_blocks_0_attn1_to_q.lora_down/.lora_up/.alpha)
 
@@ -32,50 +34,19 @@ from toy_common import REPO_ROOT, WORK_DIR  # noqa: E402
 
 sys.path.insert(0, str(REPO_ROOT))
 from latentloom.nodes.diffusion import convert  # noqa: E402
+from latentloom.nodes.diffusion.controlnet import LDM_PREFIX as CONTROLNET_PREFIX  # noqa: E402
+from latentloom.nodes.diffusion.controlnet import controlnet_to_ldm  # noqa: E402
 
 MODELS_DIR = Path(os.environ.get("TOY_MODELS_DIR", REPO_ROOT / "models"))
 CHECKPOINT = MODELS_DIR / "checkpoints" / "toy-shapes.safetensors"
 CONTROLNET = MODELS_DIR / "controlnet" / "toy-shape-control.safetensors"
 LORA = MODELS_DIR / "loras" / "toy-outline.safetensors"
-CONTROLNET_PREFIX = "control_model."
 LAYERS_PER_BLOCK = 2
 
 
 def _fp16(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {key: value.detach().to(torch.float16).contiguous() if value.is_floating_point() else value.contiguous()
             for key, value in state.items()}
-
-
-def controlnet_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """diffusers ControlNetModel state dict -> LDM cldm names (without the control_model. prefix).
-
-    The UNet-shaped part (conv_in, time embedding, down blocks, mid block) uses the UNet writer; the rest:
-    controlnet_down_blocks.i -> zero_convs.i.0, controlnet_mid_block -> middle_block_out.0, and the hint encoder
-    controlnet_cond_embedding.{conv_in, blocks.k, conv_out} -> input_hint_block.{0, 2k+2, 2n+2} (the SiLUs sit
-    at the odd indices)."""
-    unet_like: dict[str, torch.Tensor] = {}
-    out: dict[str, torch.Tensor] = {}
-    hint_blocks = {int(key.split(".")[2]) for key in state if key.startswith("controlnet_cond_embedding.blocks.")}
-    for key, value in state.items():
-        parts = key.split(".")
-        if parts[0] == "controlnet_down_blocks":
-            out[f"zero_convs.{parts[1]}.0.{parts[2]}"] = value
-        elif parts[0] == "controlnet_mid_block":
-            out[f"middle_block_out.0.{parts[1]}"] = value
-        elif parts[0] == "controlnet_cond_embedding":
-            if parts[1] == "conv_in":
-                index = 0
-            elif parts[1] == "blocks":
-                index = 2 * int(parts[2]) + 2
-            elif parts[1] == "conv_out":
-                index = 2 * len(hint_blocks) + 2
-            else:
-                raise ValueError(f"controlnet_to_ldm: unexpected key {key!r}")
-            out[f"input_hint_block.{index}.{parts[-1]}"] = value
-        else:
-            unet_like[key] = value
-    out.update(convert.unet_to_ldm(unet_like, LAYERS_PER_BLOCK))
-    return out
 
 
 def _metadata(description: str) -> dict[str, str]:

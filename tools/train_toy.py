@@ -68,6 +68,23 @@ def _stop_requested(part: str) -> bool:
     return False
 
 
+def _optimiser_step(loss: torch.Tensor, optimiser, params, schedule) -> None:
+    """Backward, clip the gradient norm to 1, then step the optimiser and the learning-rate schedule."""
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimiser.step()
+    schedule.step()
+
+
+def _report(part: str, step: int, total: int, loss: float, started: float, every: int) -> bool:
+    """Log every `every` steps and at the last one; True when a stop was requested (looked for when logging)."""
+    if step % every == 0 or step == total - 1:
+        _log(part, step, total, loss, started)
+        return _stop_requested(part)
+    return False
+
+
 def _record_time(part: str, seconds: float, extra: dict | None = None) -> None:
     path = WORK_DIR / "times.json"
     times = json.loads(path.read_text()) if path.exists() else {}
@@ -134,11 +151,7 @@ def train_vae(args: argparse.Namespace) -> None:
         reconstruction = vae.decode(latents + jitter).sample
         loss = _reconstruction_loss(reconstruction, batch, weight)
         loss = loss + 1e-4 * latents.pow(2).mean()
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimiser.step()
-        schedule.step()
+        _optimiser_step(loss, optimiser, vae.parameters(), schedule)
         if step % 50 == 0 or step == total - 1:
             _log("vae", step, total, loss.item(), started)
             if step < crop_steps and _stop_requested("vae"):
@@ -219,15 +232,9 @@ def train_decoder(args: argparse.Namespace) -> None:
         jitter = 0.1 * z.std() * torch.randn_like(z)
         reconstruction = vae.decode(z + jitter).sample
         loss = _reconstruction_loss(reconstruction, target, weight)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimiser.step()
-        schedule.step()
-        if step % 50 == 0 or step == total - 1:
-            _log("decoder", step, total, loss.item(), started)
-            if _stop_requested("decoder"):
-                break
+        _optimiser_step(loss, optimiser, trainable, schedule)
+        if _report("decoder", step, total, loss.item(), started, every=50):
+            break
     vae.eval().save_pretrained(WORK_DIR / "vae")
     _record_time("decoder", time.time() - started, {"steps": step + 1, "batch": args.vae_batch})
 
@@ -363,17 +370,11 @@ def train_unet(args: argparse.Namespace) -> None:
         context = encode_prompts(text_encoder, ids)
         prediction = unet(noisy, timesteps, encoder_hidden_states=context).sample
         loss = _weighted_mse(prediction, noise, weight)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimiser.step()
-        schedule.step()
+        _optimiser_step(loss, optimiser, params, schedule)
         ema.update()
         running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
-        if step % 100 == 0 or step == args.unet_steps - 1:
-            _log("unet", step, args.unet_steps, running, started)
-            if _stop_requested("unet"):
-                break
+        if _report("unet", step, args.unet_steps, running, started, every=100):
+            break
         if (step + 1) % 1000 == 0 and step + 1 < args.unet_steps:
             # Checkpoint both the raw weights (to resume) and the EMA weights (to evaluate while training goes on).
             unet.save_pretrained(WORK_DIR / "unet_raw")
@@ -429,16 +430,10 @@ def train_controlnet(args: argparse.Namespace) -> None:
         prediction = unet(noisy, timesteps, encoder_hidden_states=context, down_block_additional_residuals=down,
                           mid_block_additional_residual=mid).sample
         loss = _weighted_mse(prediction, noise, weight)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(controlnet.parameters(), 1.0)
-        optimiser.step()
-        schedule.step()
+        _optimiser_step(loss, optimiser, controlnet.parameters(), schedule)
         running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
-        if step % 100 == 0 or step == args.controlnet_steps - 1:
-            _log("controlnet", step, args.controlnet_steps, running, started)
-            if _stop_requested("controlnet"):
-                break
+        if _report("controlnet", step, args.controlnet_steps, running, started, every=100):
+            break
     controlnet.cpu().save_pretrained(WORK_DIR / "controlnet")
     _record_time("controlnet", time.time() - started, {"steps": step + 1, "batch": args.batch})
 
@@ -467,16 +462,10 @@ def train_lora(args: argparse.Namespace) -> None:
             context = encode_prompts(text_encoder, ids)
         prediction = unet(noisy, timesteps, encoder_hidden_states=context).sample
         loss = _weighted_mse(prediction, noise, weight)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimiser.step()
-        schedule.step()
+        _optimiser_step(loss, optimiser, params, schedule)
         running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
-        if step % 100 == 0 or step == args.lora_steps - 1:
-            _log("lora", step, args.lora_steps, running, started)
-            if _stop_requested("lora"):
-                break
+        if _report("lora", step, args.lora_steps, running, started, every=100):
+            break
     save_file(kohya_state_dict(adapters, alpha=args.lora_rank), WORK_DIR / "lora_outline.safetensors")
     _record_time("lora", time.time() - started,
                  {"steps": step + 1, "batch": args.batch, "rank": args.lora_rank})

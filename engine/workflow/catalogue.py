@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-# Input types for which the frontend (1.58) creates a widget; anything else is a link-only socket.
-WIDGET_TYPES = frozenset(
+# Input types for which the frontend (1.58) creates a widget; anything else is a link-only socket. (The engine's
+# own widget types, which its nodes declare, are engine.types.WIDGET_TYPES.)
+UI_WIDGET_TYPES = frozenset(
     {
         "INT", "FLOAT", "BOOLEAN", "STRING", "COMBO", "MARKDOWN", "IMAGEUPLOAD", "COLOR", "IMAGECOMPARE",
         "BOUNDING_BOX", "CHART", "GALLERIA", "PAINTER", "COMPOSITOR", "TEXTAREA", "CURVE", "RANGE",
@@ -209,7 +210,7 @@ def node_layout(class_type: str, catalogue: dict[str, dict]) -> NodeLayout:
             widget_types[name] = type_name
             widgets.append(WidgetSlot(name, "value", _widget_default(type_name, options, combo), persisted=False))
             continue
-        if type_name not in WIDGET_TYPES or force_input:
+        if type_name not in UI_WIDGET_TYPES or force_input:
             sockets.append(SocketSlot(name, type_name, is_optional))
             continue
         widget_types[name] = type_name
@@ -245,8 +246,9 @@ def node_layout(class_type: str, catalogue: dict[str, dict]) -> NodeLayout:
     )
 
 
-def types_compatible(type_a: Any, type_b: Any) -> bool:
-    """LiteGraph's connection rule: wildcards match, otherwise a case-insensitive match of any union member."""
+def ui_link_types_compatible(type_a: Any, type_b: Any) -> bool:
+    """LiteGraph's connection rule (the editor's, used when converting UI workflows): wildcards match, otherwise a
+    case-insensitive match of any union member. Validation uses engine.types.types_compatible."""
     a = "" if type_a in (None, "*", 0) else str(type_a)
     b = "" if type_b in (None, "*", 0) else str(type_b)
     if not a or not b or a == b:

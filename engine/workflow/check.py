@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from latentloom.engine.workflow.catalogue import spec_type_and_options, types_compatible
+from latentloom.engine.workflow.catalogue import spec_type_and_options, ui_link_types_compatible
 
 
 def _is_link(value: Any) -> bool:
@@ -38,7 +38,7 @@ def prompt_problems(prompt: dict[str, dict[str, Any]], catalogue: dict[str, dict
                 wanted = spec_type_and_options(declared[name])[0]
                 produced = outputs[value[1]]
                 produced_type = "COMBO" if isinstance(produced, list) else produced
-                if not types_compatible(wanted, produced_type):
+                if not ui_link_types_compatible(wanted, produced_type):
                     problems.append(
                         f"node {node_id} input {name!r}: expects {wanted}, gets {produced_type} from node {value[0]!r}")
         for name in (info.get("input") or {}).get("required", {}):
