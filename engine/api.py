@@ -4,6 +4,7 @@
     prompt = engine.load("graphs/txt2img.json")          # API JSON, UI JSON or a PNG with a workflow
     prompt = set_input(prompt, "3.seed", 42)
     result = engine.run(prompt)                         # RunResult: status, outputs (UI data), values, error
+    if result.status == "invalid": print(result.error, result.node_errors)
 """
 
 from __future__ import annotations
@@ -91,21 +92,28 @@ class Engine:
 
     def run(self, prompt: dict, *, prompt_id: str | None = None, extra_data: dict | None = None,
             targets: Iterable[str] | None = None, interrupt: InterruptToken | None = None,
-            listener: Callable[[Event], None] | None = None) -> RunResult | ValidationResult:
-        """Validate and run. Returns the ValidationResult when the graph is invalid, else the RunResult."""
+            listener: Callable[[Event], None] | None = None) -> RunResult:
+        """Validate and run; always a RunResult. Its status is "success", "error" (a node failed: `error` holds
+        the execution_error data), "interrupted", or "invalid": the graph failed validation and nothing ran;
+        `error` and `node_errors` then hold the validation error and the per-node errors (ComfyUI's 400 body).
+        A graph with some invalid outputs runs the valid ones; `node_errors` then names the dropped ones."""
         checked = self.validate(prompt, targets)
         if not checked.ok:
-            return checked
+            return RunResult(prompt_id or "", "invalid", error=checked.error, node_errors=checked.node_errors)
         unsubscribe = self.bus.subscribe(listener) if listener else None
         try:
-            return self.executor.run(checked.graph, prompt_id, extra_data, interrupt)
+            result = self.executor.run(checked.graph, prompt_id, extra_data, interrupt)
         finally:
             if unsubscribe:
                 unsubscribe()
+        result.node_errors = checked.node_errors  # outputs dropped as invalid while the rest ran
+        return result
 
     def free(self) -> None:
         """Drop cached outputs and unload models."""
         self.cache.clear()
-        manager = self.env.services.get("models")
-        if manager is not None and hasattr(manager, "free_all"):
+        from .memory import ModelManager
+
+        manager = self.env.find_service(ModelManager)
+        if manager is not None:
             manager.free_all()

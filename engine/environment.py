@@ -1,6 +1,8 @@
 """The environment a run sees: folders (input, output, temp, model roots) and shared services.
 
 One Environment per engine instance; nothing here is module-level, so two engines in one process stay apart.
+Services are keyed by their type: `env.register(library)`, then `env.service(EmbeddingLibrary)` returns it typed.
+The model memory manager has its own accessor, `env.models`.
 """
 
 from __future__ import annotations
@@ -8,7 +10,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from .memory import ModelManager
+
+ServiceT = TypeVar("ServiceT")
 
 # Model folder names in ComfyUI's layout and the file extensions each accepts.
 MODEL_FOLDERS: dict[str, tuple[str, ...]] = {
@@ -33,8 +40,8 @@ class Environment:
     temp_dir: Path = field(default_factory=lambda: Path("temp"))
     # folder name -> directories searched in order (first match wins)
     model_dirs: dict[str, list[Path]] = field(default_factory=dict)
-    # Shared services that nodes look up by name (e.g. "models": the model memory manager).
-    services: dict[str, Any] = field(default_factory=dict)
+    # Shared services by type (the model memory manager, and what node packages add): use register / service.
+    services: dict[type, Any] = field(default_factory=dict)
 
     @classmethod
     def create(cls, models_dir: str | os.PathLike | None = None, input_dir: str | os.PathLike | None = None,
@@ -105,5 +112,35 @@ class Environment:
         searched = ", ".join(str(d) for d in self.model_dirs.get(folder, [])) or "(no folders configured)"
         raise FileNotFoundError(f"{folder} file '{name}' not found in {searched}")
 
-    def service(self, name: str) -> Any:
-        return self.services[name]
+    # Services ---------------------------------------------------------------------------------------------------
+
+    def register(self, service: object, as_type: type | None = None) -> None:
+        """Make `service` the one of its type (or of `as_type`, a class it is an instance of)."""
+        kind = as_type or type(service)
+        if not isinstance(service, kind):
+            raise TypeError(f"{type(service).__name__} is not a {kind.__name__}")
+        self.services[kind] = service
+
+    def find_service(self, kind: type[ServiceT]) -> ServiceT | None:
+        """The service registered as `kind`, else one registered under a subclass of it; None when there is none."""
+        found = self.services.get(kind)
+        if found is None:
+            found = next((service for service in self.services.values() if isinstance(service, kind)), None)
+        return found
+
+    def service(self, kind: type[ServiceT]) -> ServiceT:
+        found = self.find_service(kind)
+        if found is None:
+            raise LookupError(f"no {kind.__name__} is registered in this engine's environment")
+        return found
+
+    @property
+    def models(self) -> ModelManager:
+        """The model memory manager; created on first use when the engine did not register one."""
+        from .memory import ModelManager
+
+        manager = self.find_service(ModelManager)
+        if manager is None:
+            manager = ModelManager()
+            self.register(manager)
+        return manager

@@ -16,11 +16,12 @@ import traceback
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import networkx as nx
 
 from .cache import DEFAULT_CACHE_BYTES, OutputCache, Uncacheable, node_key
+from .environment import Environment
 from .events import (
     EventBus,
     Executed,
@@ -35,6 +36,7 @@ from .events import (
     Progress,
     ProgressState,
 )
+from .inputs import InputError, node_label
 from .node import ExecutionBlocker, NodeOutput
 from .registry import NodeRegistry
 from .validation import (
@@ -49,6 +51,11 @@ from .validation import (
     parse_link,
     upstream_of,
 )
+
+if TYPE_CHECKING:
+    from .memory import ModelManager
+
+ServiceT = TypeVar("ServiceT")
 
 # Full progress_state maps are sent for runs up to this many nodes; bigger runs get per-node deltas, which keeps
 # the event volume linear.
@@ -94,12 +101,13 @@ class InterruptToken:
 @dataclass
 class RunResult:
     prompt_id: str
-    status: str  # "success" | "error" | "interrupted"
+    status: str  # "success" | "error" | "interrupted" | "invalid" (the graph failed validation; nothing ran)
     outputs: dict[str, dict] = field(default_factory=dict)   # UI data by display node id (history "outputs")
     values: dict[str, list[list[Any]]] = field(default_factory=dict)  # output nodes' values (Python API)
     executed: list[str] = field(default_factory=list)
     cached: list[str] = field(default_factory=list)
-    error: dict | None = None          # the execution_error / execution_interrupted data
+    error: dict | None = None          # the execution_error / execution_interrupted data, or the validation error
+    node_errors: dict[str, dict] = field(default_factory=dict)  # per-node validation errors (status "invalid")
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -126,11 +134,22 @@ class NodeContext:
         self._run = run
         self.node_id = node.id
         self.display_node_id = node.display
+        self.class_type = node.class_type
         self.parent_node_id = node.parent
         self.prompt_id = run.prompt_id
         self.prompt = run.graph.prompt
         self.extra_data = run.extra_data
-        self.env = run.executor.env
+        self.env: Environment = run.executor.env
+
+    @property
+    def models(self) -> ModelManager:
+        return self.env.models
+
+    def service(self, kind: type[ServiceT]) -> ServiceT:
+        return self.env.service(kind)
+
+    def find_service(self, kind: type[ServiceT]) -> ServiceT | None:
+        return self.env.find_service(kind)
 
     def check_interrupt(self) -> None:
         self._run.interrupt.check()
@@ -140,15 +159,15 @@ class NodeContext:
         self._run.emit_progress(self, value, maximum, preview)
 
     def warn(self, message: str) -> None:
-        self._run.warnings.append(f"#{self.display_node_id}: {message}")
+        self._run.warnings.append(f"{node_label(self.class_type, self.display_node_id)}: {message}")
         self._run.emit(lambda: NodeWarning(prompt_id=self.prompt_id, node=self.display_node_id, message=message))
 
 
 class Executor:
-    def __init__(self, registry: NodeRegistry, env: Any = None, cache: OutputCache | None = None,
+    def __init__(self, registry: NodeRegistry, env: Environment | None = None, cache: OutputCache | None = None,
                  bus: EventBus | None = None):
         self.registry = registry
-        self.env = env
+        self.env = env if env is not None else Environment()
         self.cache = cache if cache is not None else OutputCache(DEFAULT_CACHE_BYTES)
         self.bus = bus if bus is not None else EventBus()
 
@@ -450,6 +469,8 @@ class _Run:
             return self.merge_or_expand(node, results)
         except (Interrupted, NodeFailure):
             raise
+        except InputError as exc:
+            raise NodeFailure(node, exc.for_node(node_label(node.class_type, node.display)), inputs) from exc
         except Exception as exc:
             raise NodeFailure(node, exc, inputs) from exc
 
@@ -479,8 +500,15 @@ class _Run:
             wanted.update(names)
         return [name for name in unevaluated if name in wanted]
 
+    def socket_types(self, node: GraphNode) -> dict[str, str]:
+        """The linked inputs whose values get their socket type's value check, with that type."""
+        specs = node.node_cls.input_specs()
+        return {name: specs[name].type for name in node.links if name in specs and not specs[name].raw_link}
+
     async def call_mapped(self, node: GraphNode, ctx: NodeContext, inputs: dict[str, list[Any]]) -> list:
         results = []
+        checks = self.executor.registry.value_checks
+        socket_types = self.socket_types(node)
         for index in range(self.call_count(node, inputs)):
             self.interrupt.check()
             kwargs = self.call_inputs(node, inputs, index)
@@ -491,6 +519,7 @@ class _Run:
                 # Downstream the block carries no message: the error is reported once, by the first node it stops.
                 results.append(tuple(ExecutionBlocker() for _ in node.node_cls.outputs))
                 continue
+            checks.check_call(socket_types, kwargs, node.node_cls.input_is_list)
             outcome = node.node_cls.model_construct(**kwargs).run(ctx)
             if inspect.isawaitable(outcome):
                 outcome = await outcome

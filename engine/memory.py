@@ -152,7 +152,7 @@ class MemoryStats:
 
 
 class ModelManager:
-    """Registry + placement of loaded models. Thread-safe; one per engine (Environment.services["models"]).
+    """Registry + placement of loaded models. Thread-safe; one per engine (Environment.models).
 
     vram_budget: bytes of modules allowed on the compute device (None: 90% of the GPU's memory on CUDA,
     unlimited elsewhere). ram_budget: bytes of modules allowed on the offload device (None: unlimited).

@@ -9,11 +9,13 @@ with `model_construct`, so nodes keep no state between calls.
         a: Annotated[int, Int()] = 0
         b: Annotated[int, Int()] = 0
 
-        def run(self, ctx):
+        def run(self, ctx: RunContext):
             return (self.a + self.b,)
 
 `run` returns a tuple (one value per output), a NodeOutput (values, ui data for the client, or a graph fragment
-to expand), or may be `async def`.
+to expand), or may be `async def`. A bad input is reported with `raise InputError(name, what_is_wrong)`
+(engine.inputs): the executor names the node. Linked socket values have passed the value checks registered for
+their socket type (NodeRegistry.value_checks) before `run` is called.
 """
 
 from __future__ import annotations
@@ -21,11 +23,17 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
 from .types import InputSpec, Output
+
+if TYPE_CHECKING:
+    from .environment import Environment
+    from .memory import ModelManager
+
+ServiceT = TypeVar("ServiceT")
 
 
 class ExecutionBlocker:
@@ -58,14 +66,27 @@ class RunContext(Protocol):
 
     node_id: str          # the node's id in the running graph (ephemeral ids for expanded nodes)
     display_node_id: str  # the id the client knows (the expanding parent for expanded nodes)
+    class_type: str       # the node's type name, as in workflow files
     prompt_id: str
     prompt: dict          # the API-format graph as submitted
     extra_data: dict      # e.g. extra_pnginfo
-    env: Any              # engine.environment.Environment
+    env: Environment      # folders: input_dir, output_dir, temp_dir, find_model, list_models
 
+    @property
+    def models(self) -> ModelManager:
+        """The engine's model memory manager."""
+        ...
+
+    def service(self, kind: type[ServiceT]) -> ServiceT:
+        """The registered service of that type (LookupError when none is)."""
+        ...
+
+    def find_service(self, kind: type[ServiceT]) -> ServiceT | None: ...
     def progress(self, value: int, maximum: int, preview: tuple[str, bytes] | None = None) -> None: ...
     def check_interrupt(self) -> None: ...
-    def warn(self, message: str) -> None: ...
+    def warn(self, message: str) -> None:
+        """A warning for the run summary and the client; the engine names the node, the message need not."""
+        ...
 
 
 class Node(BaseModel):
@@ -95,7 +116,7 @@ class Node(BaseModel):
     # Optional hooks -------------------------------------------------------------------------------------------
 
     @classmethod
-    def fingerprint(cls, env: Any, constants: dict[str, Any]) -> Any:
+    def fingerprint(cls, env: Environment, constants: dict[str, Any]) -> Any:
         """A value that changes when the outside world the node reads changes (e.g. a file's mtime and size).
 
         It is part of the cache key. Linked inputs are absent from `constants`. Return None when nothing outside
@@ -104,7 +125,7 @@ class Node(BaseModel):
         return None
 
     @classmethod
-    def validate_inputs(cls, env: Any, constants: dict[str, Any], input_types: dict[str, str]) -> bool | str:
+    def validate_inputs(cls, env: Environment, constants: dict[str, Any], input_types: dict[str, str]) -> bool | str:
         """Custom validation: return True, an error message, or {input name: message} so the client can show the
         error on the input. Linked inputs are absent from `constants`; `input_types` maps each linked input to
         the type its source produces."""

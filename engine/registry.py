@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from .inputs import ValueCheckers
 from .node import Node
 from .types import COMBO, InputSpec
 
@@ -28,6 +29,8 @@ class NodeRegistry:
         self._nodes: dict[str, type[Node]] = {}
         # Plugins that failed to load: name -> reason (shown by the CLI and /system_stats, never fatal).
         self.load_errors: dict[str, str] = {}
+        # Checks the executor runs on linked socket values, by socket type name (registered by the node packages).
+        self.value_checks = ValueCheckers()
         self.register_all(nodes)
 
     # Registration ---------------------------------------------------------------------------------------------

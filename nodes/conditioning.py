@@ -10,36 +10,25 @@ from typing import Annotated, Any
 
 import torch
 
-from latentloom.engine.node import Node
+from latentloom.engine.inputs import InputError
+from latentloom.engine.node import Node, RunContext
 from latentloom.engine.types import CLIP, CONDITIONING, MASK, Combo, Float, Int, Output, Socket, String
-from latentloom.nodes.diffusion.clip import EMBEDDINGS_SERVICE, MODELS_SERVICE, ClipModel, pad_token_chunks
+from latentloom.nodes.diffusion.clip import ClipModel, pad_token_chunks
+from latentloom.nodes.diffusion.embeddings import EmbeddingLibrary
 
 MAX_RESOLUTION = 16384
 
 Conditioning = list[list[Any]]
 
 
-def _service(ctx: Any, name: str) -> Any:
-    env = getattr(ctx, "env", None)
-    services = getattr(env, "services", None) or {}
-    return services.get(name)
-
-
-def _require_clip(node: Node, clip: Any) -> ClipModel:
-    if not isinstance(clip, ClipModel):
-        raise ValueError(f"{node.class_type()}: input 'clip' is not a CLIP model (got {type(clip).__name__}); if it "
-                         "comes from a checkpoint loader, that checkpoint has no usable text encoder")
-    return clip
-
-
-def _encode(ctx: Any, clip: ClipModel, tokens: dict, extra: dict[str, Any] | None = None) -> Conditioning:
-    cond, pooled = clip.encode_tokens(tokens, manager=_service(ctx, MODELS_SERVICE))
+def _encode(ctx: RunContext, clip: ClipModel, tokens: dict, extra: dict[str, Any] | None = None) -> Conditioning:
+    cond, pooled = clip.encode_tokens(tokens, manager=ctx.models)
     return [[cond, {"pooled_output": pooled, **(extra or {})}]]
 
 
-def _tokenize(ctx: Any, clip: ClipModel, text: str) -> dict:
-    warn = getattr(ctx, "warn", None)
-    return clip.tokenize(text, resolve_embedding=_service(ctx, EMBEDDINGS_SERVICE), warn=warn)
+def _tokenize(ctx: RunContext, clip: ClipModel, text: str) -> dict:
+    # Without an embedding library, "embedding:NAME" is encoded as plain text.
+    return clip.tokenize(text, resolve_embedding=ctx.find_service(EmbeddingLibrary), warn=ctx.warn)
 
 
 def set_values(conditioning: Conditioning, values: dict[str, Any]) -> Conditioning:
@@ -59,9 +48,8 @@ class CLIPTextEncode(Node):
     text: Annotated[str, PROMPT]
     clip: Annotated[Any, Socket(CLIP, tooltip="The CLIP model used for encoding the text.")]
 
-    def run(self, ctx):
-        clip = _require_clip(self, self.clip)
-        return (_encode(ctx, clip, _tokenize(ctx, clip, self.text)),)
+    def run(self, ctx: RunContext):
+        return (_encode(ctx, self.clip, _tokenize(ctx, self.clip, self.text)),)
 
 
 class CLIPSetLastLayer(Node):
@@ -72,8 +60,8 @@ class CLIPSetLastLayer(Node):
     clip: Annotated[Any, Socket(CLIP)]
     stop_at_clip_layer: Annotated[int, Int(min=-24, max=-1, step=1)] = -1
 
-    def run(self, ctx):
-        return (_require_clip(self, self.clip).clone_with_layer(self.stop_at_clip_layer),)
+    def run(self, ctx: RunContext):
+        return (self.clip.clone_with_layer(self.stop_at_clip_layer),)
 
 
 class CLIPTextEncodeSDXL(Node):
@@ -90,11 +78,10 @@ class CLIPTextEncodeSDXL(Node):
     text_g: Annotated[str, String(multiline=True, dynamicPrompts=True)]
     text_l: Annotated[str, String(multiline=True, dynamicPrompts=True)]
 
-    def run(self, ctx):
-        clip = _require_clip(self, self.clip)
+    def run(self, ctx: RunContext):
+        clip: ClipModel = self.clip
         if set(clip.roles) != {"l", "g"}:
-            raise ValueError(f"CLIPTextEncodeSDXL: input 'clip' must be an SDXL CLIP (clip_l + clip_g), "
-                             f"got a {clip.family} one")
+            raise InputError("clip", f"must be an SDXL CLIP (clip_l + clip_g), got a {clip.family} one")
         tokens = _tokenize(ctx, clip, self.text_g)
         tokens["l"] = _tokenize(ctx, clip, self.text_l)["l"]
         # Different prompts can chunk differently; the shorter side is filled with empty-prompt chunks.
@@ -114,8 +101,8 @@ class CLIPTextEncodeSDXLRefiner(Node):
     text: Annotated[str, String(multiline=True, dynamicPrompts=True)]
     clip: Annotated[Any, Socket(CLIP)]
 
-    def run(self, ctx):
-        clip = _require_clip(self, self.clip)
+    def run(self, ctx: RunContext):
+        clip: ClipModel = self.clip
         extra = {"aesthetic_score": self.ascore, "width": self.width, "height": self.height}
         return (_encode(ctx, clip, _tokenize(ctx, clip, self.text), extra),)
 
@@ -128,15 +115,15 @@ class ConditioningCombine(Node):
     conditioning_1: Annotated[Any, Socket(CONDITIONING)]
     conditioning_2: Annotated[Any, Socket(CONDITIONING)]
 
-    def run(self, ctx):
+    def run(self, ctx: RunContext):
         return (list(self.conditioning_1) + list(self.conditioning_2),)
 
 
-def _first_of(ctx: Any, node: str, conditioning_from: Conditioning) -> tuple[torch.Tensor, Any]:
+def _first_of(ctx: RunContext, conditioning_from: Conditioning) -> tuple[torch.Tensor, Any]:
     if not conditioning_from:
-        raise ValueError(f"{node}: input 'conditioning_from' is empty")
-    if len(conditioning_from) > 1 and hasattr(ctx, "warn"):
-        ctx.warn(f"{node}: conditioning_from contains more than one entry; only the first is used")
+        raise InputError("conditioning_from", "is empty")
+    if len(conditioning_from) > 1:
+        ctx.warn("conditioning_from contains more than one entry; only the first is used")
     cond, options = conditioning_from[0]
     return cond, options.get("pooled_output")
 
@@ -150,8 +137,8 @@ class ConditioningAverage(Node):
     conditioning_from: Annotated[Any, Socket(CONDITIONING)]
     conditioning_to_strength: Annotated[float, Float(min=0.0, max=1.0, step=0.01)] = 1.0
 
-    def run(self, ctx):
-        cond_from, pooled_from = _first_of(ctx, "ConditioningAverage", self.conditioning_from)
+    def run(self, ctx: RunContext):
+        cond_from, pooled_from = _first_of(ctx, self.conditioning_from)
         strength = self.conditioning_to_strength
         result = []
         for cond_to, options in self.conditioning_to:
@@ -179,8 +166,8 @@ class ConditioningConcat(Node):
     conditioning_to: Annotated[Any, Socket(CONDITIONING)]
     conditioning_from: Annotated[Any, Socket(CONDITIONING)]
 
-    def run(self, ctx):
-        cond_from, _ = _first_of(ctx, "ConditioningConcat", self.conditioning_from)
+    def run(self, ctx: RunContext):
+        cond_from, _ = _first_of(ctx, self.conditioning_from)
         return ([[torch.cat([cond_to, cond_from], dim=1), dict(options)]
                  for cond_to, options in self.conditioning_to],)
 
@@ -197,7 +184,7 @@ class ConditioningSetArea(Node):
     y: Annotated[int, Int(min=0, max=MAX_RESOLUTION, step=8)] = 0
     strength: Annotated[float, Float(min=0.0, max=10.0, step=0.01)] = 1.0
 
-    def run(self, ctx):
+    def run(self, ctx: RunContext):
         # The area is kept in latent cells (pixels // 8), ordered (height, width, y, x).
         area = (self.height // 8, self.width // 8, self.y // 8, self.x // 8)
         return (set_values(self.conditioning, {"area": area, "strength": self.strength,
@@ -216,7 +203,7 @@ class ConditioningSetAreaPercentage(Node):
     y: Annotated[float, Float(min=0.0, max=1.0, step=0.01)] = 0.0
     strength: Annotated[float, Float(min=0.0, max=10.0, step=0.01)] = 1.0
 
-    def run(self, ctx):
+    def run(self, ctx: RunContext):
         area = ("percentage", self.height, self.width, self.y, self.x)
         return (set_values(self.conditioning, {"area": area, "strength": self.strength,
                                                "set_area_to_bounds": False}),)
@@ -229,7 +216,7 @@ class ConditioningSetAreaStrength(Node):
     conditioning: Annotated[Any, Socket(CONDITIONING)]
     strength: Annotated[float, Float(min=0.0, max=10.0, step=0.01)] = 1.0
 
-    def run(self, ctx):
+    def run(self, ctx: RunContext):
         return (set_values(self.conditioning, {"strength": self.strength}),)
 
 
@@ -243,12 +230,8 @@ class ConditioningSetMask(Node):
     strength: Annotated[float, Float(min=0.0, max=10.0, step=0.01)] = 1.0
     set_cond_area: Annotated[str, Combo(("default", "mask bounds"))] = "default"
 
-    def run(self, ctx):
-        mask = self.mask
-        if not isinstance(mask, torch.Tensor) or mask.dim() not in (2, 3):
-            raise ValueError("ConditioningSetMask: input 'mask' must be a MASK tensor [H,W] or [B,H,W]")
-        if mask.dim() < 3:
-            mask = mask.unsqueeze(0)
+    def run(self, ctx: RunContext):
+        mask = self.mask.reshape(-1, self.mask.shape[-2], self.mask.shape[-1])  # [H,W] / [B,1,H,W] -> [B,H,W]
         return (set_values(self.conditioning, {"mask": mask, "set_area_to_bounds": self.set_cond_area != "default",
                                                "mask_strength": self.strength}),)
 
@@ -259,7 +242,7 @@ class ConditioningZeroOut(Node):
 
     conditioning: Annotated[Any, Socket(CONDITIONING)]
 
-    def run(self, ctx):
+    def run(self, ctx: RunContext):
         result = []
         for cond, options in self.conditioning:
             new_options = dict(options)
@@ -277,7 +260,7 @@ class ConditioningSetTimestepRange(Node):
     start: Annotated[float, Float(min=0.0, max=1.0, step=0.001)] = 0.0
     end: Annotated[float, Float(min=0.0, max=1.0, step=0.001)] = 1.0
 
-    def run(self, ctx):
+    def run(self, ctx: RunContext):
         return (set_values(self.conditioning, {"start_percent": self.start, "end_percent": self.end}),)
 
 

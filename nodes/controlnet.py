@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-import torch
-
-from latentloom.engine.node import Node
+from latentloom.engine.environment import Environment
+from latentloom.engine.inputs import InputError
+from latentloom.engine.node import Node, RunContext
 from latentloom.engine.types import CONDITIONING, CONTROL_NET, IMAGE, MODEL, VAE, Combo, Float, Output, Socket
 
 from .diffusion.controlnet import ControlNet, load_controlnet
-from .diffusion.models import DiffusionModel
 from .model_files import (
     file_identity,
     load_model,
@@ -23,32 +22,19 @@ from .model_files import (
     model_choices,
     model_fingerprint,
     model_key,
-    model_manager,
 )
 
 STRENGTH = Float(min=0.0, max=10.0, step=0.01)
 PERCENT = Float(min=0.0, max=1.0, step=0.001)
 
 
-def _require_controlnet(node: str, value: Any) -> ControlNet:
-    if not isinstance(value, ControlNet):
-        raise ValueError(f"{node}: input 'control_net' is not a ControlNet (got {type(value).__name__})")
-    return value
-
-
-def _require_image(node: str, image: Any) -> torch.Tensor:
-    if not isinstance(image, torch.Tensor) or image.ndim != 4:
-        raise ValueError(f"{node}: input 'image' must be an IMAGE [batch, height, width, channels]")
-    return image
-
-
-def _check_fits(node: str, net: ControlNet, conditioning: list) -> None:
+def _check_fits(net: ControlNet, conditioning: list) -> None:
     """A ControlNet made for another architecture is reported here, against this node, not mid-sampling."""
     for cond, _ in conditioning:
         try:
             net.check_context_width(int(cond.shape[-1]))
         except ValueError as error:
-            raise ValueError(f"{node}: input 'control_net': {error}") from error
+            raise InputError("control_net", str(error)) from error
 
 
 class ControlNetLoader(Node):
@@ -58,15 +44,14 @@ class ControlNetLoader(Node):
     control_net_name: Annotated[str, Combo(model_choices("controlnet"))]
 
     @classmethod
-    def fingerprint(cls, env, constants):
+    def fingerprint(cls, env: Environment, constants: dict[str, Any]) -> Any:
         return model_fingerprint(env, "controlnet", constants.get("control_net_name"), "controlnet")
 
-    def run(self, ctx):
-        node = type(self).__name__
-        path = locate_model(ctx, node, "control_net_name", "controlnet", self.control_net_name)
-        manager = model_manager(ctx)
+    def run(self, ctx: RunContext):
+        path = locate_model(ctx, "control_net_name", "controlnet", self.control_net_name)
+        manager = ctx.models
         key = model_key("controlnet", file_identity(path))
-        net = load_model(ctx, node, "control_net_name", self.control_net_name, key,
+        net = load_model(ctx, "control_net_name", self.control_net_name, key,
                          lambda: load_controlnet(path, manager))
         return (net,)
 
@@ -79,20 +64,17 @@ class DiffControlNetLoader(Node):
     control_net_name: Annotated[str, Combo(model_choices("controlnet"))]
 
     @classmethod
-    def fingerprint(cls, env, constants):
+    def fingerprint(cls, env: Environment, constants: dict[str, Any]) -> Any:
         # The base model is a link, so its part of the key cannot be known here; file changes still count.
         return model_fingerprint(env, "controlnet", constants.get("control_net_name"), "diff_controlnet")
 
-    def run(self, ctx):
-        node = type(self).__name__
-        if not isinstance(self.model, DiffusionModel):
-            raise ValueError(f"{node}: input 'model' is not a diffusion model (got {type(self.model).__name__})")
-        path = locate_model(ctx, node, "control_net_name", "controlnet", self.control_net_name)
-        manager = model_manager(ctx)
+    def run(self, ctx: RunContext):
+        path = locate_model(ctx, "control_net_name", "controlnet", self.control_net_name)
+        manager = ctx.models
         # A diff ControlNet's weights depend on the base model, so the model's identity is part of the key.
         key = model_key("diff_controlnet", file_identity(path), id(self.model.unet), self.model.source)
-        net = load_model(ctx, node, "control_net_name", self.control_net_name, key,
-                    lambda: load_controlnet(path, manager, base_model=self.model))
+        net = load_model(ctx, "control_net_name", self.control_net_name, key,
+                         lambda: load_controlnet(path, manager, base_model=self.model))
         return (net,)
 
 
@@ -106,13 +88,11 @@ class ControlNetApply(Node):
     image: Annotated[Any, Socket(IMAGE)]
     strength: Annotated[float, STRENGTH] = 1.0
 
-    def run(self, ctx):
-        node = type(self).__name__
+    def run(self, ctx: RunContext):
         if self.strength == 0:
             return (self.conditioning,)
-        net = _require_controlnet(node, self.control_net)
-        image = _require_image(node, self.image)
-        _check_fits(node, net, self.conditioning)
+        net, image = self.control_net, self.image
+        _check_fits(net, self.conditioning)
         out = []
         for cond, options in self.conditioning:
             # Each entry chains onto its own previous ControlNet; the sampler copies it onto the negative side.
@@ -134,13 +114,11 @@ class ControlNetApplyAdvanced(Node):
     end_percent: Annotated[float, PERCENT] = 1.0
     vae: Annotated[Any, Socket(VAE, optional=True)] = None
 
-    def run(self, ctx):
-        node = type(self).__name__
+    def run(self, ctx: RunContext):
         if self.strength == 0:
             return (self.positive, self.negative)
-        net = _require_controlnet(node, self.control_net)
-        image = _require_image(node, self.image)
-        _check_fits(node, net, list(self.positive) + list(self.negative))
+        net, image = self.control_net, self.image
+        _check_fits(net, list(self.positive) + list(self.negative))
         # One applied object per previous ControlNet, shared by positive and negative so they still batch together.
         by_previous: dict[int, Any] = {}
         results = []

@@ -12,7 +12,9 @@ from typing import Annotated, Any
 
 import torch
 
-from latentloom.engine.node import Node, NodeOutput
+from latentloom.engine.environment import Environment
+from latentloom.engine.inputs import InputError, MissingInputFile
+from latentloom.engine.node import Node, NodeOutput, RunContext
 from latentloom.engine.types import IMAGE, MASK, Combo, Float, Int, Output, Socket, String
 
 from .diffusion.resize import CROP_METHODS, IMAGE_UPSCALE_METHODS, common_upscale
@@ -31,23 +33,17 @@ MAX_RESOLUTION = 16384
 _PREVIEW_LETTERS = "abcdefghijklmnopqrstupvxyz"
 
 
-def _image(value: Any, node: str, name: str = "image") -> torch.Tensor:
-    if not isinstance(value, torch.Tensor) or value.ndim != 4:
-        raise ValueError(f"{node}: input '{name}' must be an IMAGE [B,H,W,C]")
-    return value
-
-
-def _input_image_path(env: Any, name: str, node: str) -> Path:
+def _input_image_path(env: Environment, name: str) -> Path:
     try:
         path = resolve_annotated_path(env, name)
     except ValueError as error:
-        raise ValueError(f"{node}: {error}") from None
+        raise InputError("image", str(error)) from None
     if not path.is_file():
-        raise FileNotFoundError(f"{node}: image file '{name}' not found ({path})")
+        raise MissingInputFile("image", f"image file '{name}' not found ({path})")
     return path
 
 
-def _validate_image_name(env: Any, constants: dict[str, Any]) -> bool | str:
+def _validate_image_name(env: Environment | None, constants: dict[str, Any]) -> bool | str:
     name = constants.get("image")
     if name is None:  # linked: checked when it runs
         return True
@@ -58,7 +54,7 @@ def _validate_image_name(env: Any, constants: dict[str, Any]) -> bool | str:
     return True if path.is_file() else f"Invalid image file: {name}"
 
 
-def _image_fingerprint(env: Any, constants: dict[str, Any]) -> Any:
+def _image_fingerprint(env: Environment | None, constants: dict[str, Any]) -> Any:
     name = constants.get("image")
     if name is None or env is None:
         return None
@@ -78,19 +74,19 @@ class LoadImage(Node):
     image: Annotated[str, Combo(list_input_images, check_value=False, image_upload=True)]
 
     @classmethod
-    def validate_inputs(cls, env, constants, input_types):
+    def validate_inputs(cls, env: Environment, constants: dict[str, Any], input_types: dict[str, str]) -> bool | str:
         return _validate_image_name(env, constants)
 
     @classmethod
-    def fingerprint(cls, env, constants):
+    def fingerprint(cls, env: Environment, constants: dict[str, Any]) -> Any:
         return _image_fingerprint(env, constants)
 
-    def run(self, ctx):
-        path = _input_image_path(ctx.env, self.image, "LoadImage")
+    def run(self, ctx: RunContext):
+        path = _input_image_path(ctx.env, self.image)
         try:
             image, mask = load_image_file(path)
         except (OSError, SyntaxError) as error:  # PIL reports broken files as OSError / SyntaxError
-            raise ValueError(f"LoadImage: cannot read image file '{self.image}': {error}") from None
+            raise InputError("image", f"cannot read image file '{self.image}': {error}") from None
         return (image, mask)
 
 
@@ -103,26 +99,26 @@ class LoadImageMask(Node):
     channel: Annotated[str, Combo(("alpha", "red", "green", "blue"))] = "alpha"
 
     @classmethod
-    def validate_inputs(cls, env, constants, input_types):
+    def validate_inputs(cls, env: Environment, constants: dict[str, Any], input_types: dict[str, str]) -> bool | str:
         return _validate_image_name(env, constants)
 
     @classmethod
-    def fingerprint(cls, env, constants):
+    def fingerprint(cls, env: Environment, constants: dict[str, Any]) -> Any:
         return _image_fingerprint(env, constants)
 
-    def run(self, ctx):
-        path = _input_image_path(ctx.env, self.image, "LoadImageMask")
+    def run(self, ctx: RunContext):
+        path = _input_image_path(ctx.env, self.image)
         try:
             return (load_mask_file(path, self.channel),)
         except (OSError, SyntaxError) as error:
-            raise ValueError(f"LoadImageMask: cannot read image file '{self.image}': {error}") from None
+            raise InputError("image", f"cannot read image file '{self.image}': {error}") from None
 
 
-def _metadata(ctx: Any):
+def _metadata(ctx: RunContext):
     if getattr(ctx.env, "disable_metadata", False):
         return None
-    extra = (ctx.extra_data or {}).get("extra_pnginfo") if hasattr(ctx, "extra_data") else None
-    return png_metadata(getattr(ctx, "prompt", None), extra if isinstance(extra, dict) else None)
+    extra = (ctx.extra_data or {}).get("extra_pnginfo")
+    return png_metadata(ctx.prompt, extra if isinstance(extra, dict) else None)
 
 
 class SaveImage(Node):
@@ -136,12 +132,12 @@ class SaveImage(Node):
         "The prefix for the file to save. This may include formatting information such as %date:yyyy-MM-dd% or "
         "%Empty Latent Image.width% to include values from nodes."))] = "ComfyUI"
 
-    def run(self, ctx):
-        images = _image(self.images, "SaveImage", "images")
+    def run(self, ctx: RunContext):
+        images = self.images
         try:
             results = save_images(images, Path(ctx.env.output_dir), self.filename_prefix, "output", 4, _metadata(ctx))
         except ValueError as error:
-            raise ValueError(f"SaveImage: {error}") from None
+            raise InputError("filename_prefix", str(error)) from None
         return NodeOutput(ui={"images": results})
 
 
@@ -153,8 +149,8 @@ class PreviewImage(Node):
 
     images: Annotated[Any, Socket(IMAGE)]
 
-    def run(self, ctx):
-        images = _image(self.images, "PreviewImage", "images")
+    def run(self, ctx: RunContext):
+        images = self.images
         suffix = "".join(secrets.choice(_PREVIEW_LETTERS) for _ in range(5))
         results = save_images(images, Path(ctx.env.temp_dir), f"ComfyUI_temp_{suffix}", "temp", 1, _metadata(ctx))
         return NodeOutput(ui={"images": results})
@@ -175,8 +171,8 @@ class ImageScale(Node):
     height: Annotated[int, Int(min=0, max=MAX_RESOLUTION, step=1)] = 512
     crop: Annotated[str, Combo(CROP_METHODS)] = "disabled"
 
-    def run(self, ctx):
-        image = _image(self.image, "ImageScale")
+    def run(self, ctx: RunContext):
+        image = self.image
         width, height = self.width, self.height
         if width == 0 and height == 0:
             return (image,)
@@ -197,12 +193,12 @@ class ImageScaleBy(Node):
     upscale_method: Annotated[str, Combo(IMAGE_UPSCALE_METHODS)] = "nearest-exact"
     scale_by: Annotated[float, Float(min=0.01, max=8.0, step=0.01)] = 1.0
 
-    def run(self, ctx):
-        image = _image(self.image, "ImageScaleBy")
+    def run(self, ctx: RunContext):
+        image = self.image
         width = round(image.shape[2] * self.scale_by)
         height = round(image.shape[1] * self.scale_by)
         if width < 1 or height < 1:
-            raise ValueError(f"ImageScaleBy: scale_by {self.scale_by} makes the image empty")
+            raise InputError("scale_by", f"{self.scale_by} makes the image empty")
         return (_scale_image(image, width, height, self.upscale_method, "disabled"),)
 
 
@@ -217,8 +213,8 @@ class ImageScaleToTotalPixels(Node):
     # Newer ComfyUI: round both sides to a multiple of this; optional so older workflows still validate.
     resolution_steps: Annotated[int, Int(min=1, max=256, optional=True)] = 1
 
-    def run(self, ctx):
-        image = _image(self.image, "ImageScaleToTotalPixels")
+    def run(self, ctx: RunContext):
+        image = self.image
         steps = max(1, int(self.resolution_steps or 1))
         total = self.megapixels * 1024 * 1024
         scale_by = math.sqrt(total / (image.shape[2] * image.shape[1]))
@@ -234,8 +230,8 @@ class ImageInvert(Node):
 
     image: Annotated[Any, Socket(IMAGE)]
 
-    def run(self, ctx):
-        return (1.0 - _image(self.image, "ImageInvert"),)
+    def run(self, ctx: RunContext):
+        return (1.0 - self.image,)
 
 
 class ImageBatch(Node):
@@ -246,14 +242,14 @@ class ImageBatch(Node):
     image1: Annotated[Any, Socket(IMAGE)]
     image2: Annotated[Any, Socket(IMAGE)]
 
-    def run(self, ctx):
-        first = _image(self.image1, "ImageBatch", "image1")
-        second = _image(self.image2, "ImageBatch", "image2")
+    def run(self, ctx: RunContext):
+        first = self.image1
+        second = self.image2
         if first.shape[1:3] != second.shape[1:3]:
             # The second batch is fitted to the first's size: centre-cropped to its aspect, then bilinear.
             second = _scale_image(second, first.shape[2], first.shape[1], "bilinear", "center")
         if first.shape[-1] != second.shape[-1]:
-            raise ValueError(f"ImageBatch: images have {first.shape[-1]} and {second.shape[-1]} channels")
+            raise InputError("image2", f"has {second.shape[-1]} channels, image1 has {first.shape[-1]}")
         return (torch.cat((first, second), dim=0),)
 
 
@@ -266,7 +262,7 @@ class EmptyImage(Node):
     batch_size: Annotated[int, Int(min=1, max=4096)] = 1
     color: Annotated[int, Int(min=0, max=0xFFFFFF, step=1, display="color")] = 0
 
-    def run(self, ctx):
+    def run(self, ctx: RunContext):
         rgb = [((self.color >> shift) & 0xFF) / 0xFF for shift in (16, 8, 0)]
         return (torch.tensor(rgb, dtype=torch.float32).expand(self.batch_size, self.height, self.width, 3).clone(),)
 
@@ -305,8 +301,8 @@ class ImagePadForOutpaint(Node):
     bottom: Annotated[int, Int(min=0, max=MAX_RESOLUTION, step=8)] = 0
     feathering: Annotated[int, Int(min=0, max=MAX_RESOLUTION, step=1)] = 40
 
-    def run(self, ctx):
-        image = _image(self.image, "ImagePadForOutpaint")
+    def run(self, ctx: RunContext):
+        image = self.image
         batch, height, width, channels = image.shape
         new_height, new_width = height + self.top + self.bottom, width + self.left + self.right
         padded = torch.full((batch, new_height, new_width, channels), 0.5, dtype=torch.float32)
@@ -328,8 +324,8 @@ class ImageCrop(Node):
     x: Annotated[int, Int(min=0, max=MAX_RESOLUTION, step=1)] = 0
     y: Annotated[int, Int(min=0, max=MAX_RESOLUTION, step=1)] = 0
 
-    def run(self, ctx):
-        image = _image(self.image, "ImageCrop")
+    def run(self, ctx: RunContext):
+        image = self.image
         x = min(self.x, image.shape[2] - 1)
         y = min(self.y, image.shape[1] - 1)
         return (image[:, y:y + self.height, x:x + self.width, :],)

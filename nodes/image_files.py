@@ -19,6 +19,8 @@ import torch
 from PIL import Image, ImageOps, ImageSequence
 from PIL.PngImagePlugin import PngInfo
 
+from latentloom.engine.files import atomic_writer
+
 ANNOTATIONS = ("input", "output", "temp")
 # Multi-picture formats whose extra frames are not animation frames (ComfyUI keeps only the first).
 SINGLE_FRAME_FORMATS = ("MPO",)
@@ -162,7 +164,7 @@ class SaveTarget:
     subfolder: str      # folder relative to the type root, '/'-separated ('' for the root)
 
 
-def _existing_counter(name: str, basename: str) -> int | None:
+def existing_counter(name: str, basename: str) -> int | None:
     """N for files named '<basename>_N...' (N non-numeric -> 0); None when the name belongs to another prefix."""
     if not (name.startswith(basename) and name[len(basename):len(basename) + 1] == "_"):
         return None
@@ -170,6 +172,15 @@ def _existing_counter(name: str, basename: str) -> int | None:
         return int(name[len(basename) + 1:].split("_")[0])
     except ValueError:
         return 0
+
+
+def next_counter(folder: Path, basename: str) -> int:
+    """1 + the largest N among files '<basename>_N...' in `folder` (1 when there are none): ComfyUI's rule,
+    shared with the server's commit of Ray workers' files (server.outputs_commit)."""
+    if not folder.is_dir():
+        return 1
+    counters = [c for c in (existing_counter(p.name, basename) for p in folder.iterdir()) if c is not None]
+    return max(counters) + 1 if counters else 1
 
 
 def save_target(root: Path, prefix: str, width: int = 0, height: int = 0) -> SaveTarget:
@@ -185,13 +196,9 @@ def save_target(root: Path, prefix: str, width: int = 0, height: int = 0) -> Sav
     folder = Path(os.path.abspath(os.path.join(root, subfolder)))
     if os.path.commonpath((root, folder)) != str(root) or not basename or basename in (".", ".."):
         raise ValueError(f"saving outside the output folder is not allowed (filename_prefix '{prefix}')")
-    counters = []
-    if folder.is_dir():
-        counters = [c for c in (_existing_counter(p.name, basename) for p in folder.iterdir()) if c is not None]
-    else:
-        folder.mkdir(parents=True, exist_ok=True)
-    return SaveTarget(folder, basename, max(counters) + 1 if counters else 1, Path(subfolder).as_posix()
-                      if subfolder else "")
+    counter = next_counter(folder, basename)
+    folder.mkdir(parents=True, exist_ok=True)
+    return SaveTarget(folder, basename, counter, Path(subfolder).as_posix() if subfolder else "")
 
 
 def png_metadata(prompt: Any, extra_pnginfo: dict | None) -> PngInfo:
@@ -219,7 +226,8 @@ def save_images(images: torch.Tensor, root: Path, prefix: str, kind: str, compre
         pixels = to_uint8(image)
         pil = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
         name = f"{target.basename.replace('%batch_num%', str(batch_number))}_{counter:05}_.png"
-        pil.save(target.folder / name, pnginfo=metadata, compress_level=compress_level)
+        with atomic_writer(target.folder / name) as handle:  # a killed run leaves no partial PNG in sight
+            pil.save(handle, format="PNG", pnginfo=metadata, compress_level=compress_level)
         results.append({"filename": name, "subfolder": target.subfolder, "type": kind})
         counter += 1
     return results

@@ -11,18 +11,13 @@ from typing import Annotated, Any
 
 import torch
 
-from latentloom.engine.node import Node
+from latentloom.engine.inputs import InputError
+from latentloom.engine.node import Node, RunContext
 from latentloom.engine.types import LATENT, MASK, Combo, Float, Int, Output, Socket
 
 from .diffusion.resize import CROP_METHODS, LATENT_UPSCALE_METHODS, common_upscale
 
 MAX_RESOLUTION = 16384
-
-
-def _samples(latent: Any, node: str, input_name: str = "samples") -> torch.Tensor:
-    if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
-        raise ValueError(f"{node}: input '{input_name}' must be a LATENT (a dict with a 'samples' tensor)")
-    return latent["samples"]
 
 
 def _masks_per_item(masks: torch.Tensor, count: int) -> torch.Tensor:
@@ -44,7 +39,7 @@ class EmptyLatentImage(Node):
                                tooltip="The height of the latent images in pixels.")] = 512
     batch_size: Annotated[int, Int(min=1, max=4096, tooltip="The number of latent images in the batch.")] = 1
 
-    def run(self, ctx):
+    def run(self, ctx: RunContext):
         samples = torch.zeros(self.batch_size, 4, self.height // 8, self.width // 8, dtype=torch.float32)
         return ({"samples": samples},)
 
@@ -60,8 +55,8 @@ class LatentUpscale(Node):
     height: Annotated[int, Int(min=0, max=MAX_RESOLUTION, step=8)] = 512
     crop: Annotated[str, Combo(CROP_METHODS)] = "disabled"
 
-    def run(self, ctx):
-        samples = _samples(self.samples, "LatentUpscale")
+    def run(self, ctx: RunContext):
+        samples = self.samples["samples"]
         width, height = self.width, self.height
         if width == 0 and height == 0:
             return (self.samples,)
@@ -88,12 +83,12 @@ class LatentUpscaleBy(Node):
     upscale_method: Annotated[str, Combo(LATENT_UPSCALE_METHODS)] = "nearest-exact"
     scale_by: Annotated[float, Float(min=0.01, max=8.0, step=0.01)] = 1.5
 
-    def run(self, ctx):
-        samples = _samples(self.samples, "LatentUpscaleBy")
+    def run(self, ctx: RunContext):
+        samples = self.samples["samples"]
         width = round(samples.shape[-1] * self.scale_by)
         height = round(samples.shape[-2] * self.scale_by)
         if width < 1 or height < 1:
-            raise ValueError(f"LatentUpscaleBy: scale_by {self.scale_by} makes the latent empty")
+            raise InputError("scale_by", f"{self.scale_by} makes the latent empty")
         out = dict(self.samples)
         out["samples"] = common_upscale(samples, width, height, self.upscale_method, "disabled")
         return (out,)
@@ -107,8 +102,7 @@ class SetLatentNoiseMask(Node):
     samples: Annotated[Any, Socket(LATENT)]
     mask: Annotated[Any, Socket(MASK)]
 
-    def run(self, ctx):
-        _samples(self.samples, "SetLatentNoiseMask")
+    def run(self, ctx: RunContext):
         out = dict(self.samples)
         out["noise_mask"] = self.mask.reshape(-1, 1, self.mask.shape[-2], self.mask.shape[-1])
         return (out,)
@@ -123,8 +117,8 @@ class LatentFromBatch(Node):
     batch_index: Annotated[int, Int(min=0, max=63)] = 0
     length: Annotated[int, Int(min=1, max=64)] = 1
 
-    def run(self, ctx):
-        samples = _samples(self.samples, "LatentFromBatch")
+    def run(self, ctx: RunContext):
+        samples = self.samples["samples"]
         count = samples.shape[0]
         start = min(count - 1, self.batch_index)
         length = min(count - start, self.length)
@@ -152,8 +146,8 @@ class RepeatLatentBatch(Node):
     samples: Annotated[Any, Socket(LATENT)]
     amount: Annotated[int, Int(min=1, max=64)] = 1
 
-    def run(self, ctx):
-        samples = _samples(self.samples, "RepeatLatentBatch")
+    def run(self, ctx: RunContext):
+        samples = self.samples["samples"]
         out = dict(self.samples)
         out["samples"] = samples.repeat(self.amount, 1, 1, 1)
         masks = self.samples.get("noise_mask")
@@ -178,9 +172,9 @@ class LatentComposite(Node):
     y: Annotated[int, Int(min=0, max=MAX_RESOLUTION, step=8)] = 0
     feather: Annotated[int, Int(min=0, max=MAX_RESOLUTION, step=8)] = 0
 
-    def run(self, ctx):
-        target = _samples(self.samples_to, "LatentComposite", "samples_to")
-        source = _samples(self.samples_from, "LatentComposite", "samples_from")
+    def run(self, ctx: RunContext):
+        target = self.samples_to["samples"]
+        source = self.samples_from["samples"]
         x, y, feather = self.x // 8, self.y // 8, self.feather // 8
         result = target.clone()
         # The pasted part is clipped to the target's extent.

@@ -1,6 +1,6 @@
 """Model loader nodes with ComfyUI's class names, inputs and outputs.
 
-Every load goes through the model memory manager (env.services["models"]) under an identity key made of the
+Every load goes through the model memory manager (ctx.models) under an identity key made of the
 resolved path, size and modification time (plus options that change what is built), so two loader nodes on the
 same file share one set of networks, and a file replaced on disk is loaded afresh.
 """
@@ -8,9 +8,11 @@ same file share one set of networks, and a file replaced on disk is loaded afres
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
-from latentloom.engine.node import Node
+from latentloom.engine.environment import Environment
+from latentloom.engine.inputs import InputError, MissingInputFile
+from latentloom.engine.node import Node, RunContext
 from latentloom.engine.types import CLIP, MODEL, VAE, Combo, Output
 
 from .diffusion import checkpoint
@@ -23,7 +25,6 @@ from .model_files import (
     model_choices,
     model_fingerprint,
     model_key,
-    model_manager,
     times_dropped,
 )
 
@@ -46,21 +47,20 @@ class CheckpointLoaderSimple(Node):
                                     tooltip="The name of the checkpoint (model) to load.")]
 
     @classmethod
-    def fingerprint(cls, env, constants):
+    def fingerprint(cls, env: Environment, constants: dict[str, Any]) -> Any:
         return model_fingerprint(env, "checkpoints", constants.get("ckpt_name"), "checkpoint")
 
-    def run(self, ctx):
-        node = type(self).__name__
-        path = locate_model(ctx, node, "ckpt_name", "checkpoints", self.ckpt_name)
-        manager = model_manager(ctx)
-        loaded = load_model(ctx, node, "ckpt_name", self.ckpt_name, model_key("checkpoint", file_identity(path)),
-                       lambda: checkpoint.load_checkpoint(path, manager))
+    def run(self, ctx: RunContext):
+        path = locate_model(ctx, "ckpt_name", "checkpoints", self.ckpt_name)
+        manager = ctx.models
+        loaded = load_model(ctx, "ckpt_name", self.ckpt_name, model_key("checkpoint", file_identity(path)),
+                            lambda: checkpoint.load_checkpoint(path, manager))
         for note in loaded.detected.notes:
-            ctx.warn(f"{node}: {self.ckpt_name}: {note}")
+            ctx.warn(f"{self.ckpt_name}: {note}")
         if loaded.clip is None:
-            ctx.warn(f"{node}: {self.ckpt_name} contains no text encoder; its CLIP output is empty")
+            ctx.warn(f"{self.ckpt_name} contains no text encoder; its CLIP output is empty")
         if loaded.vae is None:
-            ctx.warn(f"{node}: {self.ckpt_name} contains no VAE; its VAE output is empty")
+            ctx.warn(f"{self.ckpt_name} contains no VAE; its VAE output is empty")
         return (loaded.model, loaded.clip, loaded.vae)
 
 
@@ -77,17 +77,16 @@ class VAELoader(Node):
     vae_name: Annotated[str, Combo(model_choices("vae"))]
 
     @classmethod
-    def fingerprint(cls, env, constants):
+    def fingerprint(cls, env: Environment, constants: dict[str, Any]) -> Any:
         name = constants.get("vae_name")
         return model_fingerprint(env, "vae", name, "vae", _vae_family(name if isinstance(name, str) else ""))
 
-    def run(self, ctx):
-        node = type(self).__name__
-        path = locate_model(ctx, node, "vae_name", "vae", self.vae_name)
-        manager = model_manager(ctx)
+    def run(self, ctx: RunContext):
+        path = locate_model(ctx, "vae_name", "vae", self.vae_name)
+        manager = ctx.models
         family = _vae_family(self.vae_name)
-        vae = load_model(ctx, node, "vae_name", self.vae_name, model_key("vae", file_identity(path), family),
-                    lambda: checkpoint.load_vae_file(path, manager, family))
+        vae = load_model(ctx, "vae_name", self.vae_name, model_key("vae", file_identity(path), family),
+                         lambda: checkpoint.load_vae_file(path, manager, family))
         return (vae,)
 
 
@@ -99,24 +98,23 @@ class UNETLoader(Node):
     weight_dtype: Annotated[str, Combo(UNET_WEIGHT_DTYPES)] = "default"
 
     @classmethod
-    def fingerprint(cls, env, constants):
+    def fingerprint(cls, env: Environment, constants: dict[str, Any]) -> Any:
         return model_fingerprint(env, "unet", constants.get("unet_name"), "unet")
 
-    def run(self, ctx):
-        node = type(self).__name__
-        path = locate_model(ctx, node, "unet_name", "unet", self.unet_name)
-        manager = model_manager(ctx)
+    def run(self, ctx: RunContext):
+        path = locate_model(ctx, "unet_name", "unet", self.unet_name)
+        manager = ctx.models
         if self.weight_dtype != "default":
-            ctx.warn(f"{node}: weight_dtype {self.weight_dtype} (fp8 storage) is not supported; "
+            ctx.warn(f"weight_dtype {self.weight_dtype} (fp8 storage) is not supported; "
                      f"loading in {manager.dtype_for('diffusion')}")
-        model = load_model(ctx, node, "unet_name", self.unet_name, model_key("unet", file_identity(path)),
-                      lambda: checkpoint.load_unet_file(path, manager))
+        model = load_model(ctx, "unet_name", self.unet_name, model_key("unet", file_identity(path)),
+                           lambda: checkpoint.load_unet_file(path, manager))
         return (model,)
 
 
-def _clip_type_supported(node: str, clip_type: str) -> None:
+def _clip_type_supported(clip_type: str) -> None:
     if clip_type not in SUPPORTED_CLIP_TYPES:
-        raise ValueError(f"{node}: input 'type': {clip_type!r} text encoders are not supported "
+        raise InputError("type", f"{clip_type!r} text encoders are not supported "
                          f"(supported: {', '.join(sorted(SUPPORTED_CLIP_TYPES))})")
 
 
@@ -131,16 +129,15 @@ class CLIPLoader(Node):
     device: Annotated[str, Combo(["default", "cpu"], optional=True, advanced=True)] = "default"
 
     @classmethod
-    def fingerprint(cls, env, constants):
+    def fingerprint(cls, env: Environment, constants: dict[str, Any]) -> Any:
         return model_fingerprint(env, "clip", constants.get("clip_name"), "clip", constants.get("type"))
 
-    def run(self, ctx):
-        node = type(self).__name__
-        _clip_type_supported(node, self.type)
-        path = locate_model(ctx, node, "clip_name", "clip", self.clip_name)
-        manager = model_manager(ctx)
-        clip = load_model(ctx, node, "clip_name", self.clip_name, model_key("clip", file_identity(path), self.type),
-                     lambda: checkpoint.load_clip_files([path], self.type, manager))
+    def run(self, ctx: RunContext):
+        _clip_type_supported(self.type)
+        path = locate_model(ctx, "clip_name", "clip", self.clip_name)
+        manager = ctx.models
+        clip = load_model(ctx, "clip_name", self.clip_name, model_key("clip", file_identity(path), self.type),
+                          lambda: checkpoint.load_clip_files([path], self.type, manager))
         return (clip,)
 
 
@@ -155,7 +152,7 @@ class DualCLIPLoader(Node):
     device: Annotated[str, Combo(["default", "cpu"], optional=True, advanced=True)] = "default"
 
     @classmethod
-    def fingerprint(cls, env, constants):
+    def fingerprint(cls, env: Environment, constants: dict[str, Any]) -> Any:
         first = find_model_file(env, "clip", constants.get("clip_name1"))
         second = find_model_file(env, "clip", constants.get("clip_name2"))
         if first is None or second is None:
@@ -163,16 +160,15 @@ class DualCLIPLoader(Node):
         identity = file_identity(first) + file_identity(second)
         return [identity, times_dropped(env, model_key("dual_clip", identity, constants.get("type")))]
 
-    def run(self, ctx):
-        node = type(self).__name__
-        _clip_type_supported(node, self.type)
-        first = locate_model(ctx, node, "clip_name1", "clip", self.clip_name1)
-        second = locate_model(ctx, node, "clip_name2", "clip", self.clip_name2)
-        manager = model_manager(ctx)
+    def run(self, ctx: RunContext):
+        _clip_type_supported(self.type)
+        first = locate_model(ctx, "clip_name1", "clip", self.clip_name1)
+        second = locate_model(ctx, "clip_name2", "clip", self.clip_name2)
+        manager = ctx.models
         names = f"{self.clip_name1}, {self.clip_name2}"
         key = model_key("dual_clip", file_identity(first) + file_identity(second), self.type)
-        clip = load_model(ctx, node, "clip_name1/clip_name2", names, key,
-                     lambda: checkpoint.load_clip_files([first, second], self.type, manager))
+        clip = load_model(ctx, "clip_name1/clip_name2", names, key,
+                          lambda: checkpoint.load_clip_files([first, second], self.type, manager))
         return (clip,)
 
 
@@ -183,19 +179,18 @@ class DiffusersLoader(Node):
     model_path: Annotated[str, Combo(model_choices("diffusers"))]
 
     @classmethod
-    def fingerprint(cls, env, constants):
+    def fingerprint(cls, env: Environment, constants: dict[str, Any]) -> Any:
         return model_fingerprint(env, "diffusers", constants.get("model_path"), "diffusers")
 
-    def run(self, ctx):
-        node = type(self).__name__
-        path = locate_model(ctx, node, "model_path", "diffusers", self.model_path)
-        manager = model_manager(ctx)
+    def run(self, ctx: RunContext):
+        path = locate_model(ctx, "model_path", "diffusers", self.model_path)
+        manager = ctx.models
         index = path / "model_index.json"
         if not index.is_file():
-            raise FileNotFoundError(f"{node}: input 'model_path' ({self.model_path}): no model_index.json in {path}")
+            raise MissingInputFile("model_path", f"{self.model_path}: no model_index.json in {path}")
         key = model_key("diffusers", folder_identity(path, index))
-        loaded = load_model(ctx, node, "model_path", self.model_path, key,
-                       lambda: checkpoint.load_diffusers_folder(path, manager))
+        loaded = load_model(ctx, "model_path", self.model_path, key,
+                            lambda: checkpoint.load_diffusers_folder(path, manager))
         return (loaded.model, loaded.clip, loaded.vae)
 
 

@@ -13,7 +13,9 @@ from typing import Annotated, Any
 
 import torch
 
-from latentloom.engine.node import Node
+from latentloom.engine.environment import Environment
+from latentloom.engine.inputs import InputError
+from latentloom.engine.node import Node, RunContext
 from latentloom.engine.types import CLIP, MODEL, Combo, Float, Output, Socket
 
 from .diffusion import lora as lora_math
@@ -44,26 +46,27 @@ class LoraTensors(torch.nn.Module):
 
 
 def read_lora_file(path: Path) -> LoraTensors:
+    tensors = read_state_dict(path)  # first: it turns a damaged file into a ModelFileError naming the file
     metadata: dict[str, Any] = {}
     if path.suffix.lower() == ".safetensors":
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             metadata = lora_math.read_adapter_metadata(handle.metadata())
-    return LoraTensors(read_state_dict(path), metadata, str(path))
+    return LoraTensors(tensors, metadata, str(path))
 
 
-def load_lora(ctx: Any, node: str, lora_name: str) -> LoraTensors:
-    path = locate_model(ctx, node, "lora_name", "loras", lora_name)
+def load_lora(ctx: RunContext, lora_name: str) -> LoraTensors:
+    path = locate_model(ctx, "lora_name", "loras", lora_name)
     key = model_key("lora", file_identity(path))
-    return load_model(ctx, node, "lora_name", lora_name, key, lambda: read_lora_file(path))
+    return load_model(ctx, "lora_name", lora_name, key, lambda: read_lora_file(path))
 
 
 def _shown(keys: list[str]) -> str:
     return ", ".join(keys[:SHOWN_KEYS]) + (f" (+{len(keys) - SHOWN_KEYS} more)" if len(keys) > SHOWN_KEYS else "")
 
 
-def apply_lora(ctx: Any, node: str, lora_name: str, lora_file: LoraTensors, model: DiffusionModel | None,
+def apply_lora(ctx: RunContext, lora_name: str, lora_file: LoraTensors, model: DiffusionModel | None,
                clip: ClipModel | None, strength_model: float, strength_clip: float) \
         -> tuple[DiffusionModel | None, ClipModel | None]:
     """Clones of model / clip with the file's adapters at the given strengths (strength 0: left as they are)."""
@@ -72,16 +75,19 @@ def apply_lora(ctx: Any, node: str, lora_name: str, lora_file: LoraTensors, mode
         key_map.update(lora_math.key_map_unet(model.unet))
     if clip is not None:
         key_map.update(lora_math.key_map_clip(clip.encoders, clip.family))
-    parsed = lora_math.parse_lora(lora_file.tensors(), key_map, lora_file.metadata,
-                                  () if clip is not None else TEXT_ENCODER_PREFIXES)
-    where = f"{node}: input 'lora_name' ({lora_name})"
+    try:
+        parsed = lora_math.parse_lora(lora_file.tensors(), key_map, lora_file.metadata,
+                                      () if clip is not None else TEXT_ENCODER_PREFIXES)
+    except lora_math.LoraFormatError as error:
+        raise InputError("lora_name", f"{lora_name}: not a usable LoRA file: {error}") from error
     if not parsed.adapters:
         family = model.family if model is not None else clip.family if clip is not None else "?"
         found = parsed.unmatched + parsed.ignored
         if parsed.unmatched or not found:
-            raise ValueError(f"{where}: none of its {len(found)} adapted layers match this {family} model "
-                             f"(e.g. {_shown(found) or 'no LoRA tensors at all'}); the LoRA is for another "
-                             f"architecture or is not a LoRA file")
+            raise InputError("lora_name", f"{lora_name}: none of its {len(found)} adapted layers match this "
+                             f"{family} model (e.g. {_shown(found) or 'no LoRA tensors at all'}); the LoRA is for "
+                             f"another architecture or is not a LoRA file")
+    where = f"input 'lora_name' ({lora_name})"
     if parsed.unmatched:
         ctx.warn(f"{where}: {len(parsed.unmatched)} LoRA keys match no layer and were not loaded: "
                  f"{_shown(parsed.unmatched)}")
@@ -99,14 +105,10 @@ def apply_lora(ctx: Any, node: str, lora_name: str, lora_file: LoraTensors, mode
         try:
             patch.check(target.unet if owner == "model" else target.encoders)
         except lora_math.LoraFormatError as error:
-            raise ValueError(f"{where}: does not fit this {target.family} model: {error}") from error
+            raise InputError("lora_name", f"{lora_name}: does not fit this {target.family} model: {error}") \
+                from error
         results.append(lora_math.attach(target, patch))
     return results[0], results[1]
-
-
-def _require(node: str, name: str, value: Any, kind: type) -> None:
-    if not isinstance(value, kind):
-        raise ValueError(f"{node}: input '{name}' is not a {kind.__name__} (got {type(value).__name__})")
 
 
 class LoraLoader(Node):
@@ -123,17 +125,14 @@ class LoraLoader(Node):
     strength_clip: Annotated[float, STRENGTH] = 1.0
 
     @classmethod
-    def fingerprint(cls, env, constants):
+    def fingerprint(cls, env: Environment, constants: dict[str, Any]) -> Any:
         return model_fingerprint(env, "loras", constants.get("lora_name"), "lora")
 
-    def run(self, ctx):
-        node = type(self).__name__
+    def run(self, ctx: RunContext):
         if self.strength_model == 0 and self.strength_clip == 0:
             return (self.model, self.clip)
-        _require(node, "model", self.model, DiffusionModel)
-        _require(node, "clip", self.clip, ClipModel)
-        lora_file = load_lora(ctx, node, self.lora_name)
-        return apply_lora(ctx, node, self.lora_name, lora_file, self.model, self.clip, self.strength_model,
+        lora_file = load_lora(ctx, self.lora_name)
+        return apply_lora(ctx, self.lora_name, lora_file, self.model, self.clip, self.strength_model,
                           self.strength_clip)
 
 
@@ -147,16 +146,14 @@ class LoraLoaderModelOnly(Node):
     strength_model: Annotated[float, STRENGTH] = 1.0
 
     @classmethod
-    def fingerprint(cls, env, constants):
+    def fingerprint(cls, env: Environment, constants: dict[str, Any]) -> Any:
         return model_fingerprint(env, "loras", constants.get("lora_name"), "lora")
 
-    def run(self, ctx):
-        node = type(self).__name__
+    def run(self, ctx: RunContext):
         if self.strength_model == 0:
             return (self.model,)
-        _require(node, "model", self.model, DiffusionModel)
-        lora_file = load_lora(ctx, node, self.lora_name)
-        model, _ = apply_lora(ctx, node, self.lora_name, lora_file, self.model, None, self.strength_model, 0.0)
+        lora_file = load_lora(ctx, self.lora_name)
+        model, _ = apply_lora(ctx, self.lora_name, lora_file, self.model, None, self.strength_model, 0.0)
         return (model,)
 
 

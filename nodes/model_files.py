@@ -7,22 +7,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from latentloom.engine.environment import Environment
+from latentloom.engine.inputs import InputError, MissingInputFile
+from latentloom.engine.memory import ModelManager
+from latentloom.engine.node import RunContext
+
 from .diffusion import checkpoint
 
 
-def model_choices(folder: str) -> Callable[[Any], list[str]]:
+def model_choices(folder: str) -> Callable[[Environment | None], list[str]]:
     return lambda env: env.list_models(folder) if env is not None else []
-
-
-def model_manager(ctx: Any) -> Any:
-    """The shared model memory manager; created on first use when the engine did not install one."""
-    env = ctx.env
-    manager = env.services.get("models")
-    if manager is None:
-        from latentloom.engine.memory import ModelManager
-
-        manager = env.services.setdefault("models", ModelManager())
-    return manager
 
 
 def file_identity(path: Path) -> tuple[str, int, int]:
@@ -40,7 +36,7 @@ def folder_identity(path: Path, index: Path) -> tuple[str, int, int]:
     return str(path.resolve()), stat.st_size, stat.st_mtime_ns
 
 
-def find_model_file(env: Any, folder: str, name: Any) -> Path | None:
+def find_model_file(env: Environment | None, folder: str, name: Any) -> Path | None:
     if env is None or not isinstance(name, str):
         return None
     try:
@@ -49,12 +45,12 @@ def find_model_file(env: Any, folder: str, name: Any) -> Path | None:
         return None
 
 
-def times_dropped(env: Any, key: tuple) -> int:
-    manager = env.services.get("models")
+def times_dropped(env: Environment, key: tuple) -> int:
+    manager = env.find_service(ModelManager)
     return manager.times_dropped(key) if manager is not None else 0
 
 
-def model_fingerprint(env: Any, folder: str, name: Any, kind: str, *options: Any) -> Any:
+def model_fingerprint(env: Environment | None, folder: str, name: Any, kind: str, *options: Any) -> Any:
     """Size and mtime of the named file, and how often the memory manager dropped its models: the output cache
     re-runs the loader when the file changes or when the weights its cached outputs hold were evicted."""
     path = find_model_file(env, folder, name)
@@ -70,21 +66,28 @@ def model_fingerprint(env: Any, folder: str, name: Any, kind: str, *options: Any
     return [identity[1:], times_dropped(env, model_key(kind, identity, *options))]
 
 
-def locate_model(ctx: Any, node: str, input_name: str, folder: str, name: str) -> Path:
+def locate_model(ctx: RunContext, input_name: str, folder: str, name: str) -> Path:
     if not name:
-        raise ValueError(f"{node}: input '{input_name}' is empty; choose a file from models/{folder}")
+        raise InputError(input_name, f"is empty; choose a file from models/{folder}")
     try:
         return ctx.env.find_model(folder, name)
     except FileNotFoundError as error:
-        raise FileNotFoundError(f"{node}: input '{input_name}': {error}") from error
+        raise MissingInputFile(input_name, str(error)) from error
 
 
-def load_model(ctx: Any, node: str, input_name: str, name: str, key: tuple, loader: Callable[[], Any]) -> Any:
-    """Load through the manager; file and architecture errors are re-raised naming the node input and file."""
+def load_model(ctx: RunContext, input_name: str, name: str, key: tuple, loader: Callable[[], Any]) -> Any:
+    """Load through the manager; file and architecture errors are re-raised naming the input and the file."""
     try:
-        return model_manager(ctx).get_or_load(key, loader)
+        return ctx.models.get_or_load(key, loader)
     except (FileNotFoundError, checkpoint.ModelFileError, ValueError) as error:
         detail = str(error)
-        where = f"input '{input_name}'" if Path(name).name in detail else f"input '{input_name}' ({name})"
-        kind = FileNotFoundError if isinstance(error, FileNotFoundError) else ValueError
-        raise kind(f"{node}: {where}: {detail}") from error
+        if Path(name).name not in detail:
+            detail = f"{name}: {detail}"
+        kind = MissingInputFile if isinstance(error, FileNotFoundError) else InputError
+        raise kind(input_name, detail) from error
+    except (KeyError, RuntimeError) as error:  # e.g. tensors of the wrong shapes for the architecture
+        if isinstance(error, torch.OutOfMemoryError):
+            raise
+        first_line = (str(error).strip().splitlines() or [""])[0][:300]
+        raise InputError(input_name, f"{name}: the file does not fit this loader ({type(error).__name__}: "
+                                     f"{first_line})") from error

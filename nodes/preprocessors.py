@@ -4,17 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from latentloom.engine.node import Node
+from latentloom.engine.inputs import InputError
+from latentloom.engine.node import Node, RunContext
 from latentloom.engine.types import IMAGE, Float, Output, Socket
 
 from .diffusion.canny import canny_edges
 
 THRESHOLD = Float(min=0.01, max=0.99, step=0.01)
-
-
-def _compute_device(ctx: Any) -> Any:
-    manager = getattr(getattr(ctx, "env", None), "services", {}).get("models")
-    return getattr(manager, "device", None)
 
 
 class Canny(Node):
@@ -26,15 +22,14 @@ class Canny(Node):
     low_threshold: Annotated[float, THRESHOLD] = 0.4
     high_threshold: Annotated[float, THRESHOLD] = 0.8
 
-    def run(self, ctx):
-        node = type(self).__name__
+    def run(self, ctx: RunContext):
         if self.low_threshold > self.high_threshold:
-            raise ValueError(f"{node}: input 'low_threshold' ({self.low_threshold}) must not exceed "
-                             f"'high_threshold' ({self.high_threshold})")
+            raise InputError("low_threshold", f"{self.low_threshold} must not exceed 'high_threshold' "
+                             f"({self.high_threshold})")
         try:
-            return (canny_edges(self.image, self.low_threshold, self.high_threshold, _compute_device(ctx)),)
+            return (canny_edges(self.image, self.low_threshold, self.high_threshold, ctx.models.device),)
         except ValueError as error:
-            raise ValueError(f"{node}: input 'image': {error}") from error
+            raise InputError("image", str(error)) from error
 
 
 NODES = [Canny]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Annotated
 
-from latentloom.engine.node import Node
+from latentloom.engine.node import Node, RunContext
 from latentloom.engine.types import BOOLEAN, FLOAT, INT, STRING, Boolean, Float, Int, Output, String
 
 
@@ -16,7 +16,7 @@ class PrimitiveString(Node):
 
     value: Annotated[str, String()] = ""
 
-    def run(self, ctx):
+    def run(self, ctx: RunContext):
         return (self.value,)
 
 
@@ -27,7 +27,7 @@ class PrimitiveStringMultiline(Node):
 
     value: Annotated[str, String(multiline=True)] = ""
 
-    def run(self, ctx):
+    def run(self, ctx: RunContext):
         return (self.value,)
 
 
@@ -38,7 +38,7 @@ class PrimitiveInt(Node):
 
     value: Annotated[int, Int(min=-sys.maxsize, max=sys.maxsize, control_after_generate=True)] = 0
 
-    def run(self, ctx):
+    def run(self, ctx: RunContext):
         return (int(self.value),)
 
 
@@ -49,7 +49,7 @@ class PrimitiveFloat(Node):
 
     value: Annotated[float, Float(min=-sys.maxsize, max=sys.maxsize)] = 0.0
 
-    def run(self, ctx):
+    def run(self, ctx: RunContext):
         return (float(self.value),)
 
 
@@ -60,7 +60,7 @@ class PrimitiveBoolean(Node):
 
     value: Annotated[bool, Boolean()] = False
 
-    def run(self, ctx):
+    def run(self, ctx: RunContext):
         return (bool(self.value),)
 
 

@@ -12,7 +12,8 @@ from typing import Annotated, Any
 
 import torch
 
-from latentloom.engine.node import Node
+from latentloom.engine.inputs import InputError
+from latentloom.engine.node import Node, RunContext
 from latentloom.engine.types import (
     CONDITIONING,
     GUIDER,
@@ -67,29 +68,15 @@ class NoNoise:
         return torch.zeros(latent["samples"].shape, dtype=torch.float32)
 
 
-# --- input checks --------------------------------------------------------------------------------------------
+# --- input checks (the socket value checks in socket_values ran before; these compare inputs with each other) ---
 
-def _check_model(model: Any, node: str, name: str = "model") -> DiffusionModel:
-    if not isinstance(model, DiffusionModel):
-        raise ValueError(f"{node}: input '{name}' must be a MODEL (got {type(model).__name__})")
-    return model
-
-
-def _check_latent(latent: Any, node: str, name: str = "latent_image") -> dict:
-    if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
-        raise ValueError(f"{node}: input '{name}' must be a LATENT (a dict with a 'samples' tensor)")
-    if latent["samples"].ndim != 4:
-        raise ValueError(f"{node}: input '{name}' samples must be [batch, channels, height, width]")
-    return latent
-
-
-def _check_channels(latent: dict, model: DiffusionModel, node: str, name: str = "latent_image") -> dict:
+def _check_channels(latent: dict, model: DiffusionModel, name: str = "latent_image") -> dict:
     """The latent must have the model's latent channel count (inpainting UNets take their extra channels from
     the conditioning, not from the latent)."""
     channels, expected = latent["samples"].shape[1], model.latent_format.channels
     if channels != expected:
-        raise ValueError(f"{node}: input '{name}' has {channels} channels, but this {model.family} model works "
-                         f"on {expected}-channel latents (a latent made for another model family?)")
+        raise InputError(name, f"has {channels} channels, but this {model.family} model works on "
+                         f"{expected}-channel latents (a latent made for another model family?)")
     return latent
 
 
@@ -100,39 +87,24 @@ def _context_width(model: DiffusionModel) -> int | None:
     return width if isinstance(width, int) else None
 
 
-def _check_conditioning(conditioning: Any, node: str, name: str, model: DiffusionModel) -> list:
-    if not isinstance(conditioning, list) or not all(
-            isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[0], torch.Tensor)
-            and isinstance(pair[1], dict) for pair in conditioning):
-        raise ValueError(f"{node}: input '{name}' must be CONDITIONING (a list of [tensor, dict] pairs)")
+def _check_context_width(conditioning: list, name: str, model: DiffusionModel) -> list:
     expected = _context_width(model)
     for tensor, _ in conditioning:
         if expected is not None and tensor.shape[-1] != expected:
-            raise ValueError(f"{node}: input '{name}' holds {tensor.shape[-1]}-wide text embeddings, but this "
-                             f"{model.family} model takes {expected}-wide ones (encoded with another model's CLIP?)")
+            raise InputError(name, f"holds {tensor.shape[-1]}-wide text embeddings, but this {model.family} model "
+                             f"takes {expected}-wide ones (encoded with another model's CLIP?)")
     return conditioning
 
 
-def _check_choice(value: str, choices: tuple[str, ...], node: str, name: str) -> str:
+def _check_choice(value: str, choices: tuple[str, ...], name: str) -> str:
     if value not in choices:
-        raise ValueError(f"{node}: input '{name}' is '{value}', not one of: {', '.join(choices)}")
+        raise InputError(name, f"is '{value}', not one of: {', '.join(choices)}")
     return value
-
-
-def _check_sigmas(sigmas: Any, node: str) -> torch.Tensor:
-    if not isinstance(sigmas, torch.Tensor) or sigmas.ndim != 1:
-        raise ValueError(f"{node}: input 'sigmas' must be SIGMAS (a 1-D tensor)")
-    return sigmas
 
 
 # --- the shared run ------------------------------------------------------------------------------------------
 
-def _manager(ctx: Any) -> Any:
-    env = getattr(ctx, "env", None)
-    return env.services.get("models") if env is not None else None
-
-
-def _progress_callback(ctx: Any, model: DiffusionModel, x0_sink: dict | None = None) -> Callable:
+def _progress_callback(ctx: RunContext, model: DiffusionModel, x0_sink: dict | None = None) -> Callable:
     def report(step: int, denoised: torch.Tensor, x: torch.Tensor, total: int) -> None:
         if x0_sink is not None:
             x0_sink["x0"] = denoised
@@ -142,26 +114,25 @@ def _progress_callback(ctx: Any, model: DiffusionModel, x0_sink: dict | None = N
     return report
 
 
-def _sample(ctx: Any, guider: Guider, noise: torch.Tensor, latent: dict, sampler: Sampler, sigmas: torch.Tensor,
+def _sample(ctx: RunContext, guider: Guider, noise: torch.Tensor, latent: dict, sampler: Sampler, sigmas: torch.Tensor,
             seed: int, x0_sink: dict | None = None) -> dict:
     samples = guider.sample(noise, latent["samples"], sampler, sigmas, denoise_mask=latent.get("noise_mask"),
                             callback=_progress_callback(ctx, guider.model, x0_sink), seed=seed,
-                            manager=_manager(ctx))
+                            manager=ctx.models)
     out = dict(latent)
     out["samples"] = samples
     return out
 
 
-def common_ksampler(ctx: Any, node: str, model: Any, seed: int, steps: int, cfg: float, sampler_name: str,
-                    scheduler: str, positive: Any, negative: Any, latent: Any, denoise: float = 1.0,
+def common_ksampler(ctx: RunContext, model: DiffusionModel, seed: int, steps: int, cfg: float, sampler_name: str,
+                    scheduler: str, positive: list, negative: list, latent: dict, denoise: float = 1.0,
                     disable_noise: bool = False, start_step: int | None = None, last_step: int | None = None,
                     force_full_denoise: bool = False) -> tuple[dict]:
-    model = _check_model(model, node)
-    latent = _check_channels(_check_latent(latent, node), model, node)
-    positive = _check_conditioning(positive, node, "positive", model)
-    negative = _check_conditioning(negative, node, "negative", model)
-    sampler = sampler_for_name(_check_choice(sampler_name, SAMPLER_NAMES, node, "sampler_name"))
-    _check_choice(scheduler, SCHEDULER_NAMES, node, "scheduler")
+    latent = _check_channels(latent, model)
+    positive = _check_context_width(positive, "positive", model)
+    negative = _check_context_width(negative, "negative", model)
+    sampler = sampler_for_name(_check_choice(sampler_name, SAMPLER_NAMES, "sampler_name"))
+    _check_choice(scheduler, SCHEDULER_NAMES, "scheduler")
     samples = latent["samples"]
     if disable_noise:
         noise = torch.zeros(samples.shape, dtype=torch.float32)
@@ -204,8 +175,8 @@ class KSampler(Node):
     denoise: Annotated[float, Float(min=0.0, max=1.0, step=0.01,
                                     tooltip="The amount of denoising applied.")] = 1.0
 
-    def run(self, ctx):
-        return common_ksampler(ctx, "KSampler", self.model, self.seed, self.steps, self.cfg, self.sampler_name,
+    def run(self, ctx: RunContext):
+        return common_ksampler(ctx, self.model, self.seed, self.steps, self.cfg, self.sampler_name,
                                self.scheduler, self.positive, self.negative, self.latent_image,
                                denoise=self.denoise)
 
@@ -229,11 +200,10 @@ class KSamplerAdvanced(Node):
     end_at_step: Annotated[int, Int(min=0, max=10000)] = 10000
     return_with_leftover_noise: Annotated[str, Combo(("disable", "enable"))] = "disable"
 
-    def run(self, ctx):
-        node = "KSamplerAdvanced"
-        _check_choice(self.add_noise, ("enable", "disable"), node, "add_noise")
-        _check_choice(self.return_with_leftover_noise, ("disable", "enable"), node, "return_with_leftover_noise")
-        return common_ksampler(ctx, node, self.model, self.noise_seed, self.steps, self.cfg, self.sampler_name,
+    def run(self, ctx: RunContext):
+        _check_choice(self.add_noise, ("enable", "disable"), "add_noise")
+        _check_choice(self.return_with_leftover_noise, ("disable", "enable"), "return_with_leftover_noise")
+        return common_ksampler(ctx, self.model, self.noise_seed, self.steps, self.cfg, self.sampler_name,
                                self.scheduler, self.positive, self.negative, self.latent_image, denoise=1.0,
                                disable_noise=self.add_noise == "disable", start_step=self.start_at_step,
                                last_step=self.end_at_step,
@@ -263,16 +233,13 @@ class SamplerCustom(Node):
     sigmas: Annotated[Any, Socket(SIGMAS)]
     latent_image: Annotated[Any, Socket(LATENT)]
 
-    def run(self, ctx):
-        node = "SamplerCustom"
-        model = _check_model(self.model, node)
-        latent = dict(_check_channels(_check_latent(self.latent_image, node), model, node))
-        if not isinstance(self.sampler, Sampler):
-            raise ValueError(f"{node}: input 'sampler' must be a SAMPLER")
-        sigmas = _check_sigmas(self.sigmas, node)
+    def run(self, ctx: RunContext):
+        model: DiffusionModel = self.model
+        latent = dict(_check_channels(self.latent_image, model))
+        sigmas = self.sigmas
         source = RandomNoiseSource(self.noise_seed) if self.add_noise else NoNoise()
-        guider = Guider(model, {"positive": _check_conditioning(self.positive, node, "positive", model),
-                                "negative": _check_conditioning(self.negative, node, "negative", model)}, self.cfg)
+        guider = Guider(model, {"positive": _check_context_width(self.positive, "positive", model),
+                                "negative": _check_context_width(self.negative, "negative", model)}, self.cfg)
         x0_sink: dict = {}
         out = _sample(ctx, guider, source.generate_noise(latent), latent, self.sampler, sigmas, self.noise_seed,
                       x0_sink)
@@ -289,17 +256,10 @@ class SamplerCustomAdvanced(Node):
     sigmas: Annotated[Any, Socket(SIGMAS)]
     latent_image: Annotated[Any, Socket(LATENT)]
 
-    def run(self, ctx):
-        node = "SamplerCustomAdvanced"
-        latent = dict(_check_latent(self.latent_image, node))
-        if not hasattr(self.noise, "generate_noise"):
-            raise ValueError(f"{node}: input 'noise' must be a NOISE")
-        if not isinstance(self.guider, Guider):
-            raise ValueError(f"{node}: input 'guider' must be a GUIDER")
-        if not isinstance(self.sampler, Sampler):
-            raise ValueError(f"{node}: input 'sampler' must be a SAMPLER")
-        sigmas = _check_sigmas(self.sigmas, node)
-        _check_channels(latent, self.guider.model, node)
+    def run(self, ctx: RunContext):
+        latent = dict(self.latent_image)
+        sigmas = self.sigmas
+        _check_channels(latent, self.guider.model)
         x0_sink: dict = {}
         out = _sample(ctx, self.guider, self.noise.generate_noise(latent), latent, self.sampler, sigmas,
                       self.noise.seed, x0_sink)
@@ -312,8 +272,8 @@ class KSamplerSelect(Node):
 
     sampler_name: Annotated[str, Combo(SAMPLER_NAMES)] = "euler"
 
-    def run(self, ctx):
-        return (sampler_for_name(_check_choice(self.sampler_name, SAMPLER_NAMES, "KSamplerSelect", "sampler_name")),)
+    def run(self, ctx: RunContext):
+        return (sampler_for_name(_check_choice(self.sampler_name, SAMPLER_NAMES, "sampler_name")),)
 
 
 StepsInput = Annotated[int, Int(min=1, max=10000)]
@@ -330,9 +290,9 @@ class BasicScheduler(Node):
     steps: StepsInput = 20
     denoise: DenoiseInput = 1.0
 
-    def run(self, ctx):
-        model = _check_model(self.model, "BasicScheduler")
-        scheduler = _check_choice(self.scheduler, SCHEDULER_NAMES, "BasicScheduler", "scheduler")
+    def run(self, ctx: RunContext):
+        model: DiffusionModel = self.model
+        scheduler = _check_choice(self.scheduler, SCHEDULER_NAMES, "scheduler")
         return (basic_scheduler_sigmas(DiscreteSchedule(model.sampling), scheduler, self.steps, self.denoise),)
 
 
@@ -345,7 +305,7 @@ class KarrasScheduler(Node):
     sigma_min: SigmaInput = 0.0291675
     rho: Annotated[float, Float(min=0.0, max=100.0, step=0.01, round=False)] = 7.0
 
-    def run(self, ctx):
+    def run(self, ctx: RunContext):
         return (karras_sigmas(self.steps, self.sigma_min, self.sigma_max, self.rho),)
 
 
@@ -357,7 +317,7 @@ class ExponentialScheduler(Node):
     sigma_max: SigmaInput = 14.614642
     sigma_min: SigmaInput = 0.0291675
 
-    def run(self, ctx):
+    def run(self, ctx: RunContext):
         return (exponential_sigmas(self.steps, self.sigma_min, self.sigma_max),)
 
 
@@ -369,8 +329,8 @@ class SDTurboScheduler(Node):
     steps: Annotated[int, Int(min=1, max=10)] = 1
     denoise: DenoiseInput = 1.0
 
-    def run(self, ctx):
-        model = _check_model(self.model, "SDTurboScheduler")
+    def run(self, ctx: RunContext):
+        model: DiffusionModel = self.model
         return (sd_turbo_sigmas(DiscreteSchedule(model.sampling), self.steps, self.denoise),)
 
 
@@ -380,7 +340,7 @@ class RandomNoise(Node):
 
     noise_seed: SeedInput = 0
 
-    def run(self, ctx):
+    def run(self, ctx: RunContext):
         return (RandomNoiseSource(self.noise_seed),)
 
 
@@ -388,7 +348,7 @@ class DisableNoise(Node):
     category = f"{CUSTOM}/noise"
     outputs = (Output(NOISE),)
 
-    def run(self, ctx):
+    def run(self, ctx: RunContext):
         return (NoNoise(),)
 
 
@@ -401,11 +361,10 @@ class CFGGuider(Node):
     negative: Annotated[Any, Socket(CONDITIONING)]
     cfg: CfgInput = 8.0
 
-    def run(self, ctx):
-        node = "CFGGuider"
-        model = _check_model(self.model, node)
-        return (Guider(model, {"positive": _check_conditioning(self.positive, node, "positive", model),
-                               "negative": _check_conditioning(self.negative, node, "negative", model)}, self.cfg),)
+    def run(self, ctx: RunContext):
+        model: DiffusionModel = self.model
+        return (Guider(model, {"positive": _check_context_width(self.positive, "positive", model),
+                               "negative": _check_context_width(self.negative, "negative", model)}, self.cfg),)
 
 
 class BasicGuider(Node):
@@ -415,10 +374,9 @@ class BasicGuider(Node):
     model: Annotated[Any, Socket(MODEL)]
     conditioning: Annotated[Any, Socket(CONDITIONING)]
 
-    def run(self, ctx):
-        node = "BasicGuider"
-        model = _check_model(self.model, node)
-        return (Guider(model, {"positive": _check_conditioning(self.conditioning, node, "conditioning", model)}),)
+    def run(self, ctx: RunContext):
+        model: DiffusionModel = self.model
+        return (Guider(model, {"positive": _check_context_width(self.conditioning, "conditioning", model)}),)
 
 
 NODES = [KSampler, KSamplerAdvanced, SamplerCustom, SamplerCustomAdvanced, KSamplerSelect, BasicScheduler,

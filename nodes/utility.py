@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any
 
-from latentloom.engine.node import Node, NodeOutput
+from latentloom.engine.node import Node, NodeOutput, RunContext
 from latentloom.engine.types import ANY, STRING, Output, Socket, String
 
 
@@ -17,7 +17,7 @@ class StringConcatenate(Node):
     string_b: Annotated[str, String(multiline=True)] = ""
     delimiter: Annotated[str, String()] = ""
 
-    def run(self, ctx):
+    def run(self, ctx: RunContext):
         return (f"{self.string_a}{self.delimiter}{self.string_b}",)
 
 
@@ -29,7 +29,7 @@ class PreviewAny(Node):
     output_node = True
     source: Annotated[Any, Socket(ANY)]
 
-    def run(self, ctx):
+    def run(self, ctx: RunContext):
         value = self.source
         if isinstance(value, (dict, list, int, float, bool)) or value is None:
             text = json.dumps(value, default=str)

@@ -8,38 +8,10 @@ from typing import Annotated, Any
 import torch
 import torch.nn.functional as F
 
-from latentloom.engine.node import Node
+from latentloom.engine.node import Node, RunContext
 from latentloom.engine.types import IMAGE, LATENT, MASK, VAE, Int, Output, Socket
 
 from .diffusion.vae import VAEModel, crop_to_multiple
-
-
-def _vae(value: Any, node: str) -> VAEModel:
-    if not isinstance(value, VAEModel):
-        raise ValueError(f"{node}: input 'vae' must be a VAE, got {type(value).__name__}")
-    return value
-
-
-def _latent_samples(value: Any, node: str) -> torch.Tensor:
-    if not isinstance(value, dict) or not isinstance(value.get("samples"), torch.Tensor):
-        raise ValueError(f"{node}: input 'samples' must be a LATENT (a dict with a 'samples' tensor)")
-    return value["samples"]
-
-
-def _image(value: Any, node: str, name: str = "pixels") -> torch.Tensor:
-    if not isinstance(value, torch.Tensor) or value.ndim != 4:
-        raise ValueError(f"{node}: input '{name}' must be an IMAGE [B,H,W,C]")
-    return value
-
-
-def _manager(ctx: Any) -> Any:
-    env = getattr(ctx, "env", None)
-    services = getattr(env, "services", None) or {}
-    return services.get("models")
-
-
-def _progress(ctx: Any):
-    return getattr(ctx, "progress", None)
 
 
 class VAEDecode(Node):
@@ -51,10 +23,10 @@ class VAEDecode(Node):
     samples: Annotated[Any, Socket(LATENT, tooltip="The latent to be decoded.")]
     vae: Annotated[Any, Socket(VAE, tooltip="The VAE model used for decoding the latent.")]
 
-    def run(self, ctx):
-        vae = _vae(self.vae, "VAEDecode")
-        samples = _latent_samples(self.samples, "VAEDecode")
-        return (vae.decode(samples, manager=_manager(ctx), progress=_progress(ctx)),)
+    def run(self, ctx: RunContext):
+        vae: VAEModel = self.vae
+        samples = self.samples["samples"]
+        return (vae.decode(samples, manager=ctx.models, progress=ctx.progress),)
 
 
 class VAEEncode(Node):
@@ -65,10 +37,10 @@ class VAEEncode(Node):
     pixels: Annotated[Any, Socket(IMAGE)]
     vae: Annotated[Any, Socket(VAE)]
 
-    def run(self, ctx):
-        vae = _vae(self.vae, "VAEEncode")
-        pixels = _image(self.pixels, "VAEEncode")
-        return ({"samples": vae.encode(pixels, manager=_manager(ctx), progress=_progress(ctx))},)
+    def run(self, ctx: RunContext):
+        vae: VAEModel = self.vae
+        pixels = self.pixels
+        return ({"samples": vae.encode(pixels, manager=ctx.models, progress=ctx.progress)},)
 
 
 class VAEDecodeTiled(Node):
@@ -84,15 +56,15 @@ class VAEDecodeTiled(Node):
     temporal_size: Annotated[int, Int(min=8, max=4096, step=4, tooltip="Only used for video VAEs.")] = 64
     temporal_overlap: Annotated[int, Int(min=4, max=4096, step=4, tooltip="Only used for video VAEs.")] = 8
 
-    def run(self, ctx):
-        vae = _vae(self.vae, "VAEDecodeTiled")
-        samples = _latent_samples(self.samples, "VAEDecodeTiled")
+    def run(self, ctx: RunContext):
+        vae: VAEModel = self.vae
+        samples = self.samples["samples"]
         overlap = self.overlap
         if self.tile_size < overlap * 4:
             overlap = self.tile_size // 4
         ratio = vae.downscale_ratio
         images = vae.decode_tiled(samples, tile=self.tile_size // ratio, overlap=overlap // ratio,
-                                  manager=_manager(ctx), progress=_progress(ctx))
+                                  manager=ctx.models, progress=ctx.progress)
         return (images,)
 
 
@@ -108,11 +80,11 @@ class VAEEncodeTiled(Node):
     temporal_size: Annotated[int, Int(min=8, max=4096, step=4, tooltip="Only used for video VAEs.")] = 64
     temporal_overlap: Annotated[int, Int(min=4, max=4096, step=4, tooltip="Only used for video VAEs.")] = 8
 
-    def run(self, ctx):
-        vae = _vae(self.vae, "VAEEncodeTiled")
-        pixels = _image(self.pixels, "VAEEncodeTiled")
-        samples = vae.encode_tiled(pixels, tile=self.tile_size, overlap=self.overlap, manager=_manager(ctx),
-                                   progress=_progress(ctx))
+    def run(self, ctx: RunContext):
+        vae: VAEModel = self.vae
+        pixels = self.pixels
+        samples = vae.encode_tiled(pixels, tile=self.tile_size, overlap=self.overlap, manager=ctx.models,
+                                   progress=ctx.progress)
         return ({"samples": samples},)
 
 
@@ -151,13 +123,11 @@ class VAEEncodeForInpaint(Node):
     mask: Annotated[Any, Socket(MASK)]
     grow_mask_by: Annotated[int, Int(min=0, max=64, step=1)] = 6
 
-    def run(self, ctx):
-        vae = _vae(self.vae, "VAEEncodeForInpaint")
-        pixels = _image(self.pixels, "VAEEncodeForInpaint")
-        if not isinstance(self.mask, torch.Tensor) or self.mask.ndim not in (2, 3, 4):
-            raise ValueError("VAEEncodeForInpaint: input 'mask' must be a MASK [B,H,W]")
+    def run(self, ctx: RunContext):
+        vae: VAEModel = self.vae
+        pixels = self.pixels
         prepared, noise_mask = inpaint_inputs(pixels, self.mask, self.grow_mask_by)
-        samples = vae.encode(prepared, manager=_manager(ctx), progress=_progress(ctx))
+        samples = vae.encode(prepared, manager=ctx.models, progress=ctx.progress)
         return ({"samples": samples, "noise_mask": noise_mask},)
 
 

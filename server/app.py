@@ -8,42 +8,50 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 
+from latentloom.engine.files import remove_stale_parts
 from latentloom.nodes import bundled_graphs_dir
 
 from . import frontend, routes_files, routes_prompt, routes_system, routes_userdata
 from .queue_store import QueueStore
 from .security import SecurityMiddleware, SecurityPolicy
-from .state import LogBuffer, ServerConfig, ServerState
+from .state import PREVIEW_METHODS, LogBuffer, SafeJSONResponse, ServerConfig, ServerState
 from .worker import Worker
 from .ws import Hub
 
 log = logging.getLogger("latentloom.server")
 
 
-def with_api_alias(routes: list[Route]) -> list[Route]:
-    aliased = list(routes)
+def with_api_alias(routes: list[Route]) -> list[BaseRoute]:
+    aliased: list[BaseRoute] = list(routes)
     for route in routes:
         aliased.append(Route("/api" + route.path, route.endpoint, methods=sorted(route.methods or ())))
     return aliased
 
 
-async def http_error(request: Request, exc: HTTPException):
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
     headers = getattr(exc, "headers", None)
-    return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=headers)
+    return SafeJSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=headers)
 
 
-async def server_error(request: Request, exc: Exception):
+async def server_error(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG:
+        # The routes check name lengths first; this catches a path that only grows too long on disk.
+        return SafeJSONResponse({"error": "file name or path too long"}, status_code=400)
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return JSONResponse({"error": "internal server error"}, status_code=500)
 
@@ -54,7 +62,8 @@ def create_app(engine, config: ServerConfig | None = None) -> Starlette:
         config.graphs_dir = bundled_graphs_dir()
     store = QueueStore(config.database_path)
     logs = LogBuffer()
-    hub = Hub(store, {})
+    hub = Hub(store, {}, config.preview_method)
+    worker: Any
     if config.workers == "ray":
         from .dispatch import RayWorkerPool  # Ray is imported only in this mode
 
@@ -75,6 +84,10 @@ def create_app(engine, config: ServerConfig | None = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        for folder in (engine.env.output_dir, engine.env.temp_dir):
+            removed = remove_stale_parts(folder) if folder else 0  # unfinished writes of a process that was killed
+            if removed:
+                log.info("removed %d unfinished file(s) left in %s", removed, folder)
         hub.attach(asyncio.get_running_loop(), worker)
         logs.listeners.append(hub.post_log)
         server_logger = logging.getLogger("latentloom")
@@ -92,9 +105,11 @@ def create_app(engine, config: ServerConfig | None = None) -> Starlette:
             store.close()
 
     policy = SecurityPolicy(config.auth_token, config.allowed_hosts, config.max_upload_bytes)
+    handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
+        HTTPException: http_error, Exception: server_error}
     app = Starlette(routes=routes, lifespan=lifespan,
                     middleware=[Middleware(SecurityMiddleware, policy=policy)],
-                    exception_handlers={HTTPException: http_error, Exception: server_error})
+                    exception_handlers=handlers)
     app.state.server = state
     return app
 
@@ -127,6 +142,10 @@ def config_from_args(args) -> ServerConfig:
         except ImportError as exc:
             raise SystemExit(f"--workers ray needs Ray: pip install 'latentloom[ray]' ({exc})") from exc
         config.workers, config.worker_options = "ray", pool_options_from_args(args)
+    method = getattr(args, "preview_method", None) or "none"
+    if method not in PREVIEW_METHODS:
+        raise SystemExit(f"--preview-method must be one of {', '.join(PREVIEW_METHODS)}")
+    config.preview_method = method
     upload_mb = getattr(args, "max_upload_size", None)  # ComfyUI's --max-upload-size, in MB
     if upload_mb:
         config.max_upload_bytes = int(float(upload_mb) * 1024 * 1024)
@@ -141,7 +160,7 @@ class DeferredApp:
         self._build = build
         self._app = None
         self._lifespan = None
-        self._ready: asyncio.Event | None = None
+        self._ready = asyncio.Event()  # (binds to the running loop on first use)
         self._failure: BaseException | None = None
 
     async def _start(self) -> None:
@@ -161,7 +180,6 @@ class DeferredApp:
             while True:
                 message = await receive()
                 if message["type"] == "lifespan.startup":
-                    self._ready = asyncio.Event()
                     self._starting = asyncio.create_task(self._start())
                     await send({"type": "lifespan.startup.complete"})
                 elif message["type"] == "lifespan.shutdown":
@@ -189,6 +207,9 @@ def serve(args) -> int:
     if not is_loopback(config.listen) and not config.auth_token:
         log.warning("listening on %s without --auth-token: anyone who can reach this port can run workflows "
                     "and read your files. Set --auth-token.", config.listen)
+    if config.preview_method == "taesd":
+        log.info("--preview-method taesd: previews use latent2rgb (no TAESD decoder here), as ComfyUI does "
+                 "without TAESD weights in models/vae_approx")
     app = DeferredApp(lambda: create_app(make_engine(args, cache_bytes=args.cache_bytes), config))
     host = "0.0.0.0" if config.listen in ("", "0.0.0.0") else config.listen
     url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{config.port}/"

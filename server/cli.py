@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default: one per GPU, or 1 without GPUs)")
     serve.add_argument("--allowed-hosts", help="extra Host names accepted, comma-separated (DNS-rebinding guard)")
     serve.add_argument("--max-upload-size", type=float, help="upload limit in MB (default 100)")
+    serve.add_argument("--preview-method", choices=("none", "auto", "latent2rgb", "taesd"), default="none",
+                       help="live previews while sampling, as ComfyUI's option (default: none; the editor's "
+                       "'Live preview method' setting asks per prompt). taesd falls back to latent2rgb")
     _engine_args(serve)
     return parser
 
@@ -101,8 +104,14 @@ def format_node_errors(result, prompt: dict | None = None) -> str:
 
 
 def load_prompt(engine, path: str) -> tuple[dict, dict | None, str]:
+    """(API prompt, UI workflow or None, detected format); WorkflowLoadError for anything unreadable."""
+    from latentloom.engine.api import WorkflowLoadError
 
-    return engine.load_with_format(resolve_workflow_path(path))
+    resolved = resolve_workflow_path(path)
+    try:
+        return engine.load_with_format(resolved)
+    except OSError as exc:
+        raise WorkflowLoadError(f"{path}: cannot read the file: {exc.strerror or exc}") from exc
 
 
 def resolve_workflow_path(path: str) -> Path:
@@ -131,7 +140,7 @@ class ProgressPrinter:
         self.enabled = enabled
         self.nodes = tqdm(total=total_nodes, desc="nodes", unit="node", file=sys.stderr, disable=not enabled,
                           leave=False)
-        self.steps = None
+        self.steps: Any = None
 
     def __call__(self, event) -> None:
         kind = event.type
@@ -173,6 +182,8 @@ def output_files(engine, outputs: dict[str, dict]) -> list[str]:
 def command_run(args: argparse.Namespace) -> int:
     from latentloom.engine.api import OverrideError, WorkflowLoadError, parse_literal, set_input
 
+    from .credentials import split_secrets
+
     engine = make_engine(args)
     try:
         prompt, workflow, detected = load_prompt(engine, args.file)
@@ -192,7 +203,8 @@ def command_run(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     if checked.node_errors and not args.json:
         print("some outputs are invalid and will not run:\n" + format_node_errors(checked, prompt), file=sys.stderr)
-    extra_data = {"extra_pnginfo": {"workflow": workflow}} if workflow else {}
+    # A workflow file may carry credentials; none of them goes into the saved images' metadata.
+    extra_data = split_secrets({"extra_pnginfo": {"workflow": workflow}})[0] if workflow else {}
     printer = ProgressPrinter(len(checked.graph.nodes), enabled=not args.no_progress and not args.json)
     unsubscribe = engine.bus.subscribe(printer)
     try:
@@ -202,16 +214,14 @@ def command_run(args: argparse.Namespace) -> int:
         printer.close()
     files = output_files(engine, result.outputs)
     texts = [t for ui in result.outputs.values() for t in (ui.get("text", []) if isinstance(ui, dict) else [])]
-    manager = engine.env.services.get("models")
     summary: dict[str, Any] = {
         "status": result.status, "prompt_id": result.prompt_id, "format": detected, "outputs": files,
         "text": texts, "executed": len(result.executed), "cached": len(result.cached),
         "seconds": round(result.seconds, 3), "warnings": result.warnings,
         "cache": engine.cache.stats().as_dict(),
     }
-    if manager is not None and hasattr(manager, "stats"):
-        stats = manager.stats()  # a dataclass: as a JSON object, not its repr string
-        summary["memory"] = stats.as_dict() if hasattr(stats, "as_dict") else stats
+    stats = engine.env.models.stats()  # a dataclass: as a JSON object, not its repr string
+    summary["memory"] = stats.as_dict() if hasattr(stats, "as_dict") else stats
     if result.error:
         summary["error"] = {k: result.error.get(k) for k in
                             ("node_id", "node_type", "exception_type", "exception_message") if k in result.error}

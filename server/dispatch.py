@@ -38,6 +38,7 @@ from .outputs_commit import OutputCommitter
 from .queue_store import QueueItem, QueueStore
 from .ray_pool import EngineFactory, EngineWorker
 from .worker import HISTORY_EVENTS, JOB_STATUS, history_entry, report_error
+from .ws import preview_method
 
 log = logging.getLogger("latentloom.server")
 MAX_ATTEMPTS = 3              # runs of one prompt whose worker died before it gives up with an error
@@ -138,7 +139,7 @@ class RayWorkerPool:
         self._gpus_per_worker: float | None = None
         self._resources_checked = 0.0
         self._owns_ray = False
-        self._actor_class = None
+        self._actor_class: Any = None  # ray.remote(EngineWorker), once Ray is up
         self._actor_options: dict[str, Any] = {}
         self._torch_threads: int | None = None
         self._thread: threading.Thread | None = None
@@ -269,9 +270,9 @@ class RayWorkerPool:
             starting = [s for s in self.slots if s.state in ("starting", "draining") and s.ready_ref is not None]
         if starting:
             ready, _ = ray.wait([s.ready_ref for s in starting], num_returns=len(starting), timeout=0)
-            ready = set(ready)
+            ready_refs = set(ready)
             for slot in starting:
-                if slot.ready_ref in ready:
+                if slot.ready_ref in ready_refs:
                     self._admit(slot)
         with self._lock:
             leaving = [s for s in self.slots if s.state == "draining" and s.item is None]
@@ -368,7 +369,8 @@ class RayWorkerPool:
         began = time.perf_counter()
         attempt = _Attempt()
         self.hub.post_status()
-        extra_data = {**item.extra_data, **item.secrets}
+        method = preview_method(item.extra_data, self.hub.preview_method)
+        extra_data = {**item.extra_data, **item.secrets, "preview_method": method}
         result: dict | None = None
         try:
             stream = slot.actor.run.remote(item.prompt_id, item.prompt, item.outputs, extra_data)
@@ -403,7 +405,8 @@ class RayWorkerPool:
             attempt.messages.append([event.type, event.data()])
         if isinstance(event, Executing):
             slot.last_node = event.node
-        self.hub.post_event(event, item.client_id)
+        previews = preview_method(item.extra_data, self.hub.preview_method) != "none"
+        self.hub.post_event(event, item.client_id, previews)
 
     def _worker_lost(self, slot: WorkerSlot, item: QueueItem, attempt: _Attempt, exc: BaseException) -> None:
         log.warning("ray worker %s lost while running prompt %s: %s", slot.worker_id, item.prompt_id,

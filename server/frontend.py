@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.resources
 from pathlib import Path
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
@@ -86,8 +87,8 @@ def _default_graph(state) -> dict | None:
 def with_view(graph: dict) -> dict:
     """A view that puts the nodes' top-left corner clear of the editor's menus (for graphs we laid out)."""
     extra = graph.setdefault("extra", {})
-    positions = [node.get("pos") for node in graph.get("nodes", []) if isinstance(node, dict)]
-    positions = [p for p in positions if isinstance(p, (list, tuple)) and len(p) == 2]
+    placed = [node.get("pos") for node in graph.get("nodes", []) if isinstance(node, dict)]
+    positions: list[Any] = [p for p in placed if isinstance(p, (list, tuple)) and len(p) == 2]
     if positions:
         left = min(float(p[0]) for p in positions)
         top = min(float(p[1]) for p in positions)

@@ -16,37 +16,15 @@ from __future__ import annotations
 import os
 import re
 import threading
-import uuid
 from pathlib import Path
+
+from latentloom.engine.files import write_atomically
+from latentloom.nodes.image_files import next_counter  # SaveImage's numbering rule, shared
 
 from .ray_pool import FileKey, file_entries, file_key
 
+__all__ = ["COUNTED_NAME", "OutputCommitter", "next_counter"]
 COUNTED_NAME = re.compile(r"^(?P<base>.+)_(?P<counter>\d{5,})_(?P<ext>\.[A-Za-z0-9]+)$")
-
-
-def existing_counter(name: str, base: str) -> int | None:
-    """N for names '<base>_N...' (0 when N is not a number); None for names of other prefixes (SaveImage's rule)."""
-    if not (name.startswith(base) and name[len(base):len(base) + 1] == "_"):
-        return None
-    try:
-        return int(name[len(base) + 1:].split("_")[0])
-    except ValueError:
-        return 0
-
-
-def next_counter(folder: Path, base: str) -> int:
-    if not folder.is_dir():
-        return 1
-    counters = [c for c in (existing_counter(p.name, base) for p in folder.iterdir()) if c is not None]
-    return max(counters) + 1 if counters else 1
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.part"
-    with open(part, "wb") as handle:
-        handle.write(data)
-    os.replace(part, path)
 
 
 class OutputCommitter:

@@ -6,23 +6,32 @@ that was running when the process died goes back to pending at its original prio
 Priority follows ComfyUI: the lowest `number` runs first; `front` prompts get negative numbers (later front
 prompts first); ties run in submission order.
 
-Secrets (API keys and tokens in extra_data) are never written to disk and never returned by listings: they are
-split off at submission and kept in memory only for the worker (so after a restart they are gone).
+Secrets (API keys and tokens in extra_data, at any depth) are never written to disk and never returned by
+listings: they are split off at submission (server.credentials) and the top-level ones are kept in memory only for
+the worker (so after a restart they are gone).
+
+JSON goes in through jsonsafe.dumps and comes out through jsonsafe.loads_lenient, so whatever is stored can be
+served back; a row that cannot be read at all (a damaged database) is reported in place of its entry, never
+raised to the caller.
 """
 
 from __future__ import annotations
 
-import json
-import re
+import logging
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from latentloom.engine import jsonsafe
+
+from .credentials import split_secrets
+
+log = logging.getLogger("latentloom.server")
 HISTORY_LIMIT = 10_000
-# extra_data keys that carry credentials: ComfyUI's comfy.org keys and anything that looks like one.
-SECRET_KEY = re.compile(r"(auth_token|api_key|apikey|token|secret|password)", re.IGNORECASE)
+UNREADABLE = "StoredEntryUnreadable"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS queue (
@@ -50,11 +59,29 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
-def split_secrets(extra_data: dict) -> tuple[dict, dict]:
-    """(extra_data without credential keys, the credential keys)."""
-    public = {k: v for k, v in extra_data.items() if not SECRET_KEY.search(str(k))}
-    secret = {k: v for k, v in extra_data.items() if SECRET_KEY.search(str(k))}
-    return public, secret
+def _read(text: str, what: str, prompt_id: str) -> Any:
+    """A stored JSON column; None (logged) when the row is damaged beyond reading."""
+    try:
+        return jsonsafe.loads_lenient(text)
+    except jsonsafe.JsonInputError as exc:
+        log.warning("the stored %s of prompt %s cannot be read: %s", what, prompt_id, exc)
+        return None
+
+
+def unreadable_entry(prompt_id: str) -> dict:
+    """The history entry reported in place of one that cannot be read: a failed prompt that says why."""
+    error = {"prompt_id": prompt_id, "node_id": "", "node_type": "", "executed": [],
+             "exception_type": UNREADABLE, "traceback": [], "current_inputs": {}, "current_outputs": [],
+             "exception_message": "this history entry is damaged in the queue database and cannot be read; "
+                                  "delete it by id (POST /history {\"delete\": [id]})",
+             "timestamp": 0}
+    return {"prompt": [0, prompt_id, {}, {}, []], "outputs": {}, "meta": {},
+            "status": {"status_str": "error", "completed": False, "messages": [["execution_error", error]]}}
+
+
+def _read_entry(text: str, prompt_id: str) -> dict:
+    entry = _read(text, "history entry", prompt_id)
+    return entry if isinstance(entry, dict) else unreadable_entry(prompt_id)
 
 
 def _number_json(number: float) -> int | float:
@@ -117,6 +144,7 @@ class QueueStore:
             return -counter if front else counter
 
     def put(self, item: QueueItem) -> None:
+        """Queue `item`; its extra_data loses its credentials here (kept in memory for the worker only)."""
         public, secret = split_secrets(item.extra_data)
         item.extra_data = public
         with self._lock:
@@ -125,8 +153,8 @@ class QueueStore:
             item.created = item.created or time.time()
             self._db.execute(
                 "INSERT INTO queue (prompt_id, number, prompt, extra_data, outputs, created) VALUES (?,?,?,?,?,?)",
-                (item.prompt_id, float(item.number), json.dumps(item.prompt), json.dumps(public),
-                 json.dumps(item.outputs), item.created))
+                (item.prompt_id, float(item.number), jsonsafe.dumps(item.prompt), jsonsafe.dumps(public),
+                 jsonsafe.dumps(item.outputs), item.created))
             if secret:
                 self._secrets[item.prompt_id] = secret
 
@@ -157,7 +185,7 @@ class QueueStore:
                 self._db.execute("DELETE FROM history WHERE prompt_id=?", (item.prompt_id,))
                 self._db.execute(
                     "INSERT INTO history (prompt_id, entry, status, created, started, finished) VALUES (?,?,?,?,?,?)",
-                    (item.prompt_id, json.dumps(entry), status, item.created, item.started, time.time()))
+                    (item.prompt_id, jsonsafe.dumps(entry), status, item.created, item.started, time.time()))
                 # Retention: everything at or below the (limit+1)-th newest row goes (an index lookup, not a scan).
                 self._db.execute(
                     "DELETE FROM history WHERE seq <= (SELECT seq FROM history ORDER BY seq DESC LIMIT 1 OFFSET ?)",
@@ -174,13 +202,18 @@ class QueueStore:
     # Queue views and edits ----------------------------------------------------------------------------------
 
     def _item(self, row) -> QueueItem:
+        """A queue row; damaged columns read as empty (the prompt then fails validation and says so)."""
         number, prompt_id, prompt, extra_data, outputs, state, created, started = row
-        return QueueItem(number, prompt_id, json.loads(prompt), json.loads(extra_data), json.loads(outputs),
-                         state, created, started)
+        prompt_value = _read(prompt, "prompt", prompt_id)
+        extra_value = _read(extra_data, "extra_data", prompt_id)
+        outputs_value = _read(outputs, "outputs", prompt_id)
+        return QueueItem(number, prompt_id, prompt_value if isinstance(prompt_value, dict) else {},
+                         extra_value if isinstance(extra_value, dict) else {},
+                         outputs_value if isinstance(outputs_value, list) else [], state, created, started)
 
     def items(self, state: str | None = None) -> list[QueueItem]:
         query = "SELECT number, prompt_id, prompt, extra_data, outputs, state, created, started FROM queue"
-        args: tuple = ()
+        args: tuple[str, ...] = ()
         if state:
             query += " WHERE state=?"
             args = (state,)
@@ -235,12 +268,12 @@ class QueueStore:
             limit = -1 if max_items is None else max(0, max_items)
             rows = self._db.execute("SELECT prompt_id, entry FROM history ORDER BY seq LIMIT ? OFFSET ?",
                                     (limit, start)).fetchall()
-        return {prompt_id: json.loads(entry) for prompt_id, entry in rows}
+        return {prompt_id: _read_entry(entry, prompt_id) for prompt_id, entry in rows}
 
     def history_entry(self, prompt_id: str) -> dict | None:
         with self._lock:
             row = self._db.execute("SELECT entry FROM history WHERE prompt_id=?", (prompt_id,)).fetchone()
-        return json.loads(row[0]) if row else None
+        return _read_entry(row[0], prompt_id) if row else None
 
     def history_rows(self, statuses: set[str] | None, limit: int, offset: int) -> tuple[list[dict], int]:
         """Newest first, for the jobs API: ({prompt_id, entry, status, created, started, finished}, total)."""
@@ -257,7 +290,7 @@ class QueueStore:
         out = []
         for row in rows:
             record = dict(zip(keys, row, strict=False))
-            record["entry"] = json.loads(record["entry"])
+            record["entry"] = _read_entry(record["entry"], record["prompt_id"])
             out.append(record)
         return out, total
 
@@ -268,7 +301,7 @@ class QueueStore:
         if row is None:
             return None
         record = dict(zip(("prompt_id", "entry", "status", "created", "started", "finished"), row, strict=False))
-        record["entry"] = json.loads(record["entry"])
+        record["entry"] = _read_entry(record["entry"], prompt_id)
         return record
 
     def delete_history(self, prompt_ids: list[str]) -> None:

@@ -107,8 +107,7 @@ class EngineWorker:
     def info(self) -> dict:
         import socket
 
-        manager = self.engine.env.services.get("models")
-        device = str(getattr(manager, "device", "cpu"))
+        device = str(self.engine.env.models.device)
         try:
             import ray
 
@@ -132,14 +131,10 @@ class EngineWorker:
             if free_memory:
                 self.engine.free()
             elif unload_models:
-                manager = self.engine.env.services.get("models")
-                if manager is not None and hasattr(manager, "free_all"):
-                    manager.free_all()
+                self.engine.env.models.free_all()
 
     def loaded_models(self) -> list[tuple[str, int, int]]:
-        manager = self.engine.env.services.get("models")
-        keys = manager.loaded_keys() if manager is not None and hasattr(manager, "loaded_keys") else []
-        return sorted(model_tokens_from_keys(keys))
+        return sorted(model_tokens_from_keys(self.engine.env.models.loaded_keys()))
 
     def close(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import mimetypes
 import os
 import re
 import struct
-import tempfile
 from pathlib import Path
 from urllib.parse import quote
 
@@ -24,7 +22,10 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
-from .security import INLINE_TYPES, BodyTooLarge, check_name, confine
+from latentloom.engine import jsonsafe
+from latentloom.engine.files import is_part_name, write_atomically
+
+from .security import INLINE_TYPES, BodyTooLarge, check_name, check_relative_path, confine
 from .state import ServerState, json_response, server_state
 
 ANNOTATED = re.compile(r"^(?P<name>.+) \[(?P<type>input|output|temp)\]$")
@@ -51,7 +52,7 @@ def resolve_file(state: ServerState, filename: str, file_type: str, subfolder: s
     head, _, name = filename.replace("\\", "/").rpartition("/")
     check_name(name)
     path = confine(folder, subfolder, head, name, status=403)
-    if not path.is_file():
+    if is_part_name(path.name) or not path.is_file():  # an unfinished write is never served
         raise HTTPException(404, "file not found")
     return path
 
@@ -59,8 +60,9 @@ def resolve_file(state: ServerState, filename: str, file_type: str, subfolder: s
 def _encode_preview(path: Path, fmt: str, quality: int, channel: str) -> bytes:
     from PIL import Image
 
-    with Image.open(path) as image:
-        image.load()
+    with Image.open(path) as opened:
+        opened.load()
+        image: Image.Image = opened
         if channel == "a":
             alpha = image.getchannel("A") if "A" in image.getbands() else Image.new("L", image.size, 255)
             image = Image.merge("RGBA", (Image.new("L", image.size, 0),) * 3 + (alpha,))
@@ -137,20 +139,14 @@ def store_upload(folder: Path, subfolder: str, name: str, data: bytes, overwrite
                 return final
             counter += 1
             final = f"{stem} ({counter}){suffix}"
+            check_name(final)  # 'name (N).ext' may outgrow the limit
     path = confine(target_dir, final, status=400)
-    handle, temporary = tempfile.mkstemp(dir=target_dir, prefix=".upload-")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+    write_atomically(path, data)
     return final
 
 
-async def _upload_fields(request: Request) -> tuple[UploadFile, str, str, bool, dict]:
+async def _upload_fields(request: Request) -> tuple[UploadFile, str, Path, str, str, bool, dict]:
+    """(the file part, its checked base name, the target folder, its type, subfolder, overwrite, all fields)."""
     state = server_state(request)
     try:
         form = await request.form(max_files=4, max_fields=32)
@@ -161,20 +157,21 @@ async def _upload_fields(request: Request) -> tuple[UploadFile, str, str, bool, 
     image = form.get("image")
     if not isinstance(image, UploadFile) or not image.filename:
         raise HTTPException(400, "an 'image' file part with a file name is required")
+    name = check_name(os.path.basename(image.filename.replace("\\", "/")))
     file_type = str(form.get("type") or "input")
-    if state.folder(file_type) is None:
+    folder = state.folder(file_type)
+    if folder is None:
         raise HTTPException(400, f"invalid type '{file_type}': expected input, output or temp")
     subfolder = str(form.get("subfolder") or "")
     overwrite = str(form.get("overwrite") or "").lower() in ("true", "1")
-    return image, file_type, subfolder, overwrite, dict(form)
+    check_relative_path([subfolder.replace("\\", "/"), name])
+    return image, name, folder, file_type, subfolder, overwrite, dict(form)
 
 
 async def upload_image(request: Request):
-    state = server_state(request)
-    image, file_type, subfolder, overwrite, _ = await _upload_fields(request)
+    image, name, folder, file_type, subfolder, overwrite, _ = await _upload_fields(request)
     data = await image.read()
-    name = os.path.basename(image.filename.replace("\\", "/"))
-    final = await run_in_threadpool(store_upload, state.folder(file_type), subfolder, name, data, overwrite)
+    final = await run_in_threadpool(store_upload, folder, subfolder, name, data, overwrite)
     return json_response({"name": final, "subfolder": subfolder, "type": file_type})
 
 
@@ -196,9 +193,9 @@ def _apply_mask(original: Path, mask_bytes: bytes) -> bytes:
 
 async def upload_mask(request: Request):
     state = server_state(request)
-    image, file_type, subfolder, overwrite, fields = await _upload_fields(request)
+    image, name, folder, file_type, subfolder, overwrite, fields = await _upload_fields(request)
     try:
-        ref = json.loads(str(fields.get("original_ref") or ""))
+        ref = jsonsafe.loads(str(fields.get("original_ref") or ""))
         if not isinstance(ref, dict) or not ref.get("filename"):
             raise ValueError("original_ref needs a filename")
     except ValueError as exc:
@@ -209,8 +206,7 @@ async def upload_mask(request: Request):
         data = await run_in_threadpool(_apply_mask, original, await image.read())
     except Exception as exc:
         raise HTTPException(400, f"cannot apply the mask: {exc}") from exc
-    name = os.path.basename(image.filename.replace("\\", "/"))
-    final = await run_in_threadpool(store_upload, state.folder(file_type), subfolder, name, data, overwrite)
+    final = await run_in_threadpool(store_upload, folder, subfolder, name, data, overwrite)
     return json_response({"name": final, "subfolder": subfolder, "type": file_type})
 
 
@@ -222,7 +218,7 @@ def safetensors_metadata(path: Path) -> dict | None:
         (length,) = struct.unpack("<Q", head)
         if length > 100 * 1024 * 1024:
             return None
-        header = json.loads(handle.read(length))
+        header = jsonsafe.loads(handle.read(length))
     metadata = header.get("__metadata__") if isinstance(header, dict) else None
     return metadata if isinstance(metadata, dict) else None
 

@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.routing import Route
 
 from .queue_store import DuplicatePromptId, QueueItem
-from .state import ServerState, empty_ok, int_query, json_response, read_json, server_state
+from .state import PREVIEW_METHODS, ServerState, empty_ok, int_query, json_response, read_json, server_state
 
 JOB_STATES = ("pending", "in_progress", "completed", "failed", "cancelled")
 INLINE_VALIDATION_NODES = 300
@@ -55,8 +55,8 @@ async def post_prompt(request: Request):
     if body.get("number") is not None:
         try:
             number = float(body["number"])
-        except (TypeError, ValueError):
-            return bad_request("invalid_prompt", "'number' must be a number", repr(body["number"]))
+        except (TypeError, ValueError, OverflowError):
+            return bad_request("invalid_prompt", "'number' must be a number", repr(body["number"])[:200])
         if not math.isfinite(number):
             return bad_request("invalid_prompt", "'number' must be finite", repr(body["number"]))
     else:
@@ -86,6 +86,10 @@ async def post_prompt(request: Request):
     extra_data = body.get("extra_data") or {}
     if not isinstance(extra_data, dict):
         return bad_request("invalid_prompt", "extra_data must be an object", type(extra_data).__name__)
+    method = extra_data.get("preview_method")
+    if method is not None and method not in ("default", *PREVIEW_METHODS):
+        return bad_request("invalid_prompt", "extra_data.preview_method must be one of: default, "
+                           + ", ".join(PREVIEW_METHODS), repr(method)[:200])
     client_id = body.get("client_id")
     if client_id is not None and not isinstance(client_id, (str, int)):
         return bad_request("invalid_prompt", "client_id must be a string", type(client_id).__name__)

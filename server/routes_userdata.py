@@ -6,10 +6,9 @@ decoded path, so these handlers read the raw path to tell `a%2Fb/move/c` apart f
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote
 
 from starlette.concurrency import run_in_threadpool
@@ -18,23 +17,13 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
+from latentloom.engine import jsonsafe
+from latentloom.engine.files import write_atomically
+
 from .security import confine
 from .state import ServerState, bool_query, json_response, read_json, server_state
 
 SETTINGS_FILE = "comfy.settings.json"
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".write-")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
 
 
 # Users and settings -------------------------------------------------------------------------------------------
@@ -52,14 +41,14 @@ async def post_users(request: Request):
 def _load_settings(state: ServerState) -> dict:
     path = state.user_root / SETTINGS_FILE
     try:
-        data = json.loads(path.read_text())
+        data = jsonsafe.loads_lenient(path.read_bytes())
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
 
 
 def _save_settings(state: ServerState, settings: dict) -> None:
-    _atomic_write(state.user_root / SETTINGS_FILE, json.dumps(settings, indent=4).encode())
+    write_atomically(state.user_root / SETTINGS_FILE, jsonsafe.dumps(settings, indent=4).encode())
 
 
 async def get_settings(request: Request):
@@ -121,6 +110,7 @@ async def list_userdata(request: Request):
     split = bool_query(request, "split")
     paths = base.rglob("*") if recurse else base.iterdir()
     files = sorted(p for p in paths if p.is_file() and Path(os.path.realpath(p)).is_relative_to(root))
+    result: list[Any]
     if full_info:
         result = [_file_info(p, base) for p in files]
     elif split:
@@ -141,7 +131,7 @@ async def list_userdata_v2(request: Request):
         return Response(status_code=404)
     if not base.is_dir():
         raise HTTPException(400, "path is not a directory")
-    entries = []
+    entries: list[dict[str, Any]] = []
     for path in base.rglob("*"):
         if not Path(os.path.realpath(path)).is_relative_to(root):
             continue
@@ -194,7 +184,7 @@ async def userdata_file(request: Request):
         raise HTTPException(400, "the path is a directory")
     body = await request.body()
     try:
-        await run_in_threadpool(_atomic_write, path, body)
+        await run_in_threadpool(write_atomically, path, body)
     except OSError as exc:
         raise HTTPException(400, f"cannot write the file: {exc.strerror}") from exc
     return json_response(_written(path, root, bool_query(request, "full_info")))

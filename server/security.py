@@ -1,4 +1,4 @@
-"""Request hardening, stricter than ComfyUI's (comfy-api.md §7).
+"""Request hardening, stricter than ComfyUI's (docs/comfyui-reference.md#request-hardening).
 
 * Host allow-list (DNS rebinding): loopback names, IP literals, the machine's own name and configured names.
 * Origin check on every state-changing request and on the websocket, whatever the bind address: a browser
@@ -209,22 +209,52 @@ class SecurityMiddleware:
 
 # Paths ------------------------------------------------------------------------------------------------------
 
+# File-system limits (Linux: NAME_MAX 255 bytes per component, PATH_MAX 4096), checked before any call that
+# would fail with ENAMETOOLONG; the joined path also stays well below PATH_MAX once under the server's folders.
+MAX_NAME_BYTES = 255
+MAX_RELATIVE_PATH_BYTES = 1024
+
+
+def _byte_length(text: str) -> int:
+    """UTF-8 length; text that has no UTF-8 form (a lone surrogate) cannot name a file -> 400."""
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise HTTPException(400, f"invalid file name or path (not valid text): {text[:100]!r}") from None
+
+
 def check_name(name: str, what: str = "filename") -> str:
-    """A single file name from a client: no separators, no '..', no NUL, not empty."""
+    """A single file name from a client: no separators, no '..', no NUL, not empty, not too long."""
     if not name or "\x00" in name or name in (".", "..") or "/" in name or "\\" in name:
-        raise HTTPException(400, f"invalid {what}: {name!r}")
+        raise HTTPException(400, f"invalid {what}: {name[:100]!r}")
+    size = _byte_length(name)
+    if size > MAX_NAME_BYTES:
+        raise HTTPException(400, f"{what} too long: {size} bytes, at most {MAX_NAME_BYTES}")
     return name
+
+
+def check_relative_path(parts: list[str]) -> None:
+    """Length limits of a client-named relative path (e.g. subfolder + file name) -> 400."""
+    if sum(_byte_length(part) + 1 for part in parts) > MAX_RELATIVE_PATH_BYTES:
+        raise HTTPException(400, f"path too long: at most {MAX_RELATIVE_PATH_BYTES} bytes")
+    for part in parts:
+        for component in part.split("/"):
+            size = _byte_length(component)
+            if size > MAX_NAME_BYTES:
+                raise HTTPException(400, f"path component too long: {size} bytes, at most {MAX_NAME_BYTES}")
 
 
 def confine(base: str | os.PathLike, *parts: str, status: int = 403) -> Path:
     """`base/parts...` resolved through symlinks; refused unless it stays inside the real `base`. Absolute parts,
-    '..' and symlinks that lead outside all end up outside, so one check covers them."""
+    '..' and symlinks that lead outside all end up outside, so one check covers them. Over-long names are a 400
+    (whatever `status`), refused before the file system sees them."""
     root = Path(os.path.realpath(base))
     # Backslashes count as separators, as on Windows, so '..\\x' is '../x'.
     relative = [p.replace("\\", "/") for p in parts if p]
     for part in relative:
         if "\x00" in part or os.path.isabs(part) or part.startswith(("/", "\\")) or ".." in Path(part).parts:
             raise HTTPException(status, "path outside the allowed folder")
+    check_relative_path(relative)
     target = Path(os.path.realpath(root.joinpath(*relative))) if relative else root
     if target != root and not target.is_relative_to(root):
         raise HTTPException(status, "path outside the allowed folder")

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from latentloom.engine import jsonsafe
+
 DEFAULT_MAX_UPLOAD_BYTES = 100 * 1024 * 1024
 LOG_LINES = 300
+# ComfyUI's --preview-method values; "default" in a prompt's extra_data means the server's setting.
+PREVIEW_METHODS = ("none", "auto", "latent2rgb", "taesd")
 
 
 @dataclass
@@ -33,6 +36,7 @@ class ServerConfig:
     start_worker: bool = True
     workers: str = "local"                # "ray": a pool of Ray actors (server.dispatch) instead of one thread
     worker_options: Any = None            # server.dispatch.PoolOptions for workers="ray"
+    preview_method: str = "none"          # live previews, as ComfyUI's --preview-method (its default: none)
 
     @property
     def database_path(self) -> Path:
@@ -95,7 +99,8 @@ def server_state(request: Request) -> ServerState:
 
 
 async def read_json(request: Request, *, empty: Any = ...) -> Any:
-    """The body as JSON whatever the Content-Type (ComfyUI clients send urlencoded). Malformed -> 400.
+    """The body as JSON whatever the Content-Type (ComfyUI clients send urlencoded). Malformed JSON, and JSON
+    that could not be stored and served back (NaN, lone surrogates, huge integers, deep nesting) -> 400.
     `empty` is returned for an empty body when given."""
     body = await request.body()
     if not body.strip():
@@ -103,17 +108,30 @@ async def read_json(request: Request, *, empty: Any = ...) -> Any:
             return empty
         raise HTTPException(400, "empty request body: JSON expected")
     try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise HTTPException(400, f"malformed JSON: {exc}") from exc
+        return jsonsafe.loads(body)
+    except jsonsafe.JsonInputError as exc:
+        raise HTTPException(400, f"invalid JSON body: {exc}") from exc
+
+
+class SafeJSONResponse(JSONResponse):
+    """Never fails to encode: values JSON cannot carry (NaN, lone surrogates, objects) are made plain first."""
+
+    def render(self, content: Any) -> bytes:
+        return jsonsafe.dumps(content, separators=(",", ":")).encode("utf-8")
 
 
 def json_response(data: Any, status: int = 200) -> Response:
-    return JSONResponse(data, status_code=status)
+    return SafeJSONResponse(data, status_code=status)
 
 
 def empty_ok() -> Response:
     return Response(status_code=200)
+
+
+@overload
+def int_query(request: Request, name: str, default: int, minimum: int | None = None) -> int: ...
+@overload
+def int_query(request: Request, name: str, default: None = None, minimum: int | None = None) -> int | None: ...
 
 
 def int_query(request: Request, name: str, default: int | None = None, minimum: int | None = None) -> int | None:

@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 import traceback
+from typing import TYPE_CHECKING
 
 from latentloom.engine.events import (
     Event,
@@ -24,6 +25,10 @@ from latentloom.engine.events import (
 )
 
 from .queue_store import QueueItem, QueueStore
+from .ws import preview_method
+
+if TYPE_CHECKING:
+    from latentloom.engine.executor import InterruptToken
 
 log = logging.getLogger("latentloom.server")
 HISTORY_EVENTS = (ExecutionStart, ExecutionCached, ExecutionSuccess, ExecutionError, ExecutionInterrupted)
@@ -39,9 +44,10 @@ class Worker:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._token = None  # the running prompt's engine.executor.InterruptToken
+        self._token: InterruptToken | None = None  # the running prompt's
         self._free_flags = {"unload_models": False, "free_memory": False}
         self._messages: list[list] = []
+        self._previews = False  # whether the running prompt's preview method sends preview frames
         self.current: QueueItem | None = None
         self.last_node: str | None = None
         self._unsubscribe = None
@@ -116,9 +122,7 @@ class Worker:
         if flags["free_memory"]:
             self.engine.free()
         elif flags["unload_models"]:
-            manager = self.engine.env.services.get("models")
-            if manager is not None and hasattr(manager, "free_all"):
-                manager.free_all()
+            self.engine.env.models.free_all()
 
     def _on_event(self, event: Event) -> None:
         current = self.current
@@ -128,17 +132,19 @@ class Worker:
             self._messages.append([event.type, event.data()])
         if isinstance(event, Executing):
             self.last_node = event.node
-        self.hub.post_event(event, current.client_id)
+        self.hub.post_event(event, current.client_id, self._previews)
 
     async def _run(self, item: QueueItem) -> None:
         from latentloom.engine.executor import InterruptToken
 
         token = InterruptToken()
         self._messages = []
+        method = preview_method(item.extra_data, self.hub.preview_method)
+        self._previews = method != "none"
         with self._lock:
             self.current, self._token, self.last_node = item, token, None
         self.hub.post_status()
-        extra_data = {**item.extra_data, **item.secrets}
+        extra_data = {**item.extra_data, **item.secrets, "preview_method": method}
         outputs: dict = {}
         try:
             checked = self.engine.validate(item.prompt, item.outputs or None)

@@ -20,7 +20,10 @@ from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from latentloom.engine import jsonsafe
 from latentloom.engine.events import Event, Progress
+
+from .state import PREVIEW_METHODS
 
 log = logging.getLogger("latentloom.server")
 # A client this far behind is disconnected (it reconnects and gets a fresh status) rather than buffered forever.
@@ -74,22 +77,31 @@ class Client:
 def preview_frames(event: Progress) -> tuple[bytes, bytes]:
     """(type-1 frame, type-4 frame) for a progress event carrying preview bytes."""
     image_type = event.preview_type or "image/jpeg"
-    plain = struct.pack(">II", PREVIEW_IMAGE, PREVIEW_FORMATS.get(image_type, 1)) + event.preview
+    preview = event.preview or b""
+    plain = struct.pack(">II", PREVIEW_IMAGE, PREVIEW_FORMATS.get(image_type, 1)) + preview
     metadata = json.dumps({"node_id": event.real_node or event.node, "display_node_id": event.node,
                            "parent_node_id": event.parent_node, "real_node_id": event.real_node or event.node,
                            "prompt_id": event.prompt_id, "image_type": image_type}).encode()
-    rich = struct.pack(">II", PREVIEW_IMAGE_WITH_METADATA, len(metadata)) + metadata + event.preview
+    rich = struct.pack(">II", PREVIEW_IMAGE_WITH_METADATA, len(metadata)) + metadata + preview
     return plain, rich
 
 
 def encode(message_type: str, data: Any) -> str:
-    return json.dumps({"type": message_type, "data": data})
+    return jsonsafe.dumps({"type": message_type, "data": data})
+
+
+def preview_method(extra_data: dict, server_default: str) -> str:
+    """The live-preview method of one prompt: its `extra_data.preview_method` (the editor's "Live preview
+    method" setting) unless that is absent or "default", else the server's --preview-method."""
+    asked = extra_data.get("preview_method") if isinstance(extra_data, dict) else None
+    return asked if asked in PREVIEW_METHODS else server_default
 
 
 class Hub:
-    def __init__(self, store, features: dict[str, Any]):
+    def __init__(self, store, features: dict[str, Any], preview_method: str = "none"):
         self.store = store
         self.features = features
+        self.preview_method = preview_method  # the server's default (ComfyUI's --preview-method)
         self.clients: dict[str, Client] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self.worker = None
@@ -109,7 +121,11 @@ class Hub:
         except RuntimeError:  # loop shutting down
             pass
 
-    def post_event(self, event: Event, client_id: str | None) -> None:
+    def post_event(self, event: Event, client_id: str | None, previews: bool = True) -> None:
+        """Send an engine event; `previews=False` (the prompt's preview method is "none") sends progress
+        without its binary preview frames, as ComfyUI does."""
+        if not previews and isinstance(event, Progress) and event.preview:
+            event = event.model_copy(update={"preview": None, "preview_type": None})
         self._post(self.send_event, event, client_id)
 
     def post_json(self, message_type: str, data: Any, client_id: str | None) -> None:
@@ -142,14 +158,14 @@ class Hub:
             for client in list(self.clients.values()):
                 self._deliver(client, message)
             return
-        client = self.clients.get(client_id)
-        if client is not None:
-            self._deliver(client, encode(message_type, data))
+        target = self.clients.get(client_id)
+        if target is not None:
+            self._deliver(target, encode(message_type, data))
 
     def send_event(self, event: Event, client_id: str | None) -> None:
         if isinstance(event, Progress) and event.preview:
-            targets = [self.clients.get(client_id)] if client_id is not None else list(self.clients.values())
-            targets = [c for c in targets if c is not None]
+            found = [self.clients.get(client_id)] if client_id is not None else list(self.clients.values())
+            targets = [c for c in found if c is not None]
             plain, rich = preview_frames(event)
             for client in targets:
                 if client.flags.get("supports_preview_metadata"):

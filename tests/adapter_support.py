@@ -10,33 +10,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from tiny_models import tiny_components  # noqa: E402
 
-from latentloom.engine.environment import Environment  # noqa: E402
-from latentloom.engine.memory import ModelManager  # noqa: E402
 from latentloom.nodes.diffusion.checkpoint import latent_format_for  # noqa: E402
 from latentloom.nodes.diffusion.clip import ClipModel  # noqa: E402
 from latentloom.nodes.diffusion.models import DiffusionModel, SamplingConfig  # noqa: E402
-
-
-class FakeContext:
-    def __init__(self, env: Environment):
-        self.env = env
-        self.node_id = "1"
-        self.warnings: list[str] = []
-
-    def warn(self, message: str) -> None:
-        self.warnings.append(message)
-
-    def progress(self, value, maximum, preview=None) -> None:
-        pass
-
-    def check_interrupt(self) -> None:
-        pass
-
-
-def make_env(root: Path) -> Environment:
-    env = Environment.create(models_dir=root)
-    env.services["models"] = ModelManager(device="cpu")
-    return env
 
 
 def tiny_objects(family: str = "sd1", seed: int = 0) -> tuple[DiffusionModel, ClipModel]:

@@ -5,18 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import engine_nodes
+from engine_nodes import CallLog
 
 from latentloom.engine.api import Engine
 from latentloom.engine.environment import Environment
 from latentloom.engine.registry import NodeRegistry
 
 
-def make_engine(tmp_path: Path, cache_bytes: int = 1 << 30) -> tuple[Engine, list[str]]:
+def make_engine(tmp_path: Path, cache_bytes: int = 1 << 30) -> tuple[Engine, CallLog]:
     registry = NodeRegistry(engine_nodes.NODES)
     env = Environment.create(input_dir=tmp_path / "in", output_dir=tmp_path / "out", temp_dir=tmp_path / "tmp")
     engine = Engine(registry, env, cache_bytes=cache_bytes)
-    calls: list[str] = []
-    env.services["calls"] = calls
+    calls = CallLog()
+    env.register(calls)
     return engine, calls
 
 

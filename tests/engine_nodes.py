@@ -1,5 +1,5 @@
 """Small test nodes for the engine conformance suite (scalars instead of images; same graph shapes as ComfyUI's
-execution tests). Each node records its calls in a per-test CallLog passed through env.services["calls"]."""
+execution tests). Each node records its calls in the per-test CallLog service (env.register(CallLog()))."""
 
 from __future__ import annotations
 
@@ -8,12 +8,21 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
-from latentloom.engine.node import ExecutionBlocker, Node, NodeOutput
+from latentloom.engine.inputs import InputError
+from latentloom.engine.node import ExecutionBlocker, Node, NodeOutput, RunContext
 from latentloom.engine.types import ANY, FLOAT, INT, STRING, Boolean, Combo, Float, Int, Output, Socket, String
 
 
-def _log(ctx, node_id_suffix: str = "") -> None:
-    calls = ctx.env.services.get("calls") if ctx.env is not None else None
+class CallLog(list):
+    """The ids of the nodes called, in call order (a service: one per test engine)."""
+
+
+class BlobRefs(list):
+    """Weak references to the Blobs made so far (a service, created by the first MakeBlob)."""
+
+
+def _log(ctx: RunContext, node_id_suffix: str = "") -> None:
+    calls = ctx.find_service(CallLog)
     if calls is not None:
         calls.append(ctx.node_id + node_id_suffix)
 
@@ -23,7 +32,7 @@ class Const(Node):
     outputs = (Output(FLOAT),)
     value: Annotated[float, Float(min=-1000.0, max=1000.0)] = 0.0
 
-    def run(self, ctx):
+    def run(self, ctx: RunContext):
         _log(ctx)
         return (self.value,)
 
@@ -33,7 +42,7 @@ class IntConst(Node):
     outputs = (Output(INT),)
     value: Annotated[int, Int(min=0, max=100)] = 0
 
-    def run(self, ctx):
+    def run(self, ctx: RunContext):
         _log(ctx)
         return (self.value,)
 
@@ -44,7 +53,7 @@ class Add(Node):
     a: Annotated[float, Socket(FLOAT)]
     b: Annotated[float, Float(min=-1000.0, max=1000.0)] = 0.0
 
-    def run(self, ctx):
+    def run(self, ctx: RunContext):
         _log(ctx)
         return (self.a + self.b,)
 
@@ -58,7 +67,7 @@ class Mix(Node):
     second: Annotated[Any, Socket(FLOAT, lazy=True)] = None
     mask: Annotated[float, Float(min=0.0, max=1.0)] = 0.5
 
-    def inputs_needed(self, ctx, available):
+    def inputs_needed(self, ctx: RunContext, available):
         needed = []
         if self.mask < 1.0 and self.first is None:
             needed.append("first")
@@ -66,7 +75,7 @@ class Mix(Node):
             needed.append("second")
         return needed
 
-    def run(self, ctx):
+    def run(self, ctx: RunContext):
         _log(ctx)
         first = self.first if self.mask < 1.0 else 0.0
         second = self.second if self.mask > 0.0 else 0.0
@@ -80,7 +89,7 @@ class Collect(Node):
     output_node = True
     value: Annotated[Any, Socket(ANY)]
 
-    def run(self, ctx):
+    def run(self, ctx: RunContext):
         _log(ctx)
         return NodeOutput(ui={"values": [self.value]})
 
@@ -93,7 +102,7 @@ class Passthrough(Node):
     outputs = (Output(FLOAT),)
     value: Annotated[float, Socket(FLOAT)]
 
-    def run(self, ctx):
+    def run(self, ctx: RunContext):
         _log(ctx)
         return NodeOutput(values=(self.value,), ui={"values": [self.value]})
 
@@ -104,7 +113,7 @@ class Sleep(Node):
     value: Annotated[float, Socket(FLOAT)]
     seconds: Annotated[float, Float(min=0.0, max=10.0)] = 0.1
 
-    async def run(self, ctx):
+    async def run(self, ctx: RunContext):
         _log(ctx)
         await asyncio.sleep(self.seconds)
         return (self.value,)
@@ -116,7 +125,7 @@ class Fail(Node):
     value: Annotated[float, Socket(FLOAT)]
     message: Annotated[str, String()] = "boom"
 
-    def run(self, ctx):
+    def run(self, ctx: RunContext):
         _log(ctx)
         raise RuntimeError(self.message)
 
@@ -127,7 +136,7 @@ class AsyncFail(Node):
     value: Annotated[float, Socket(FLOAT)]
     seconds: Annotated[float, Float(min=0.0, max=10.0)] = 0.1
 
-    async def run(self, ctx):
+    async def run(self, ctx: RunContext):
         _log(ctx)
         await asyncio.sleep(self.seconds)
         raise ValueError("async failure")
@@ -141,7 +150,7 @@ class MakeList(Node):
     b: Annotated[Any, Socket(FLOAT, optional=True)] = None
     c: Annotated[Any, Socket(FLOAT, optional=True)] = None
 
-    def run(self, ctx):
+    def run(self, ctx: RunContext):
         _log(ctx)
         items = []
         for values in (self.a, self.b, self.c):
@@ -157,7 +166,7 @@ class Sum(Node):
     outputs = (Output(FLOAT),)
     values: Annotated[Any, Socket(FLOAT)]
 
-    def run(self, ctx):
+    def run(self, ctx: RunContext):
         _log(ctx)
         return (sum(v for v in self.values if not isinstance(v, ExecutionBlocker)),)
 
@@ -170,7 +179,7 @@ class Pair(Node):
     a: Annotated[Any, Socket(FLOAT)]
     b: Annotated[Any, Socket(FLOAT)]
 
-    def run(self, ctx):
+    def run(self, ctx: RunContext):
         _log(ctx)
         return (f"{self.a}/{self.b}",)
 
@@ -184,7 +193,7 @@ class Gate(Node):
     block: Annotated[bool, Boolean()] = False
     message: Annotated[str, String(optional=True)] = ""
 
-    def run(self, ctx):
+    def run(self, ctx: RunContext):
         _log(ctx)
         return (ExecutionBlocker(self.message or None) if self.block else self.value,)
 
@@ -197,7 +206,7 @@ class BlockEqual(Node):
     value: Annotated[Any, Socket(FLOAT)]
     blocked: Annotated[float, Float()] = 0.0
 
-    def run(self, ctx):
+    def run(self, ctx: RunContext):
         _log(ctx)
         return (ExecutionBlocker(None) if self.value == self.blocked else self.value,)
 
@@ -211,7 +220,7 @@ class Repeat(Node):
     times: Annotated[int, Int(min=0, max=1000)] = 3
     step: Annotated[float, Float(min=-1000.0, max=1000.0)] = 1.0
 
-    def run(self, ctx):
+    def run(self, ctx: RunContext):
         _log(ctx)
         if self.times == 0:
             return (self.value,)
@@ -227,7 +236,7 @@ class CyclicExpand(Node):
     outputs = (Output(FLOAT),)
     value: Annotated[Any, Socket(FLOAT)]
 
-    def run(self, ctx):
+    def run(self, ctx: RunContext):
         fragment = {"x": {"class_type": "Add", "inputs": {"a": ["y", 0], "b": 1.0}},
                     "y": {"class_type": "Add", "inputs": {"a": ["x", 0], "b": 1.0}}}
         return NodeOutput(values=(["x", 0],), expand=fragment)
@@ -245,7 +254,7 @@ class ReadFile(Node):
         path = Path(constants.get("path", ""))
         return path.read_text() if path.exists() else None
 
-    def run(self, ctx):
+    def run(self, ctx: RunContext):
         _log(ctx)
         return (float(Path(self.path).read_text()),)
 
@@ -256,7 +265,7 @@ class Random(Node):
     outputs = (Output(FLOAT),)
     scale: Annotated[float, Float()] = 1.0
 
-    def run(self, ctx):
+    def run(self, ctx: RunContext):
         _log(ctx)
         return (time.perf_counter_ns() % 1000 * self.scale,)
 
@@ -274,7 +283,7 @@ class EvenOnly(Node):
             return {"value": f"{constants['value']} is odd"}
         return True
 
-    def run(self, ctx):
+    def run(self, ctx: RunContext):
         _log(ctx)
         return (self.value,)
 
@@ -295,7 +304,7 @@ class FloatOnly(Node):
             return "needs a float literal"
         return True
 
-    def run(self, ctx):
+    def run(self, ctx: RunContext):
         _log(ctx)
         return (self.value,)
 
@@ -306,7 +315,7 @@ class Pick(Node):
     choice: Annotated[str, Combo(["red", "green", "blue"])] = "red"
     flag: Annotated[bool, Boolean()] = False
 
-    def run(self, ctx):
+    def run(self, ctx: RunContext):
         _log(ctx)
         return (f"{self.choice}:{self.flag}",)
 
@@ -320,7 +329,7 @@ class Steps(Node):
     steps: Annotated[int, Int(min=1, max=10000)] = 10
     pause: Annotated[float, Float(min=0.0, max=10.0)] = 0.01
 
-    def run(self, ctx):
+    def run(self, ctx: RunContext):
         _log(ctx)
         for step in range(self.steps):
             time.sleep(self.pause)
@@ -335,14 +344,28 @@ class Variadic(Node):
     outputs = (Output(FLOAT),)
     first: Annotated[Any, Socket(FLOAT)]
 
-    def run(self, ctx):
+    def run(self, ctx: RunContext):
         _log(ctx)
         extra = [v for k, v in (self.model_extra or {}).items()]
         return (self.first + sum(extra),)
 
 
+class Positive(Node):
+    """Passes a positive value on; reports any other as an InputError (which the engine names after the node)."""
+
+    category = "test"
+    outputs = (Output(FLOAT),)
+    value: Annotated[float, Socket(FLOAT)]
+
+    def run(self, ctx: RunContext):
+        _log(ctx)
+        if self.value <= 0:
+            raise InputError("value", f"must be positive, got {self.value}")
+        return (self.value,)
+
+
 class Blob:
-    """A value whose lifetime tests can watch (weak references in env.services["blobs"])."""
+    """A value whose lifetime tests can watch (weak references in the BlobRefs service)."""
 
     def cache_nbytes(self) -> int:
         return 10**15  # too big for any cache: only the run holds it
@@ -353,12 +376,14 @@ class MakeBlob(Node):
     outputs = (Output("BLOB"),)
     seed: Annotated[int, Int(min=0, max=100)] = 0
 
-    def run(self, ctx):
+    def run(self, ctx: RunContext):
         import weakref
 
         _log(ctx)
         blob = Blob()
-        ctx.env.services.setdefault("blobs", []).append(weakref.ref(blob))
+        if ctx.find_service(BlobRefs) is None:
+            ctx.env.register(BlobRefs())
+        ctx.service(BlobRefs).append(weakref.ref(blob))
         return (blob,)
 
 
@@ -367,7 +392,7 @@ class UseBlob(Node):
     outputs = (Output(FLOAT),)
     blob: Annotated[Any, Socket("BLOB")]
 
-    def run(self, ctx):
+    def run(self, ctx: RunContext):
         _log(ctx)
         return (1.0,)
 
@@ -379,14 +404,14 @@ class LiveBlobs(Node):
     outputs = (Output(FLOAT),)
     value: Annotated[Any, Socket(FLOAT)]
 
-    def run(self, ctx):
+    def run(self, ctx: RunContext):
         import gc
 
         _log(ctx)
         gc.collect()
-        return (float(sum(ref() is not None for ref in ctx.env.services.get("blobs", []))),)
+        return (float(sum(ref() is not None for ref in ctx.find_service(BlobRefs) or [])),)
 
 
 NODES = [MakeBlob, UseBlob, LiveBlobs, Const, IntConst, Add, Mix, Collect, Passthrough, Sleep, Fail, AsyncFail,
          MakeList, Sum, Pair, Gate, BlockEqual, Repeat, CyclicExpand, ReadFile, Random, EvenOnly, FloatOnly, Pick,
-         Steps, Variadic]
+         Steps, Variadic, Positive]

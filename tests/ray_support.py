@@ -15,7 +15,7 @@ import torch
 from latentloom.engine.api import Engine
 from latentloom.engine.environment import Environment
 from latentloom.engine.memory import ModelManager
-from latentloom.engine.node import Node
+from latentloom.engine.node import Node, RunContext
 from latentloom.engine.registry import NodeRegistry
 from latentloom.engine.types import FLOAT, IMAGE, Combo, Float, Int, Output, Socket
 from latentloom.nodes.image import PreviewImage, SaveImage
@@ -33,7 +33,7 @@ class ValueImage(Node):
     size: Annotated[int, Int(min=1, max=256)] = 16
     batch: Annotated[int, Int(min=1, max=8)] = 1
 
-    def run(self, ctx):
+    def run(self, ctx: RunContext):
         level = max(0.0, min(1.0, float(self.value)))
         return (torch.full((self.batch, self.size, self.size, 3), level),)
 
@@ -46,11 +46,11 @@ class TinyLoader(Node):
     outputs = (Output(FLOAT),)
     ckpt_name: Annotated[str, Combo(lambda env: env.list_models("checkpoints") if env else [])] = ""
 
-    def run(self, ctx):
+    def run(self, ctx: RunContext):
         path = ctx.env.find_model("checkpoints", self.ckpt_name)
         stat = path.stat()
         key = ("tiny", str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-        ctx.env.services["models"].get_or_load(key, lambda: torch.nn.Linear(4, 4))
+        ctx.models.get_or_load(key, lambda: torch.nn.Linear(4, 4))
         return (float(stat.st_size),)
 
 
@@ -64,7 +64,7 @@ class Spin(Node):
     size: Annotated[int, Int(min=8, max=2048)] = 256
     seed: Annotated[float, Float(min=0.0, max=1e9)] = 0.0
 
-    def run(self, ctx):
+    def run(self, ctx: RunContext):
         generator = torch.Generator().manual_seed(int(self.seed))
         matrix = torch.randn(self.size, self.size, generator=generator) / self.size ** 0.5
         state = torch.randn(self.size, self.size, generator=generator)
@@ -81,7 +81,7 @@ class Crash(Node):
     outputs = (Output(FLOAT),)
     value: Annotated[Any, Socket(FLOAT)]
 
-    def run(self, ctx):
+    def run(self, ctx: RunContext):
         import ray
 
         if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
@@ -99,7 +99,7 @@ def make_engine(root: str | Path) -> Engine:
                              temp_dir=root / "temp")
     for folder in (env.input_dir, env.output_dir, env.temp_dir):
         folder.mkdir(parents=True, exist_ok=True)
-    env.services["models"] = ModelManager(device="cpu")
+    env.register(ModelManager(device="cpu"))
     return Engine(NodeRegistry(RAY_TEST_NODES), env)
 
 

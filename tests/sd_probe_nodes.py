@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import torch
 
-from latentloom.engine.node import Node, NodeOutput
+from latentloom.engine.node import Node, NodeOutput, RunContext
 from latentloom.engine.types import LATENT, Int, Output, Socket, String
 
 
@@ -22,7 +22,7 @@ class LatentProbe(Node):
     samples: Annotated[Any, Socket(LATENT)]
     label: Annotated[str, String()] = ""
 
-    def run(self, ctx):
+    def run(self, ctx: RunContext):
         latent = self.samples
         mask = latent.get("noise_mask")
         text = json.dumps({"label": self.label, "samples": latent["samples"].tolist(),
@@ -38,7 +38,7 @@ class WideEmptyLatent(Node):
     width: Annotated[int, Int(min=8, max=4096, step=8)] = 64
     height: Annotated[int, Int(min=8, max=4096, step=8)] = 64
 
-    def run(self, ctx):
+    def run(self, ctx: RunContext):
         return ({"samples": torch.zeros(1, self.channels, self.height // 8, self.width // 8)},)
 
 

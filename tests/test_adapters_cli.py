@@ -14,7 +14,7 @@ from tiny_models import write_tiny_checkpoint
 
 from latentloom.server.cli import main
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.slow
 
 GRAPH = {
     "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny.safetensors"}},

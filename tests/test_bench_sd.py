@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow
+
 TOOL = Path(__file__).resolve().parent.parent / "tools" / "bench_sd.py"
 
 

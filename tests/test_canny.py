@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from node_context import StubContext, make_env, run_node
 
 from latentloom.engine.registry import node_info
 from latentloom.nodes.preprocessors import Canny
-
-torch.set_num_threads(1)
 
 
 def square_image(batch=1, height=48, width=56, box=(12, 36, 14, 42), value=1.0):
@@ -19,7 +18,7 @@ def square_image(batch=1, height=48, width=56, box=(12, 36, 14, 42), value=1.0):
 
 
 def run(image, low=0.4, high=0.8):
-    return Canny.model_construct(image=image, low_threshold=low, high_threshold=high).run(None)[0]
+    return run_node(Canny, StubContext(make_env()), image=image, low_threshold=low, high_threshold=high)[0]
 
 
 def test_edges_lie_on_the_square_outline_only():
@@ -64,9 +63,10 @@ def test_alpha_and_grey_images_are_accepted():
 
 
 def test_bad_inputs_name_the_node_input():
-    with pytest.raises(ValueError, match="Canny: input 'low_threshold'"):
+    with pytest.raises(ValueError, match=r"Canny \(#1\): input 'low_threshold': 0.8 must not exceed "
+                                         r"'high_threshold' \(0.4\)"):
         run(square_image(), 0.8, 0.4)
-    with pytest.raises(ValueError, match="Canny: input 'image'"):
+    with pytest.raises(ValueError, match=r"Canny \(#1\): input 'image': "):
         run(torch.zeros((1, 8, 8, 2)))
 
 

@@ -122,6 +122,7 @@ def test_nodes_json_is_a_comfyui_catalogue(workdir, capsys):
     assert catalogue["MakeList"]["output_is_list"] == [True]
 
 
+@pytest.mark.slow
 def test_console_script_runs(workdir):
     path = write(workdir / "g.json", GOOD)
     done = subprocess.run([sys.executable, "-m", "latentloom.server.cli", "run", path, "--json"], capture_output=True,
@@ -159,3 +160,40 @@ def test_convert_round_trip(workdir, capsys):
     back = json.loads(out)
     assert {k: (v["class_type"], v["inputs"]) for k, v in back.items()} == \
         {k: (v["class_type"], v["inputs"]) for k, v in GOOD.items()}
+
+
+# Issue 18: documents the one JSON reader refuses are exit 2 with a message, for `validate` and `run` alike.
+DEEP = "[" * 5000 + "]" * 5000
+REFUSED_FILES = [
+    ("5000 deep", DEEP, "nested more than"),
+    ("200 deep inside a node", json.dumps(GOOD)[:-1] + ', "9": {"class_type": "Const", "inputs": {"value": '
+     + "[" * 200 + "]" * 200 + "}}}", "nested more than"),
+    ("NaN input", json.dumps(GOOD).replace('"value": 2', '"value": NaN'), "1.inputs.value: nan"),
+    ("Infinity input", json.dumps(GOOD).replace('"value": 2', '"value": -Infinity'), "-inf is not a finite"),
+    ("401-digit integer", json.dumps(GOOD).replace('"value": 2', '"value": ' + "7" * 401), "401 digits"),
+    ("lone surrogate", json.dumps(GOOD).replace('"Add"', '"Add", "_meta": {"title": "\\ud800"}'), "surrogate"),
+    ("UI workflow with a null node", json.dumps({"nodes": [None], "links": []}), "nodes[0] is null"),
+    ("UI node with a null input slot", json.dumps({"nodes": [{"id": 1, "type": "Const", "inputs": [None]}],
+                                                   "links": []}), "nodes[0].inputs[0] is null"),
+]
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+@pytest.mark.parametrize("name,content,message", REFUSED_FILES, ids=[c[0] for c in REFUSED_FILES])
+def test_refused_documents_exit_2_without_traceback(workdir, capsys, command, name, content, message):
+    path = write(workdir / "g.json", content)
+    assert run_cli(command, path) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and message in err and "Traceback" not in err
+
+
+def test_refused_png_chunk_exits_2(workdir, capsys):
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("prompt", '{"1": {"class_type": "Const", "inputs": {"value": NaN}}}')
+    Image.new("RGB", (4, 4)).save(workdir / "w.png", pnginfo=info)
+    assert run_cli("validate", str(workdir / "w.png"), "--json") == 2
+    body = json.loads(capsys.readouterr().out)
+    assert body["status"] == "invalid" and "'prompt' chunk is not valid JSON" in body["error"]["message"]

@@ -14,7 +14,7 @@ from latentloom.nodes.diffusion import tokenizer as tk
 from latentloom.nodes.diffusion.clip import ClipModel, run_text_encoder
 from latentloom.nodes.diffusion.tokenizer import EOS_ID, bpe_ids, chunk_ids, tokenize_prompt
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -2,40 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass, field
-from typing import Any
-
 import pytest
 import torch
+from node_context import CountingManager, StubContext, make_env, run_node
 from tiny_clip import PROJECTION, WIDTH, tiny_clip
 
 import latentloom.nodes.conditioning as cn
 from latentloom import nodes
-from latentloom.engine.environment import Environment
-
-torch.set_num_threads(1)
-
-
-@dataclass
-class FakeContext:
-    env: Any = field(default_factory=Environment)
-    warnings: list[str] = field(default_factory=list)
-    node_id: str = "1"
-
-    def warn(self, message: str) -> None:
-        self.warnings.append(message)
-
-    def progress(self, value, maximum, preview=None):
-        pass
-
-    def check_interrupt(self):
-        pass
+from latentloom.nodes.diffusion.embeddings import EmbeddingLibrary
 
 
 def run(node_cls, **inputs):
-    ctx = inputs.pop("ctx", None) or FakeContext()
-    return node_cls.model_construct(**inputs).run(ctx)
+    return run_node(node_cls, inputs.pop("ctx", None), **inputs)
 
 
 @pytest.fixture(scope="module")
@@ -109,25 +87,19 @@ def test_clip_text_encode_outputs_cond_and_pooled(sd1):
     torch.testing.assert_close(conditioning[0][1]["pooled_output"], pooled, rtol=0, atol=0)
 
 
-def test_clip_text_encode_uses_services_for_manager_and_embeddings(sd1):
-    used = []
-
-    @contextlib.contextmanager
-    def use(module):
-        used.append(module)
-        yield module
-
-    manager = type("Manager", (), {"use": staticmethod(use)})()
-    ctx = FakeContext()
-    ctx.env.services.update(models=manager, embeddings=lambda name: None)
+def test_clip_text_encode_uses_the_model_manager_and_the_embedding_library(sd1):
+    manager = CountingManager()
+    ctx = StubContext(env=make_env(manager=manager))
+    ctx.env.register(EmbeddingLibrary(ctx.env))  # no embeddings folder: "embedding:nothing" is not found
     (conditioning,) = run(cn.CLIPTextEncode, text="a embedding:nothing cat", clip=sd1, ctx=ctx)
-    assert used == [sd1.encoders]
+    assert manager.used == [sd1.encoders]
     assert any("nothing" in w for w in ctx.warnings)
     torch.testing.assert_close(conditioning[0][0], sd1.encode("a cat")[0], rtol=0, atol=0)
 
 
 def test_clip_text_encode_without_clip_names_node_and_input():
-    with pytest.raises(ValueError, match="CLIPTextEncode: input 'clip'"):
+    with pytest.raises(ValueError, match=r"CLIPTextEncode \(#1\): input 'clip': must be a CLIP model \(got "
+                                         r"NoneType\); if it comes from a checkpoint loader"):
         run(cn.CLIPTextEncode, text="a cat", clip=None)
 
 
@@ -158,7 +130,7 @@ def test_sdxl_text_encode_adds_size_options_and_pads_the_shorter_prompt(sdxl):
 
 
 def test_sdxl_text_encode_rejects_sd1_clip(sd1):
-    with pytest.raises(ValueError, match="SDXL"):
+    with pytest.raises(ValueError, match=r"CLIPTextEncodeSDXL \(#1\): input 'clip': must be an SDXL CLIP"):
         run(cn.CLIPTextEncodeSDXL, clip=sd1, text_g="a", text_l="b")
 
 
@@ -212,7 +184,7 @@ def test_average_takes_pooled_from_source_when_target_has_none():
 
 
 def test_average_and_concat_warn_on_multiple_sources():
-    ctx = FakeContext()
+    ctx = StubContext()
     run(cn.ConditioningConcat, conditioning_to=[cond_pair(1.0)], conditioning_from=[cond_pair(2.0), cond_pair(3.0)],
         ctx=ctx)
     assert ctx.warnings and "first" in ctx.warnings[0]
@@ -263,7 +235,7 @@ def test_set_mask_adds_batch_axis_and_bounds_flag():
     (default,) = run(cn.ConditioningSetMask, conditioning=[cond_pair(1.0)], mask=mask[None], strength=1.0,
                      set_cond_area="default")
     assert default[0][1]["set_area_to_bounds"] is False and default[0][1]["mask"].shape == (1, 16, 24)
-    with pytest.raises(ValueError, match="ConditioningSetMask: input 'mask'"):
+    with pytest.raises(ValueError, match=r"ConditioningSetMask \(#1\): input 'mask': must be a MASK .*got NoneType"):
         run(cn.ConditioningSetMask, conditioning=[cond_pair(1.0)], mask=None)
 
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from adapter_support import FakeContext, make_env, save_safetensors, tiny_controlnet, tiny_objects, write_controlnet
+from adapter_support import save_safetensors, tiny_controlnet, tiny_objects, write_controlnet
+from node_context import StubContext, make_env, run_node
 
 from latentloom.nodes.controlnet import ControlNetApply, ControlNetApplyAdvanced, ControlNetLoader, DiffControlNetLoader
 from latentloom.nodes.diffusion import convert
@@ -16,17 +17,17 @@ from latentloom.nodes.diffusion.denoiser import Guider, ModelCall
 from latentloom.nodes.diffusion.samplers import SAMPLERS
 from latentloom.nodes.diffusion.schedules import DiscreteSchedule, calculate_sigmas
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
 def env(tmp_path):
-    return make_env(tmp_path / "models")
+    return make_env(models_dir=tmp_path / "models")
 
 
 @pytest.fixture
 def ctx(env):
-    return FakeContext(env)
+    return StubContext(env)
 
 
 def controlnet_dir(env):
@@ -78,15 +79,15 @@ def test_diff_controlnet_adds_the_base_unet(env, ctx):
     expected = net.state_dict()
     for key, value in loaded.module.state_dict().items():
         assert torch.allclose(value, expected[key], atol=1e-6), key
-    with pytest.raises(ValueError, match="ControlNetLoader: input 'control_net_name'.*DiffControlNetLoader"):
-        ControlNetLoader.model_construct(control_net_name="diff.safetensors").run(ctx)
+    with pytest.raises(ValueError, match=r"ControlNetLoader \(#1\): input 'control_net_name': .*DiffControlNetLoader"):
+        run_node(ControlNetLoader, ctx, control_net_name="diff.safetensors")
 
 
 def test_loader_goes_through_the_memory_manager(env, ctx):
     write_controlnet(controlnet_dir(env) / "cn.safetensors", tiny_controlnet("sd1"))
     (first,) = ControlNetLoader.model_construct(control_net_name="cn.safetensors").run(ctx)
     (second,) = ControlNetLoader.model_construct(control_net_name="cn.safetensors").run(ctx)
-    stats = env.services["models"].stats()
+    stats = env.models.stats()
     assert first is second and stats.loads == 1 and stats.hits == 1
     assert any("controlnet" in entry["key"] and entry["bytes"] > 0 for entry in stats.entries)
 
@@ -95,16 +96,20 @@ def test_wrong_files_give_clear_node_errors(env, ctx):
     model, clip = tiny_objects("sd1")
     save_safetensors({"lora_unet_x.lora_up.weight": torch.zeros(2, 2), "lora_unet_x.lora_down.weight":
                       torch.zeros(2, 2)}, controlnet_dir(env) / "a_lora.safetensors")
-    with pytest.raises(ValueError, match=r"ControlNetLoader: input 'control_net_name'.*a_lora.safetensors.*LoRA"):
-        ControlNetLoader.model_construct(control_net_name="a_lora.safetensors").run(ctx)
+    with pytest.raises(ValueError, match=r"ControlNetLoader \(#1\): input 'control_net_name': a_lora.*LoRA"):
+        run_node(ControlNetLoader, ctx, control_net_name="a_lora.safetensors")
     # An SD1-shaped ControlNet on SDXL-wide conditioning: reported by the apply node, naming its input.
     write_controlnet(controlnet_dir(env) / "sd1.safetensors", tiny_controlnet("sd1"))
     (net,) = ControlNetLoader.model_construct(control_net_name="sd1.safetensors").run(ctx)
     xl_cond = [[torch.zeros(1, 77, 64), {}]]
-    with pytest.raises(ValueError, match="ControlNetApplyAdvanced: input 'control_net'.*another model architecture"):
-        ControlNetApplyAdvanced.model_construct(positive=xl_cond, negative=xl_cond, control_net=net,
-                                                image=hint_image(), strength=1.0, start_percent=0.0,
-                                                end_percent=1.0).run(ctx)
+    with pytest.raises(ValueError, match=r"ControlNetApplyAdvanced \(#1\): input 'control_net': .*another model "
+                                         r"architecture"):
+        run_node(ControlNetApplyAdvanced, ctx, positive=xl_cond, negative=xl_cond, control_net=net,
+                 image=hint_image(), strength=1.0, start_percent=0.0, end_percent=1.0)
+    with pytest.raises(ValueError, match=r"ControlNetApplyAdvanced \(#1\): input 'image': must be an IMAGE "
+                                         r"\[batch, height, width, channels\] \(got a 3-D tensor\)"):
+        run_node(ControlNetApplyAdvanced, ctx, positive=xl_cond, negative=xl_cond, control_net=net,
+                 image=hint_image()[0], strength=1.0, start_percent=0.0, end_percent=1.0)
 
 
 # Parity with diffusers -----------------------------------------------------------------------------------------

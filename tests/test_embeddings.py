@@ -6,25 +6,24 @@ import pickle
 
 import pytest
 import torch
-from adapter_support import FakeContext, make_env, save_safetensors, tiny_objects
+from adapter_support import save_safetensors, tiny_objects
+from node_context import StubContext, make_env
 
 from latentloom.nodes.conditioning import CLIPTextEncode
 from latentloom.nodes.diffusion.embeddings import EmbeddingLibrary
 from latentloom.nodes.diffusion.tokenizer import bpe_ids
 
-torch.set_num_threads(1)
-
 
 @pytest.fixture
 def env(tmp_path):
-    environment = make_env(tmp_path / "models")
-    environment.services["embeddings"] = EmbeddingLibrary(environment)
+    environment = make_env(models_dir=tmp_path / "models")
+    environment.register(EmbeddingLibrary(environment))
     return environment
 
 
 @pytest.fixture
 def ctx(env):
-    return FakeContext(env)
+    return StubContext(env)
 
 
 def folder(env):
@@ -55,7 +54,7 @@ def test_every_file_form_resolves(env):
     torch.save({"<token>": vectors[0]}, folder(env) / "learned.bin")
     save_safetensors({"clip_l": vectors, "clip_g": vectors * 2}, folder(env) / "sub" / "xl.safetensors")
     (folder(env) / "evil.pt").write_bytes(pickle.dumps({"emb_params": Exploit()}))
-    library = env.services["embeddings"]
+    library = env.service(EmbeddingLibrary)
     assert torch.equal(library("st"), vectors) and torch.equal(library("st.safetensors"), vectors)
     assert torch.equal(library("a1111"), vectors)
     assert torch.equal(library("learned"), vectors[0])
@@ -89,7 +88,7 @@ def test_embedding_weights_and_tokens(env, ctx):
     _, clip = tiny_objects("sd1")
     vectors = torch.randn((3, 32))
     save_safetensors({"emb_params": vectors}, folder(env) / "three.safetensors")
-    tokens = clip.tokenize("x (embedding:three:1.3) y", resolve_embedding=env.services["embeddings"])["l"][0]
+    tokens = clip.tokenize("x (embedding:three:1.3) y", resolve_embedding=env.service(EmbeddingLibrary))["l"][0]
     injected = [(position, weight) for position, (token, weight) in enumerate(tokens)
                 if isinstance(token, torch.Tensor)]
     assert [p for p, _ in injected] == [2, 3, 4] and all(w == pytest.approx(1.3) for _, w in injected)
@@ -115,6 +114,6 @@ def test_create_engine_installs_the_resolver(tmp_path):
 
     engine = create_engine(models_dir=tmp_path, entry_points=False)
     save_safetensors({"emb_params": torch.ones((1, 4))}, tmp_path / "embeddings" / "ones.safetensors")
-    library = engine.env.services["embeddings"]
+    library = engine.env.service(EmbeddingLibrary)
     assert isinstance(library, EmbeddingLibrary) and torch.equal(library("ones"), torch.ones((1, 4)))
     assert library.names() == ["ones"]

@@ -1,5 +1,5 @@
-"""Execution conformance: the behaviours of ComfyUI's execution tests (comfy-exec.md §5), re-created with scalar
-nodes, plus interrupts and the cases ComfyUI gets wrong."""
+"""Execution conformance: the behaviours of ComfyUI's execution tests (docs/comfyui-reference.md#execution-behaviour),
+re-created with scalar nodes, plus interrupts and the cases ComfyUI gets wrong."""
 
 import asyncio
 import threading
@@ -306,6 +306,37 @@ def test_async_error_names_the_node(setup):
 
 
 # Errors ----------------------------------------------------------------------------------------------------------
+
+def test_input_error_is_named_after_the_node_and_input(setup):
+    engine, calls = setup
+    prompt = {"1": const(-1), "2": {"class_type": "Positive", "inputs": {"value": ["1", 0]}}, "3": collect("2")}
+    result = engine.run(prompt)
+    assert result.status == "error" and result.error["node_id"] == "2" and result.error["node_type"] == "Positive"
+    assert result.error["exception_message"] == "Positive (#2): input 'value': must be positive, got -1.0"
+    assert result.error["exception_type"] == "latentloom.engine.inputs.InputError"
+    assert calls == ["1", "2"]
+
+
+def test_value_checks_run_on_linked_socket_inputs_before_the_node(tmp_path):
+    engine, calls = make_engine(tmp_path)
+    engine.registry.value_checks.register("FLOAT", lambda v: None if v >= 0 else f"must not be negative (got {v})")
+    prompt = {"1": const(-2), "2": add("1", b=-5), "3": collect("2")}
+    result = engine.run(prompt)
+    assert result.status == "error" and result.error["node_id"] == "2"
+    assert result.error["exception_message"] == "Add (#2): input 'a': must not be negative (got -2.0)"
+    assert calls == ["1"]  # Add never ran; its widget input b (-5) is not a linked socket and was not checked
+    other, _ = make_engine(tmp_path)  # checks belong to one registry: another engine does not have them
+    assert other.run(prompt).outputs == {"3": {"values": [-7.0]}}
+
+
+def test_invalid_graph_gives_a_run_result_with_the_validation_errors(setup):
+    engine, calls = setup
+    result = engine.run({"1": add("9"), "2": collect("1")})
+    assert result.status == "invalid" and not result.ok and calls == [] and result.executed == []
+    assert result.error["type"] == "prompt_outputs_failed_validation"
+    assert [error["type"] for error in result.node_errors["1"]["errors"]] == ["bad_linked_input"]
+    assert result.node_errors["1"]["dependent_outputs"] == ["2"]
+
 
 def test_runtime_error_event_and_recovery(setup):
     engine, calls = setup

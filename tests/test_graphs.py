@@ -12,14 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from latentloom.engine.workflow import ui_to_api
 from latentloom.nodes import create_engine
 from latentloom.server.cli import main
 
-torch.set_num_threads(1)
+pytestmark = [pytest.mark.toy, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parent.parent
 GRAPHS = REPO / "graphs"

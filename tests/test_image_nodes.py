@@ -10,10 +10,11 @@ import time
 import numpy as np
 import pytest
 import torch
-from image_support import LocalAutoencoder, make_context
+from image_support import LocalAutoencoder
+from node_context import make_context, run_node
 from PIL import Image
 
-from latentloom.engine.node import NodeOutput
+from latentloom.engine.node import NodeOutput, RunContext
 from latentloom.nodes.image import (
     EmptyImage,
     ImageBatch,
@@ -39,7 +40,7 @@ def ctx(tmp_path):
 
 
 def run(node_cls, ctx, **inputs):
-    return node_cls.model_construct(**inputs).run(ctx)
+    return run_node(node_cls, ctx, **inputs)
 
 
 def write_rgba(path, height=6, width=5):
@@ -91,7 +92,7 @@ def test_save_image_subfolder_prefix_and_size_tokens(ctx):
 
 @pytest.mark.parametrize("prefix", ["../escape", "a/../../escape", "/tmp/absolute"])
 def test_save_image_refuses_to_leave_the_output_folder(ctx, prefix):
-    with pytest.raises(ValueError, match="SaveImage.*outside the output folder"):
+    with pytest.raises(ValueError, match=r"SaveImage \(#1\): input 'filename_prefix': .*outside the output folder"):
         run(SaveImage, ctx, images=torch.zeros(1, 4, 4, 3), filename_prefix=prefix)
     assert not (ctx.env.output_dir.parent / "escape_00001_.png").exists()
 
@@ -153,10 +154,10 @@ def test_load_image_missing_or_escaping_files_are_reported_by_name(ctx):
     assert LoadImage.validate_inputs(ctx.env, {"image": "missing.png"}, {}) == "Invalid image file: missing.png"
     assert LoadImage.validate_inputs(ctx.env, {"image": "../x.png"}, {}) == "Invalid image file: ../x.png"
     assert LoadImage.validate_inputs(ctx.env, {}, {"image": "STRING"}) is True  # linked: checked at run time
-    with pytest.raises(FileNotFoundError, match="LoadImage.*missing.png"):
+    with pytest.raises(FileNotFoundError, match=r"LoadImage \(#1\): input 'image': image file 'missing.png' not found"):
         run(LoadImage, ctx, image="missing.png")
     (ctx.env.input_dir / "broken.png").write_bytes(b"not a png")
-    with pytest.raises(ValueError, match="LoadImage.*broken.png"):
+    with pytest.raises(ValueError, match=r"LoadImage \(#1\): input 'image': cannot read image file 'broken.png'"):
         run(LoadImage, ctx, image="broken.png")
 
 
@@ -290,7 +291,7 @@ def test_load_encode_upscale_decode_save_through_the_engine(tmp_path):
     class TestVAELoader(image_nodes.Node):
         outputs: ClassVar = (Output(VAE),)
 
-        def run(self, ctx):
+        def run(self, ctx: RunContext):
             return (VAEModel(LocalAutoencoder()),)
 
     registry = NodeRegistry(latent_nodes.NODES + vae_nodes.NODES + image_nodes.NODES + [TestVAELoader])
@@ -322,5 +323,5 @@ def test_load_encode_upscale_decode_save_through_the_engine(tmp_path):
 
     prompt["1"]["inputs"]["image"] = "nope.png"
     invalid = engine.run(prompt)
-    assert not invalid.ok
+    assert invalid.status == "invalid" and not invalid.ok and invalid.executed == []
     assert "Invalid image file: nope.png" in json.dumps(invalid.node_errors)

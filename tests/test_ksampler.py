@@ -1,7 +1,6 @@
 """The model wrapper and the sampling nodes: UNet wiring, CFG, conditioning weights, inpainting, SDXL added
 conditioning, the ControlNet hook, and KSampler & co. end to end on a tiny random diffusers UNet."""
 
-import contextlib
 import io
 import math
 import os
@@ -11,7 +10,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from node_context import CountingManager, StubContext, make_env, run_node  # noqa: E402
 
+from latentloom.engine.memory import ModelManager  # noqa: E402
 from latentloom.nodes.diffusion.denoiser import GuidedDenoiser, Guider, ModelCall  # noqa: E402
 from latentloom.nodes.diffusion.models import DiffusionModel, SamplingConfig  # noqa: E402
 from latentloom.nodes.diffusion.samplers import sampler_for_name  # noqa: E402
@@ -321,23 +322,8 @@ def prompts():
         [[torch.randn(1, 77, 32, generator=g), {"pooled_output": torch.randn(1, 32, generator=g)}]]
 
 
-class FakeCtx:
-    def __init__(self, manager=None):
-        self.env = SimpleNamespace(services={"models": manager} if manager else {})
-        self.progress_calls = []
-
-    def progress(self, value, maximum, preview=None):
-        self.progress_calls.append((value, maximum, preview))
-
-
-class CountingManager:
-    def __init__(self):
-        self.uses = 0
-
-    @contextlib.contextmanager
-    def use(self, module):
-        self.uses += 1
-        yield module
+def stub(manager: ModelManager | None = None) -> StubContext:
+    return StubContext(env=make_env(manager=manager))
 
 
 def plain_diffusers_euler(unet, noise, sigmas, positive, negative, cfg):
@@ -363,7 +349,7 @@ def plain_diffusers_euler(unet, noise, sigmas, positive, negative, cfg):
 def test_engine_loop_equals_plain_diffusers_loop(tiny_model, prompts):
     positive, negative = prompts
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
-    ctx = FakeCtx()
+    ctx = stub()
     out = KSampler.model_construct(model=tiny_model, seed=42, steps=6, cfg=6.5, sampler_name="euler",
                                    scheduler="normal", positive=positive, negative=negative, latent_image=latent,
                                    denoise=1.0).run(ctx)[0]
@@ -373,7 +359,7 @@ def test_engine_loop_equals_plain_diffusers_loop(tiny_model, prompts):
     assert reference.abs().max() > 1.0
     assert torch.allclose(out["samples"], reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())
     # Without the nearest-integer timestep the result would differ clearly (the wiring matters).
-    assert [value for value, _, _ in ctx.progress_calls] == [1, 2, 3, 4, 5, 6]
+    assert [value for value, _, _ in ctx.reports] == [1, 2, 3, 4, 5, 6]
 
 
 def test_ksampler_end_to_end(tiny_model, prompts):
@@ -381,7 +367,7 @@ def test_ksampler_end_to_end(tiny_model, prompts):
 
     positive, negative = prompts
     manager = CountingManager()
-    ctx = FakeCtx(manager)
+    ctx = stub(manager)
     mask = torch.ones(1, 1, 8, 8)
     latent = {"samples": torch.zeros(2, 4, 8, 8), "batch_index": [0, 3], "noise_mask": mask}
     node = KSampler.model_construct(model=tiny_model, seed=7, steps=4, cfg=5.0, sampler_name="dpmpp_2m",
@@ -390,13 +376,13 @@ def test_ksampler_end_to_end(tiny_model, prompts):
     out = node.run(ctx)[0]
     assert out["samples"].shape == (2, 4, 8, 8) and out["samples"].dtype == torch.float32
     assert out["noise_mask"] is mask and out["batch_index"] == [0, 3]
-    assert manager.uses == 1
-    assert [(v, m) for v, m, _ in ctx.progress_calls] == [(1, 4), (2, 4), (3, 4), (4, 4)]
-    kind, jpeg = ctx.progress_calls[-1][2]
+    assert manager.used == [tiny_model.unet]
+    assert [(v, m) for v, m, _ in ctx.reports] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    kind, jpeg = ctx.reports[-1][2]
     assert kind == "image/jpeg" and Image.open(io.BytesIO(jpeg)).size == (8, 8)
-    again = node.run(FakeCtx())[0]
+    again = node.run(stub())[0]
     assert torch.equal(out["samples"], again["samples"])
-    other = KSampler.model_construct(**{**dict(node), "seed": 8}).run(FakeCtx())[0]
+    other = KSampler.model_construct(**{**dict(node), "seed": 8}).run(stub())[0]
     assert not torch.allclose(out["samples"], other["samples"])
 
 
@@ -409,7 +395,7 @@ def test_inpaint_mask_keeps_unmasked_latent(tiny_model, prompts):
         out = KSampler.model_construct(model=tiny_model, seed=3, steps=5, cfg=4.0, sampler_name=sampler_name,
                                        scheduler="normal", positive=positive, negative=negative,
                                        latent_image={"samples": source, "noise_mask": mask}, denoise=0.8
-                                       ).run(FakeCtx())[0]["samples"]
+                                       ).run(stub())[0]["samples"]
         assert torch.allclose(out[..., 5:], source[..., 5:], atol=1e-5), sampler_name
         assert (out[..., :3] - source[..., :3]).abs().max() > 0.1, sampler_name
 
@@ -419,25 +405,25 @@ def test_denoise_zero_and_advanced_split(tiny_model, prompts):
     source = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))}
     unchanged = KSampler.model_construct(model=tiny_model, seed=1, steps=4, cfg=3.0, sampler_name="euler",
                                          scheduler="normal", positive=positive, negative=negative,
-                                         latent_image=source, denoise=0.0).run(FakeCtx())[0]
+                                         latent_image=source, denoise=0.0).run(stub())[0]
     assert torch.equal(unchanged["samples"], source["samples"])
 
     common = dict(model=tiny_model, noise_seed=11, steps=8, cfg=3.0, sampler_name="euler", scheduler="karras",
                   positive=positive, negative=negative)
     empty = {"samples": torch.zeros(1, 4, 8, 8)}
     full = KSamplerAdvanced.model_construct(**common, add_noise="enable", latent_image=empty, start_at_step=0,
-                                            end_at_step=10000, return_with_leftover_noise="disable").run(FakeCtx())[0]
+                                            end_at_step=10000, return_with_leftover_noise="disable").run(stub())[0]
     first = KSamplerAdvanced.model_construct(**common, add_noise="enable", latent_image=empty, start_at_step=0,
-                                             end_at_step=3, return_with_leftover_noise="enable").run(FakeCtx())[0]
+                                             end_at_step=3, return_with_leftover_noise="enable").run(stub())[0]
     second = KSamplerAdvanced.model_construct(**common, add_noise="disable", latent_image=first, start_at_step=3,
                                               end_at_step=10000, return_with_leftover_noise="disable"
-                                              ).run(FakeCtx())[0]
+                                              ).run(stub())[0]
     scale = full["samples"].abs().max().item()
     assert torch.allclose(second["samples"], full["samples"], atol=1e-5 * scale)
     assert (first["samples"] - full["samples"]).abs().max() > 5.0  # still noisy (σ ≈ 3) after 3 of 8 steps
     past_end = KSamplerAdvanced.model_construct(**common, add_noise="enable", latent_image=source,
                                                 start_at_step=8, end_at_step=10000,
-                                                return_with_leftover_noise="disable").run(FakeCtx())[0]
+                                                return_with_leftover_noise="disable").run(stub())[0]
     assert torch.equal(past_end["samples"], source["samples"])
 
 
@@ -446,21 +432,21 @@ def test_custom_sampling_equals_ksampler(tiny_model, prompts):
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
     ksampler = KSampler.model_construct(model=tiny_model, seed=5, steps=5, cfg=4.0, sampler_name="heun",
                                         scheduler="exponential", positive=positive, negative=negative,
-                                        latent_image=latent, denoise=0.7).run(FakeCtx())[0]
+                                        latent_image=latent, denoise=0.7).run(stub())[0]
     noise = RandomNoise.model_construct(noise_seed=5).run(None)[0]
     guider = CFGGuider.model_construct(model=tiny_model, positive=positive, negative=negative, cfg=4.0).run(None)[0]
     sampler = KSamplerSelect.model_construct(sampler_name="heun").run(None)[0]
     sigmas = BasicScheduler.model_construct(model=tiny_model, scheduler="exponential", steps=5,
                                             denoise=0.7).run(None)[0]
-    ctx = FakeCtx()
+    ctx = stub()
     output, denoised = SamplerCustomAdvanced.model_construct(noise=noise, guider=guider, sampler=sampler,
                                                              sigmas=sigmas, latent_image=latent).run(ctx)
     assert torch.equal(output["samples"], ksampler["samples"])
-    assert len(ctx.progress_calls) == 5
+    assert len(ctx.reports) == 5
     assert torch.allclose(denoised["samples"], output["samples"], atol=0.5)
     custom, custom_denoised = SamplerCustom.model_construct(
         model=tiny_model, add_noise=True, noise_seed=5, cfg=4.0, positive=positive, negative=negative,
-        sampler=sampler, sigmas=sigmas, latent_image=latent).run(FakeCtx())
+        sampler=sampler, sigmas=sigmas, latent_image=latent).run(stub())
     assert torch.equal(custom["samples"], ksampler["samples"])
     assert torch.equal(custom_denoised["samples"], denoised["samples"])
 
@@ -473,7 +459,7 @@ def test_basic_guider_and_disabled_noise(tiny_model, prompts):
     noise = DisableNoise.model_construct().run(None)[0]
     sampler = sampler_for_name("euler")
     out = SamplerCustomAdvanced.model_construct(noise=noise, guider=guider, sampler=sampler, sigmas=sigmas,
-                                                latent_image=source).run(FakeCtx())[0]
+                                                latent_image=source).run(stub())[0]
     # Same as a CFG guider at cfg 1 (which never evaluates the negative).
     cfg_one = Guider(tiny_model, {"positive": positive, "negative": [[torch.zeros(1, 77, 32), {}]]}, 1.0)
     direct = cfg_one.sample(torch.zeros(1, 4, 8, 8), source["samples"], sampler, sigmas, seed=0)
@@ -486,7 +472,7 @@ def test_v_prediction_model_runs(tiny_unet, prompts):
     out = KSampler.model_construct(model=model, seed=1, steps=3, cfg=5.0, sampler_name="uni_pc",
                                    scheduler="simple", positive=positive, negative=negative,
                                    latent_image={"samples": torch.zeros(1, 4, 8, 8)}, denoise=1.0
-                                   ).run(FakeCtx())[0]
+                                   ).run(stub())[0]
     assert torch.isfinite(out["samples"]).all()
 
 
@@ -494,16 +480,20 @@ def test_bad_inputs_name_node_and_input(tiny_model, prompts):
     positive, negative = prompts
     good = dict(model=tiny_model, seed=1, steps=2, cfg=5.0, sampler_name="euler", scheduler="normal",
                 positive=positive, negative=negative, latent_image={"samples": torch.zeros(1, 4, 8, 8)}, denoise=1.0)
-    with pytest.raises(ValueError, match="KSampler: input 'sampler_name'"):
-        KSampler.model_construct(**{**good, "sampler_name": "magic"}).run(FakeCtx())
-    with pytest.raises(ValueError, match="KSampler: input 'scheduler'"):
-        KSampler.model_construct(**{**good, "scheduler": "magic"}).run(FakeCtx())
-    with pytest.raises(ValueError, match="KSampler: input 'latent_image'"):
-        KSampler.model_construct(**{**good, "latent_image": torch.zeros(1, 4, 8, 8)}).run(FakeCtx())
-    with pytest.raises(ValueError, match="KSampler: input 'positive'"):
-        KSampler.model_construct(**{**good, "positive": "a cat"}).run(FakeCtx())
-    with pytest.raises(ValueError, match="KSampler: input 'model'"):
-        KSampler.model_construct(**{**good, "model": None}).run(FakeCtx())
+    with pytest.raises(ValueError, match=r"KSampler \(#1\): input 'sampler_name': is 'magic', not one of"):
+        run_node(KSampler, stub(), **{**good, "sampler_name": "magic"})
+    with pytest.raises(ValueError, match=r"KSampler \(#1\): input 'scheduler': is 'magic'"):
+        run_node(KSampler, stub(), **{**good, "scheduler": "magic"})
+    with pytest.raises(ValueError, match=r"KSampler \(#1\): input 'latent_image': must be a LATENT"):
+        run_node(KSampler, stub(), **{**good, "latent_image": torch.zeros(1, 4, 8, 8)})
+    with pytest.raises(ValueError, match=r"KSampler \(#1\): input 'latent_image': has 3 channels, but this sd1"):
+        run_node(KSampler, stub(), **{**good, "latent_image": {"samples": torch.zeros(1, 3, 8, 8)}})
+    with pytest.raises(ValueError, match=r"KSampler \(#1\): input 'positive': must be CONDITIONING"):
+        run_node(KSampler, stub(), **{**good, "positive": "a cat"})
+    with pytest.raises(ValueError, match=r"KSampler \(#1\): input 'negative': holds 16-wide text embeddings"):
+        run_node(KSampler, stub(), **{**good, "negative": [[torch.zeros(1, 77, 16), {}]]})
+    with pytest.raises(ValueError, match=r"KSampler \(#1\): input 'model': must be a MODEL \(got NoneType\)"):
+        run_node(KSampler, stub(), **{**good, "model": None})
 
 
 def test_catalogue_shape_of_ksampler():

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from image_support import make_context
+from node_context import make_context, run_node
 
 from latentloom.nodes.diffusion.resize import bislerp, common_upscale
 from latentloom.nodes.latent import (
@@ -27,7 +27,7 @@ def ctx(tmp_path):
 
 
 def run(node_cls, ctx, **inputs):
-    return node_cls.model_construct(**inputs).run(ctx)
+    return run_node(node_cls, ctx, **inputs)
 
 
 def test_empty_latent_is_zeros_at_one_eighth_size(ctx):
@@ -37,6 +37,22 @@ def test_empty_latent_is_zeros_at_one_eighth_size(ctx):
     specs = EmptyLatentImage.input_specs()
     assert (specs["width"].min, specs["width"].max, specs["width"].step) == (16, 16384, 8)
     assert EmptyLatentImage.input_default("width") == 512 and specs["batch_size"].max == 4096
+
+
+def test_latent_inputs_are_checked_before_the_node_runs(ctx):
+    with pytest.raises(ValueError, match=r"LatentUpscale \(#1\): input 'samples': must be a LATENT .*got Tensor"):
+        run(LatentUpscale, ctx, samples=torch.zeros(1, 4, 8, 8), upscale_method="bilinear", width=64, height=64,
+            crop="disabled")
+    with pytest.raises(ValueError, match=r"LatentComposite \(#1\): input 'samples_from': .*got 3-D"):
+        run(LatentComposite, ctx, samples_to={"samples": torch.zeros(1, 4, 8, 8)},
+            samples_from={"samples": torch.zeros(4, 8, 8)}, x=0, y=0, feather=0)
+    with pytest.raises(ValueError, match=r"SetLatentNoiseMask \(#1\): input 'mask': must be a MASK"):
+        run(SetLatentNoiseMask, ctx, samples={"samples": torch.zeros(1, 4, 8, 8)}, mask=torch.zeros(1, 1, 1, 8, 8))
+    with pytest.raises(ValueError, match=r"SetLatentNoiseMask \(#1\): input 'mask': must be a MASK .*\(1, 2, 8, 8\)"):
+        run(SetLatentNoiseMask, ctx, samples={"samples": torch.zeros(1, 4, 8, 8)}, mask=torch.zeros(1, 2, 8, 8))
+    # [batch, 1, height, width] masks (ComfyUI's consumers reshape them) are accepted as they are there.
+    (masked,) = run(SetLatentNoiseMask, ctx, samples={"samples": torch.zeros(1, 4, 8, 8)}, mask=torch.ones(2, 1, 8, 8))
+    assert masked["noise_mask"].shape == (2, 1, 8, 8)
 
 
 # common_upscale / bislerp ------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from node_context import StubContext, make_env, run_node
 from tiny_models import (
     FAMILIES,
     save_state,
@@ -31,32 +32,17 @@ from latentloom.nodes.loaders import (
     VAELoader,
 )
 
-torch.set_num_threads(1)
-
-
-class FakeContext:
-    def __init__(self, env: Environment):
-        self.env = env
-        self.node_id = "1"
-        self.warnings: list[str] = []
-
-    def warn(self, message: str) -> None:
-        self.warnings.append(message)
-
-    def progress(self, value, maximum, preview=None) -> None:
-        pass
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
 def env(tmp_path) -> Environment:
-    environment = Environment.create(models_dir=tmp_path / "models")
-    environment.services["models"] = ModelManager(device="cpu")
-    return environment
+    return make_env(models_dir=tmp_path / "models")
 
 
 @pytest.fixture
-def ctx(env) -> FakeContext:
-    return FakeContext(env)
+def ctx(env) -> StubContext:
+    return StubContext(env)
 
 
 def models_dir(env: Environment, folder: str) -> Path:
@@ -134,7 +120,7 @@ def test_two_loader_nodes_on_one_file_share_the_networks(env, ctx):
     assert first[0].unet is second[0].unet
     assert first[1].encoders is second[1].encoders
     assert first[2].autoencoder is second[2].autoencoder
-    stats = env.services["models"].stats()
+    stats = env.models.stats()
     assert (stats.loads, stats.hits) == (1, 1)
     # A file replaced on disk (new mtime) is a different identity: loaded afresh.
     path = models_dir(env, "checkpoints") / "shared.safetensors"
@@ -176,7 +162,7 @@ def test_malicious_pickle_is_refused_and_never_executed(env, ctx):
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": {"x": torch.zeros(1)}, "payload": _Exploit(marker)}, path)
     with pytest.raises(ValueError) as raised:
-        CheckpointLoaderSimple.model_construct(ckpt_name="evil.ckpt").run(ctx)
+        run_node(CheckpointLoaderSimple, ctx, ckpt_name="evil.ckpt")
     message = str(raised.value)
     assert "ckpt_name" in message and "evil.ckpt" in message and "refused" in message
     assert not marker.exists()
@@ -187,14 +173,16 @@ def test_broken_and_unknown_files_name_the_input_and_file(env, ctx):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "broken.safetensors").write_bytes(b"\x00\x01 definitely not safetensors")
     with pytest.raises(ValueError,
-                       match=r"CheckpointLoaderSimple: input 'ckpt_name': broken.safetensors: not a readable"):
-        CheckpointLoaderSimple.model_construct(ckpt_name="broken.safetensors").run(ctx)
+                       match=r"CheckpointLoaderSimple \(#1\): input 'ckpt_name': broken.safetensors: not a readable"):
+        run_node(CheckpointLoaderSimple, ctx, ckpt_name="broken.safetensors")
     save_state({"some.layer.weight": torch.zeros(4, 4)}, folder / "other.safetensors")
-    with pytest.raises(ValueError, match=r"other.safetensors.*unknown or unsupported"):
-        CheckpointLoaderSimple.model_construct(ckpt_name="other.safetensors").run(ctx)
-    with pytest.raises(FileNotFoundError, match="ckpt_name"):
-        CheckpointLoaderSimple.model_construct(ckpt_name="absent.safetensors").run(ctx)
-    assert env.services["models"].loaded_keys() == []
+    with pytest.raises(ValueError, match=r"CheckpointLoaderSimple \(#1\): input 'ckpt_name': other.safetensors.*"
+                                         r"unknown or unsupported"):
+        run_node(CheckpointLoaderSimple, ctx, ckpt_name="other.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"CheckpointLoaderSimple \(#1\): input 'ckpt_name': checkpoints "
+                                                r"file 'absent.safetensors' not found"):
+        run_node(CheckpointLoaderSimple, ctx, ckpt_name="absent.safetensors")
+    assert env.models.loaded_keys() == []
 
 
 def test_diffusers_folder_loads(env, ctx):
@@ -241,9 +229,8 @@ def test_unet_vae_and_clip_loaders_on_component_files(env, ctx):
                                              type="sdxl").run(ctx)
     assert dual.family == "sdxl"
     assert_same_weights(original_xl.text_encoders["g"], dual.encoders["g"])
-    with pytest.raises(ValueError, match="input 'type'.*'flux'"):
-        DualCLIPLoader.model_construct(clip_name1="clip_g.safetensors", clip_name2="clip_l.safetensors",
-                                       type="flux").run(ctx)
+    with pytest.raises(ValueError, match=r"DualCLIPLoader \(#1\): input 'type': 'flux' text encoders are not"):
+        run_node(DualCLIPLoader, ctx, clip_name1="clip_g.safetensors", clip_name2="clip_l.safetensors", type="flux")
     (_,) = UNETLoader.model_construct(unet_name="unet.safetensors", weight_dtype="fp8_e4m3fn").run(ctx)
     assert any("fp8" in warning for warning in ctx.warnings)
 
@@ -320,7 +307,7 @@ def test_txt2img_graph_runs_through_the_engine_on_a_tiny_checkpoint(tmp_path):
     (tmp_path / "models" / "checkpoints" / "bad.safetensors").write_bytes(b"not weights")
     engine = nodes.create_engine(models_dir=tmp_path / "models", input_dir=tmp_path / "in",
                                  output_dir=tmp_path / "out", temp_dir=tmp_path / "tmp", entry_points=False)
-    engine.env.services["models"] = ModelManager(device="cpu")
+    engine.env.register(ModelManager(device="cpu"))
     prompt = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny.safetensors"}},
         "9": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny.safetensors"}},
@@ -336,22 +323,22 @@ def test_txt2img_graph_runs_through_the_engine_on_a_tiny_checkpoint(tmp_path):
     result = engine.run(prompt)
     assert result.status == "success", result.error
     assert (tmp_path / "out" / "tiny_00001_.png").is_file()
-    stats = engine.env.services["models"].stats()
+    stats = engine.env.models.stats()
     assert (stats.loads, len(stats.entries)) == (1, 1)  # both loader nodes got the one loaded checkpoint
 
     broken = {**prompt, "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "bad.safetensors"}}}
     result = engine.run(broken)
     assert result.status == "error"
     assert result.error["node_id"] == "1"
-    assert "input 'ckpt_name'" in result.error["exception_message"]
-    assert "bad.safetensors" in result.error["exception_message"]
+    assert result.error["exception_message"].startswith("CheckpointLoaderSimple (#1): input 'ckpt_name': "
+                                                        "bad.safetensors: ")
 
 
 def test_fingerprint_changes_when_the_manager_dropped_the_models(env, ctx):
     """Cached outputs holding evicted weights must not be served: the loader's fingerprint moves on a drop."""
     write_tiny_checkpoint(models_dir(env, "checkpoints") / "c.safetensors", "sd1")
     write_tiny_text_encoder(models_dir(env, "clip") / "l.safetensors", "sd1", "l")
-    manager = env.services["models"]
+    manager = env.models
     checkpoint_inputs = {"ckpt_name": "c.safetensors"}
     clip_inputs = {"clip_name": "l.safetensors", "type": "stable_diffusion"}
     CheckpointLoaderSimple.model_construct(**checkpoint_inputs).run(ctx)

@@ -6,12 +6,13 @@ import json
 
 import pytest
 import torch
-from adapter_support import FakeContext, kohya_lora_for_all, make_env, save_safetensors, tiny_objects
+from adapter_support import kohya_lora_for_all, save_safetensors, tiny_objects
+from node_context import StubContext, make_env, run_node
 
 from latentloom.nodes.diffusion import lora as lora_math
 from latentloom.nodes.lora import LoraLoader, LoraLoaderModelOnly
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.slow
 
 # The same layers of the tiny SD1 UNet in LDM (openaimodel) and diffusers module paths, written out by hand from
 # the two layouts (block_out_channels 32/32/64/64, 2 res blocks per level, attention on levels 0-2).
@@ -36,12 +37,12 @@ TE_LAYER = "encoder.layers.1.self_attn.q_proj"
 
 @pytest.fixture
 def env(tmp_path):
-    return make_env(tmp_path / "models")
+    return make_env(models_dir=tmp_path / "models")
 
 
 @pytest.fixture
 def ctx(env):
-    return FakeContext(env)
+    return StubContext(env)
 
 
 def write_lora(env, name, tensors, metadata=None):
@@ -271,7 +272,7 @@ def test_stacked_loras_add_in_order_and_share_one_patch(env, ctx):
 def test_changing_strength_never_reloads_the_file_or_the_model(env, ctx):
     model, clip = tiny_objects("sd1")
     name = write_lora(env, "all.safetensors", kohya_lora_for_all(model, clip))
-    manager = env.services["models"]
+    manager = env.models
     for strength in (0.5, 1.0, 0.25):
         patched, _ = LoraLoader.model_construct(model=model, clip=clip, lora_name=name, strength_model=strength,
                                                 strength_clip=strength).run(ctx)
@@ -304,15 +305,19 @@ def test_lora_of_another_architecture_is_a_clear_node_error(env, ctx):
     model, clip = tiny_objects("sd1")
     xl_model, xl_clip = tiny_objects("sdxl")
     name = write_lora(env, "xl.safetensors", kohya_lora_for_all(xl_model, xl_clip))
-    with pytest.raises(ValueError, match=r"LoraLoader: input 'lora_name' \(xl.safetensors\)"):
-        LoraLoader.model_construct(model=model, clip=clip, lora_name=name, strength_model=1.0,
-                                   strength_clip=1.0).run(ctx)
+    with pytest.raises(ValueError,
+                       match=r"LoraLoader \(#1\): input 'lora_name': xl.safetensors: does not fit this sd1 model"):
+        run_node(LoraLoader, ctx, model=model, clip=clip, lora_name=name, strength_model=1.0, strength_clip=1.0)
     junk = write_lora(env, "junk.safetensors", {"some.other.weight": torch.zeros(3)})
-    with pytest.raises(ValueError, match="LoraLoaderModelOnly: input 'lora_name'.*another architecture"):
-        LoraLoaderModelOnly.model_construct(model=model, lora_name=junk, strength_model=1.0).run(ctx)
-    with pytest.raises(FileNotFoundError, match="LoraLoader: input 'lora_name'"):
-        LoraLoader.model_construct(model=model, clip=clip, lora_name="missing.safetensors", strength_model=1.0,
-                                   strength_clip=1.0).run(ctx)
+    with pytest.raises(ValueError, match=r"LoraLoaderModelOnly \(#1\): input 'lora_name': junk.safetensors: "
+                                         r".*another architecture"):
+        run_node(LoraLoaderModelOnly, ctx, model=model, lora_name=junk, strength_model=1.0)
+    with pytest.raises(FileNotFoundError, match=r"LoraLoader \(#1\): input 'lora_name': loras file "
+                                                r"'missing.safetensors' not found"):
+        run_node(LoraLoader, ctx, model=model, clip=clip, lora_name="missing.safetensors", strength_model=1.0,
+                 strength_clip=1.0)
+    with pytest.raises(ValueError, match=r"LoraLoader \(#1\): input 'clip': must be a CLIP model"):
+        run_node(LoraLoader, ctx, model=model, clip=None, lora_name=name, strength_model=1.0, strength_clip=1.0)
 
 
 def test_key_split_prefers_longest_suffix():

@@ -13,6 +13,8 @@ ray = pytest.importorskip("ray", reason="Ray is an optional extra (pip install '
 from tests.ray_support import image_graph, make_ray_app, wait_history, workers_that_ran  # noqa: E402
 from tests.server_support import live_server, wait_for  # noqa: E402
 
+pytestmark = pytest.mark.ray
+
 
 @pytest.fixture(scope="module", autouse=True)
 def cluster():

@@ -20,6 +20,8 @@ from latentloom.server.state import ServerConfig  # noqa: E402
 from tests.ray_support import image_graph, loader_graph, make_engine, make_ray_app, wait_history, workers_that_ran  # noqa: E402
 from tests.server_support import TINY_PNG, live_server, read_until_done, wait_for  # noqa: E402
 
+pytestmark = pytest.mark.ray
+
 VOLATILE = {"timestamp", "prompt_id"}
 
 
@@ -60,7 +62,8 @@ async def run_and_record(base: str, graph: dict, client_id: str) -> tuple[str, l
     async with connect(ws_url(base, client_id)) as ws:
         await ws.recv()  # the hello status
         async with httpx.AsyncClient(base_url=base) as http:
-            response = await http.post("/prompt", json={"prompt": graph, "client_id": client_id})
+            response = await http.post("/prompt", json={"prompt": graph, "client_id": client_id,
+                                                         "extra_data": {"preview_method": "auto"}})
             assert response.status_code == 200, response.text
             prompt_id = response.json()["prompt_id"]
         return prompt_id, await read_until_done(ws, prompt_id, timeout=60)

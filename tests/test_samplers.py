@@ -92,6 +92,7 @@ def test_deterministic_samplers_reach_the_data(name, start):
     assert (out - ode_solution(x, sigmas[0], 0.0)).abs().max().item() < 0.2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", STOCHASTIC)
 def test_stochastic_samplers_sample_the_distribution(name):
     noise = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(1))

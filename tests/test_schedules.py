@@ -1,4 +1,5 @@
-"""Sigma tables, schedulers and noise against ComfyUI's reference numbers (comfy-semantics §2.2–2.4)."""
+"""Sigma tables, schedulers and noise against ComfyUI's reference numbers
+(docs/comfyui-reference.md#noise-and-schedules)."""
 
 import math
 

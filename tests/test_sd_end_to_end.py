@@ -22,7 +22,7 @@ from tiny_models import write_tiny_checkpoint
 
 from latentloom.server.cli import main
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.slow
 
 TESTS = Path(__file__).resolve().parent
 SIZE = 64
@@ -275,7 +275,7 @@ def test_rerun_executes_nothing_and_a_new_seed_keeps_the_checkpoint(workspace):
     engine = nodes.create_engine(models_dir=workspace / "models", input_dir=workspace / "input",
                                  output_dir=workspace / "output_engine", temp_dir=workspace / "temp",
                                  entry_points=False)
-    manager = engine.env.services["models"]
+    manager = engine.env.models
     first = engine.run(copy.deepcopy(TXT2IMG))
     assert first.status == "success" and len(first.executed) == len(TXT2IMG)
     again = engine.run(copy.deepcopy(TXT2IMG))
@@ -298,11 +298,11 @@ RUNTIME_ERRORS = {
     # An 8-channel latent for a 4-channel model.
     "wide_latent": ({"5": {"class_type": "WideEmptyLatent", "inputs": {"channels": 8, "width": SIZE,
                                                                        "height": SIZE}}},
-                    "input 'latent_image' has 8 channels", "4-channel"),
+                    "KSampler (#3): input 'latent_image': has 8 channels", "4-channel"),
     # The SDXL model sampled with prompts encoded by the SD1 checkpoint's CLIP (32 wide; the tiny SDXL takes 64).
     "foreign_conditioning": ({**checkpoint("sdxl.safetensors"), **checkpoint("sd1.safetensors", "40"),
                               "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a cat", "clip": ["40", 1]}}},
-                             "input 'positive' holds 32-wide text embeddings", "64-wide"),
+                             "KSampler (#3): input 'positive': holds 32-wide text embeddings", "64-wide"),
 }
 
 

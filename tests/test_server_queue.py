@@ -114,6 +114,7 @@ def _start_server(port: int, database: Path, root: Path) -> subprocess.Popen:
     return process
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
 def test_kill_9_then_restart_runs_pending_and_keeps_history(tmp_path):
     port, database = free_port(), tmp_path / "queue.db"

@@ -1,4 +1,4 @@
-"""Contract tests: every route's status codes and response shapes (ComfyUI's, comfy-api.md §1-§5)."""
+"""Contract tests: every route's status codes and response shapes (ComfyUI's, docs/comfyui-reference.md#http-api)."""
 
 from __future__ import annotations
 

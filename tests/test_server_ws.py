@@ -209,10 +209,12 @@ def test_feature_flags_and_binary_previews(server):
             assert reply == {"type": "feature_flags", "data": {"supports_preview_metadata": True,
                                                                "max_upload_size": 104857600.0}}
             plain = await connected(server, "plain")
-            rich_id = await submit(http, graph, "rich")
+            # Previews are off by default (ComfyUI's --preview-method none); the editor asks per prompt.
+            asked = {"extra_data": {"preview_method": "latent2rgb"}}
+            rich_id = await submit(http, graph, "rich", **asked)
             rich_messages = await read_until_done(rich, rich_id)
             plain_id = await submit(http, {**graph, "1": {"class_type": "Const", "inputs": {"value": 2.0}}},
-                                    "plain")
+                                    "plain", **asked)
             plain_messages = await read_until_done(plain, plain_id)
 
             frames = [m for m in rich_messages if isinstance(m, bytes)]
@@ -251,6 +253,7 @@ def test_reconnect_with_same_id_keeps_receiving(server):
     asyncio.run(scenario())
 
 
+@pytest.mark.slow
 def test_twenty_clients_ten_prompts_each_are_isolated(server):
     clients, per_client = 20, 10
 
@@ -310,7 +313,8 @@ def test_a_stalled_client_does_not_block_the_others(tmp_path, monkeypatch):
                 stalled = stalled_socket(base, "stalled")
                 healthy = await connected(base, "healthy")
                 # The stalled client's own prompt floods it with previews.
-                noisy = await submit(http, big_preview_graph, "stalled")
+                noisy = await submit(http, big_preview_graph, "stalled",
+                                     extra_data={"preview_method": "auto"})
                 mine = await submit(http, const_graph(7.0), "healthy")
                 async with asyncio.timeout(30):
                     messages = await read_until_done(healthy, mine)

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from latentloom.engine.api import set_input
@@ -30,7 +29,7 @@ sys.path.insert(0, str(REPO / "tools"))
 import toy_dataset  # noqa: E402
 import toy_metrics  # noqa: E402
 
-torch.set_num_threads(1)
+pytestmark = [pytest.mark.toy, pytest.mark.slow]
 
 GRAPHS = REPO / "graphs"
 MODELS = Path(os.environ.get("TOY_MODELS_DIR", REPO / "models"))

@@ -7,7 +7,8 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
-from image_support import LocalAutoencoder, make_context, tiny_autoencoder
+from image_support import LocalAutoencoder, tiny_autoencoder
+from node_context import make_context, run_node
 
 from latentloom.nodes.diffusion import vae as vae_module
 from latentloom.nodes.diffusion.vae import VAEModel, tiled_apply
@@ -19,8 +20,6 @@ from latentloom.nodes.vae_nodes import (
     VAEEncodeTiled,
     inpaint_inputs,
 )
-
-torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
@@ -217,8 +216,10 @@ def test_vae_encode_and_decode_nodes_round_trip_shapes(autoencoder, tmp_path):
     assert set(latent) == {"samples"} and latent["samples"].shape == (1, 4, 8, 6)
     (images,) = VAEDecode.model_construct(samples=latent, vae=vae).run(ctx)
     assert images.shape == (1, 64, 48, 3)
-    with pytest.raises(ValueError, match="VAEDecode.*vae"):
-        VAEDecode.model_construct(samples=latent, vae="not a vae").run(ctx)
+    with pytest.raises(ValueError, match=r"VAEDecode \(#1\): input 'vae': must be a VAE \(got str\)"):
+        run_node(VAEDecode, ctx, samples=latent, vae="not a vae")
+    with pytest.raises(ValueError, match=r"VAEDecode \(#1\): input 'samples': must be a LATENT"):
+        run_node(VAEDecode, ctx, samples=latent["samples"], vae=vae)
 
 
 def test_tiled_nodes_convert_pixel_sizes_and_clamp_the_overlap(tmp_path, monkeypatch):

@@ -102,7 +102,7 @@ def make_engine(root: Path, manager: Any = None, cache_bytes: int | None = None)
     engine = nodes.create_engine(models_dir=root / "models", input_dir=root / "input", output_dir=root / "output",
                                  temp_dir=root / "temp", entry_points=False, cache_bytes=cache_bytes)
     if manager is not None:
-        engine.env.services["models"] = manager
+        engine.env.register(manager)
     return engine
 
 
@@ -133,8 +133,12 @@ def run_engine(engine, prompt: dict) -> tuple[float, dict[str, float], Any]:
 
 
 def node_context(engine) -> SimpleNamespace:
-    return SimpleNamespace(env=engine.env, node_id="bench", prompt={}, extra_data={}, warn=lambda message: None,
-                           progress=lambda *args, **kwargs: None)
+    """The parts of engine.node.RunContext the timed nodes use, for calling them outside a run."""
+    env = engine.env
+    return SimpleNamespace(env=env, models=env.models, service=env.service, find_service=env.find_service,
+                           node_id="bench", display_node_id="bench", class_type="bench", prompt={}, extra_data={},
+                           warn=lambda message: None, progress=lambda *args, **kwargs: None,
+                           check_interrupt=lambda: None)
 
 
 def loaded_parts(engine) -> tuple[Any, Any, Any, Any, Any]:
@@ -267,7 +271,7 @@ def bench_memory(root: Path, prompts: int, cache_bytes: int | None = None) -> di
             rss[index] = rss_bytes()
     seconds = time.perf_counter() - started
     cache = engine.cache.stats().as_dict()
-    manager = engine.env.services["models"].stats()
+    manager = engine.env.models.stats()
     growth = (rss[prompts] - rss[10]) / rss[10]
     return {
         "prompts": prompts, "size": 64, "steps": 2, "seconds": round(seconds, 2),

@@ -8,13 +8,13 @@ without it the `workflow` chunk is converted.
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 import zlib
 from pathlib import Path
 from typing import Any, Literal
 
+from latentloom.engine import jsonsafe
 from latentloom.engine.workflow.api_to_ui import api_to_ui
 from latentloom.engine.workflow.catalogue import WorkflowFormatError
 from latentloom.engine.workflow.ui_to_api import ui_to_api
@@ -103,9 +103,11 @@ def _unwrap_request(document: Any) -> tuple[Any, dict | None]:
 
 
 def _parse_json(text: bytes | str, what: str) -> Any:
+    """The one JSON reader for files and PNG chunks (engine.jsonsafe): malformed JSON, NaN/Infinity, lone
+    surrogates, huge integers and absurd nesting are all a WorkflowFormatError saying where."""
     try:
-        return json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        return jsonsafe.loads(text)
+    except jsonsafe.JsonInputError as error:
         raise WorkflowFormatError(f"{what} is not valid JSON: {error}") from error
 
 
@@ -153,6 +155,10 @@ def load_workflow(
     """
     where = "the input"
     if isinstance(source, dict):
+        try:
+            jsonsafe.check(source)
+        except jsonsafe.JsonInputError as error:
+            raise WorkflowFormatError(f"the workflow is not valid JSON: {error}") from error
         return load_document(source, catalogue)
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)

@@ -163,9 +163,49 @@ def _renumber_clashing_ids(scopes: list[Scope], root: Scope, last_node_id: int) 
         }
 
 
+def _expect(value: Any, kinds: tuple[type, ...], where: str, what: str, allow_null: bool = True) -> None:
+    if not isinstance(value, kinds) and not (allow_null and value is None):
+        shown = "null" if value is None else type(value).__name__
+        raise WorkflowFormatError(f"malformed UI workflow: {where} is {shown}, expected {what}")
+
+
+def check_shape(workflow: dict[str, Any]) -> None:
+    """The containers the converter walks must have the shapes the editor writes; otherwise a clear error naming
+    the place ('nodes[3] is null, expected a node object') instead of an AttributeError deep inside."""
+    graphs: list[tuple[dict[str, Any], str]] = [(workflow, "")]
+    while graphs:
+        graph, where = graphs.pop()
+        nodes = graph.get("nodes")
+        _expect(nodes, (list,), f"{where}nodes", "a list")
+        for index, node in enumerate(nodes or []):
+            place = f"{where}nodes[{index}]"
+            _expect(node, (dict,), place, "a node object", allow_null=False)
+            for key in ("inputs", "outputs"):
+                _expect(node.get(key), (list,), f"{place}.{key}", "a list")
+                for slot_index, slot in enumerate(node.get(key) or []):
+                    _expect(slot, (dict,), f"{place}.{key}[{slot_index}]", "a slot object", allow_null=False)
+            _expect(node.get("widgets_values"), (list, dict), f"{place}.widgets_values", "a list")
+            _expect(node.get("properties"), (dict,), f"{place}.properties", "an object")
+        _expect(graph.get("links"), (list,), f"{where}links", "a list")
+        for key in ("inputs", "outputs"):
+            if where:  # a subgraph definition's own input and output slots
+                _expect(graph.get(key), (list,), f"{where}{key}", "a list")
+                for slot_index, slot in enumerate(graph.get(key) or []):
+                    _expect(slot, (dict,), f"{where}{key}[{slot_index}]", "a slot object", allow_null=False)
+        definitions = graph.get("definitions")
+        _expect(definitions, (dict,), f"{where}definitions", "an object")
+        subgraphs = (definitions or {}).get("subgraphs")
+        _expect(subgraphs, (list,), f"{where}definitions.subgraphs", "a list")
+        for index, definition in enumerate(subgraphs or []):
+            place = f"{where}definitions.subgraphs[{index}]"
+            _expect(definition, (dict,), place, "a subgraph object", allow_null=False)
+            graphs.append((definition, place + "."))
+
+
 def parse_scopes(workflow: dict[str, Any]) -> tuple[dict[str, Scope], set[str]]:
     if not isinstance(workflow.get("nodes"), list):
         raise WorkflowFormatError("not a UI workflow: it has no 'nodes' list")
+    check_shape(workflow)
     root_nodes = _nodes_by_id(workflow["nodes"])
     root_links, root_aliases = parse_links(workflow.get("links"), "workflow", root_nodes)
     root = Scope("", root_nodes, root_links, aliases=root_aliases)

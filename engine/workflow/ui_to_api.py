@@ -37,7 +37,7 @@ from latentloom.engine.workflow.catalogue import (
     NodeLayout,
     WorkflowFormatError,
     node_layout,
-    types_compatible,
+    ui_link_types_compatible,
 )
 from latentloom.engine.workflow.text import MISSING, SAVE_NODE_TYPES, apply_text_replacements, process_dynamic_prompt
 from latentloom.engine.workflow.ui_graph import SUBGRAPH_INPUT_NODE, Link, Placed, Scope, parse_scopes
@@ -217,14 +217,13 @@ def _bypass_input_slot(flow: _Workflow, placed: Placed, slot: int, wanted: Any) 
     if wanted in ("*", "", None):
         return slot if len(input_types) > slot else 0
     output_type = output_types[slot] if slot < len(output_types) else None
-    if slot < len(input_types) and types_compatible(input_types[slot], output_type) and types_compatible(
-        input_types[slot], wanted
-    ):
+    if slot < len(input_types) and ui_link_types_compatible(input_types[slot], output_type) \
+            and ui_link_types_compatible(input_types[slot], wanted):
         return slot
     if wanted in input_types:
         return input_types.index(wanted)
     for index, input_type in enumerate(input_types):
-        if types_compatible(input_type, output_type) and types_compatible(input_type, wanted):
+        if ui_link_types_compatible(input_type, output_type) and ui_link_types_compatible(input_type, wanted):
             return index
     return -1
 
@@ -482,6 +481,18 @@ def ui_to_api(
     """
     if not isinstance(workflow, dict):
         raise WorkflowFormatError("a UI workflow must be a JSON object")
+    try:
+        return _convert(workflow, catalogue, rng, now)
+    except WorkflowFormatError:
+        raise
+    except (AttributeError, TypeError, KeyError, IndexError, ValueError) as exc:
+        # check_shape catches the common damage; anything it misses is still a format error, not a crash.
+        raise WorkflowFormatError(f"malformed UI workflow ({type(exc).__name__}: {exc})") from exc
+
+
+def _convert(
+    workflow: dict[str, Any], catalogue: dict[str, dict[str, Any]], rng: random.Random | None, now: datetime | None
+) -> dict[str, dict[str, Any]]:
     scopes, subgraph_ids = parse_scopes(workflow)
     flow = _Workflow(scopes, subgraph_ids, catalogue)
     _expand(flow)

@@ -17,14 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch
 
-import torch  # noqa: E402
-
-from . import convert, detect  # noqa: E402
-from .clip import ClipModel  # noqa: E402
-from .models import SD15_LATENT, SDXL_LATENT, DiffusionModel, LatentFormat, SamplingConfig  # noqa: E402
-from .vae import VAEModel  # noqa: E402
+from . import convert, detect
+from .clip import ClipModel
+from .models import SD15_LATENT, SDXL_LATENT, DiffusionModel, LatentFormat, SamplingConfig
+from .offline import ensure_offline
+from .vae import VAEModel
 
 StateDict = dict[str, torch.Tensor]
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
@@ -130,6 +129,7 @@ def _materialize(model: torch.nn.Module, state: Mapping[str, torch.Tensor], dtyp
 
 def build_unet(ldm_unet: Mapping[str, torch.Tensor], shape: detect.UNetShape, family: str, dtype: torch.dtype,
                prefix: str = convert.UNET_PREFIX, what: str = "UNet") -> torch.nn.Module:
+    ensure_offline()
     from diffusers import UNet2DConditionModel
 
     config = detect.unet_config(shape, family)
@@ -141,6 +141,7 @@ def build_unet(ldm_unet: Mapping[str, torch.Tensor], shape: detect.UNetShape, fa
 
 def build_vae(state: Mapping[str, torch.Tensor], family: str, dtype: torch.dtype, what: str = "VAE") \
         -> torch.nn.Module:
+    ensure_offline()
     from diffusers import AutoencoderKL
 
     ldm = detect.vae_ldm_weights(state)
@@ -154,6 +155,7 @@ def build_vae(state: Mapping[str, torch.Tensor], family: str, dtype: torch.dtype
 def build_text_encoder(state: Mapping[str, torch.Tensor], shape: detect.TextEncoderShape, slot: str,
                        dtype: torch.dtype, what: str = "text encoder") -> torch.nn.Module:
     """A transformers CLIP text model for a CLIP slot: "l" plain, "h"/"g" with their text projection."""
+    ensure_offline()
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     with_projection = slot in ("h", "g")
@@ -341,6 +343,7 @@ def _identity_layer_like(layer: torch.nn.Module) -> torch.nn.Module:
 
 def load_diffusers_folder(directory: str | os.PathLike, manager: Any = None) -> LoadedCheckpoint:
     """A diffusers-format pipeline folder (model_index.json, unet/, vae/, text_encoder[_2]/)."""
+    ensure_offline()
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 

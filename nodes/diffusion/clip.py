@@ -12,13 +12,13 @@ The pooled output is the final-LayerNorm state at the first EOS of the first chu
 clip_l a plain CLIPTextModel (ComfyUI's clip_l pooled output is unprojected). Everything is computed in float32,
 whatever the storage dtype, and returned on the CPU.
 
-The weights belong to the model memory manager (env.services["models"]): `encoders` is one nn.ModuleDict shared
+The weights belong to the model memory manager (the engine's env.models): `encoders` is one nn.ModuleDict shared
 by every clone, so the manager tracks and moves it as one module, and LoRA patches address its parameters by
 the names "l.encoder.layers.0.self_attn.q_proj.weight", "g.text_model....".
 
 Textual-inversion embeddings: encode(..., resolve_embedding=fn) with fn(name) -> tensor | {encoder: tensor} |
-None (see nodes.diffusion.tokenizer.EmbeddingResolver). Nodes take it from env.services["embeddings"] when that
-service exists; without one, "embedding:NAME" is encoded as plain text.
+None (see nodes.diffusion.tokenizer.EmbeddingResolver). Nodes take it from the EmbeddingLibrary service when
+one is registered; without one, "embedding:NAME" is encoded as plain text.
 """
 
 from __future__ import annotations
@@ -42,9 +42,6 @@ from .tokenizer import (
     empty_chunk,
     tokenize_prompt,
 )
-
-EMBEDDINGS_SERVICE = "embeddings"
-MODELS_SERVICE = "models"
 
 # Tokens per encoder key: a list of 77-token weighted chunks.
 TokenChunks = dict[str, list[Chunk]]

@@ -1,11 +1,12 @@
 """ControlNet: loading files into diffusers' ControlNetModel, and the control object the denoiser calls.
 
-Files (comfy-semantics §6): LDM layout with `control_model.` prefix or bare (`zero_convs.*`, `input_hint_block.*`,
-`input_blocks.*`, `middle_block.*`, `middle_block_out.*`), or diffusers names (`controlnet_cond_embedding.*`,
-`controlnet_down_blocks.*`, `down_blocks.*`). The architecture is read from tensor shapes (the UNet part through
-nodes.diffusion.detect, the hint encoder from its convolutions); LDM weights go through diffusers' own converter.
-"Diff" ControlNets (a `difference` marker key) store their UNet-shaped weights relative to a base UNet and need
-that model to load (DiffControlNetLoader). A file name ending in `_shuffle` turns on global average pooling.
+Files (docs/comfyui-reference.md#controlnet-and-lora): LDM layout with `control_model.` prefix or bare
+(`zero_convs.*`, `input_hint_block.*`, `input_blocks.*`, `middle_block.*`, `middle_block_out.*`), or diffusers names
+(`controlnet_cond_embedding.*`, `controlnet_down_blocks.*`, `down_blocks.*`). The architecture is read from tensor
+shapes (the UNet part through nodes.diffusion.detect, the hint encoder from its convolutions); LDM weights go
+through diffusers' own converter. "Diff" ControlNets (a `difference` marker key) store their UNet-shaped weights
+relative to a base UNet and need that model to load (DiffControlNetLoader). A file name ending in `_shuffle` turns
+on global average pooling.
 
 `ControlNet` is what a CONTROL_NET link carries (weights only). `AppliedControlNet` is what ControlNetApply[Advanced]
 put into a conditioning's options["control"]: the net plus hint image, strength, σ window and the previously
@@ -22,15 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch
 
-import torch  # noqa: E402
-
-from . import convert, detect  # noqa: E402
-from .checkpoint import ModelFileError, _materialize, read_state_dict  # noqa: E402
-from .models import DiffusionModel  # noqa: E402
-from .resize import common_upscale  # noqa: E402
-from .schedules import DiscreteSchedule  # noqa: E402
+from . import convert, detect
+from .checkpoint import ModelFileError, _materialize, read_state_dict
+from .models import DiffusionModel
+from .offline import ensure_offline
+from .resize import common_upscale
+from .schedules import DiscreteSchedule
 
 StateDict = dict[str, torch.Tensor]
 LDM_PREFIX = "control_model."
@@ -103,6 +103,7 @@ def controlnet_config(ldm: Mapping[str, torch.Tensor], what: str) -> tuple[dict[
 
 
 def _ldm_to_diffusers(ldm: StateDict, config: Mapping[str, Any]) -> StateDict:
+    ensure_offline()
     from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 
     converted = convert_controlnet_checkpoint(ldm, dict(config))
@@ -189,6 +190,7 @@ def load_controlnet(path: str | os.PathLike, manager: Any = None, dtype: torch.d
                     base_model: DiffusionModel | None = None) -> ControlNet:
     """A ControlNet file as a ControlNet. `base_model` is required for "diff" ControlNets (their UNet-shaped
     weights are added to the base UNet's); `dtype` defaults to the manager's diffusion dtype (fp32 without one)."""
+    ensure_offline()
     from diffusers import ControlNetModel
 
     path = Path(path)

@@ -15,13 +15,12 @@ Prefixes inside a single-file checkpoint:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch
 
-import torch  # noqa: E402
+from .offline import ensure_offline
 
 StateDict = dict[str, torch.Tensor]
 
@@ -251,6 +250,7 @@ def ldm_checkpoint(family: str, unet: torch.nn.Module, vae: torch.nn.Module | No
 
 def unet_from_ldm(checkpoint: Mapping[str, torch.Tensor], unet_config: Mapping[str, Any],
                   prefix: str = UNET_PREFIX) -> StateDict:
+    ensure_offline()
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
     # diffusers' converter expects the model.diffusion_model. prefix; re-prefix what we found.
@@ -261,6 +261,7 @@ def unet_from_ldm(checkpoint: Mapping[str, torch.Tensor], unet_config: Mapping[s
 def vae_from_ldm(checkpoint: Mapping[str, torch.Tensor], vae_config: Mapping[str, Any]) -> StateDict:
     """VAE weights with or without the first_stage_model. prefix, in LDM names; diffusers-named VAE files
     (encoder.down_blocks...) pass through unchanged."""
+    ensure_offline()
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
     if has_prefix(checkpoint, VAE_PREFIX):
@@ -282,6 +283,7 @@ def clip_from_hf_layout(checkpoint: Mapping[str, torch.Tensor], prefix: str) -> 
 
 def clip_from_open_clip(checkpoint: Mapping[str, torch.Tensor], prefix: str, text_model: Any) -> StateDict:
     """OpenCLIP text weights under `prefix` in transformers names (text_model.* + text_projection.weight)."""
+    ensure_offline()
     from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
 
     # diffusers skips a hard-coded list of SD2 keys (layer 23 and the projection) when they carry the

@@ -1,6 +1,6 @@
 """The model wrapper the samplers call: D = f(x, σ), with CFG, conditioning weights, inpainting and ControlNet.
 
-Numerics follow ComfyUI (comfy-semantics §2.5–2.7): x stays float32; the UNet gets x/√(σ²+1) in its own dtype
+Numerics follow ComfyUI (docs/comfyui-reference.md#denoiser): x stays float32; the UNet gets x/√(σ²+1) in its own dtype
 and the *integer* timestep nearest to σ; its output is cast back to float32 and turned into a denoised
 estimate (eps: x − ε̂σ; v: x/(σ²+1) − v̂σ/√(σ²+1)); CFG runs on the denoised estimates in float32, and is skipped
 (no negative evaluation) when cfg ≈ 1.

@@ -3,7 +3,7 @@
 `EmbeddingLibrary(env)` is the resolver ClipModel.tokenize expects (nodes.diffusion.tokenizer.EmbeddingResolver):
 called with the name written in the prompt (with or without extension, optionally in a subfolder), it returns the
 vectors [n, D], a mapping {"clip_l": [n, 768], "clip_g": [n, 1280]} for SDXL files, or None when no such file
-exists or it holds no usable vectors. It is installed as env.services["embeddings"] by nodes.create_engine.
+exists or it holds no usable vectors. nodes.create_engine registers one as a service (ctx.service(EmbeddingLibrary)).
 
 File forms: `.safetensors`; `.pt` / `.bin` only through torch.load(weights_only=True) (a pickle that needs more
 than tensors and plain containers is refused, never executed). Contents: A1111's {"string_to_param": {"*": t}},

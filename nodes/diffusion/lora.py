@@ -3,7 +3,8 @@
 A LoRA file is a flat dictionary of tensors `<module key><suffix>`. The module key names a layer of the UNet or
 of a text encoder in one of several spellings (kohya `lora_unet_…` with LDM or diffusers module paths,
 `lora_te_` / `lora_te1_` / `lora_te2_`, diffusers/peft `unet.…` / `text_encoder.…`, ComfyUI's generic
-`diffusion_model.…`); the suffix says which factor of which adapter it is (comfy-semantics §6).
+`diffusion_model.…`); the suffix says which factor of which adapter it is
+(docs/comfyui-reference.md#controlnet-and-lora).
 
 `key_map_*` build, from the live modules, every spelling → the parameter name inside the module the patch is
 applied to (the diffusers UNet, or ClipModel's `encoders` ModuleDict). `parse_lora` groups a file's tensors into
@@ -282,6 +283,8 @@ def parse_lora(tensors: Mapping[str, torch.Tensor], key_map: Mapping[str, Target
         if target is None:
             (parsed.ignored if skip and module.startswith(skip) else parsed.unmatched).append(module)
             continue
+        if "alpha" in parts and parts["alpha"].numel() != 1:
+            raise LoraFormatError(f"'{module}.alpha' holds {parts['alpha'].numel()} values; an alpha is one number")
         alpha = float(parts["alpha"].float().item()) if "alpha" in parts else _peft_alpha(module, metadata)
         factors = {name: value for name, value in parts.items() if name not in ("alpha", "diff_b")}
         if kind == "diff":

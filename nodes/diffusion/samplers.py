@@ -514,6 +514,7 @@ def _build_registry() -> Mapping[str, Sampler]:
     from . import dpm_solver, multistep, sa_solver, solvers
 
     on_device = {"noise_on_cpu": False}
+    # In the order of ComfyUI's KSampler sampler_name list (KSAMPLER_NAMES, then ddim, uni_pc, uni_pc_bh2).
     entries = [
         Sampler("euler", euler),
         Sampler("euler_cfg_pp", euler_cfg_pp),
@@ -563,17 +564,8 @@ def _build_registry() -> Mapping[str, Sampler]:
 
 SAMPLERS: Mapping[str, Sampler] = _build_registry()
 
-# ComfyUI's KSAMPLER_NAMES order (minus the samplers not implemented here), then ddim, uni_pc, uni_pc_bh2.
-_COMFY_ORDER = (
-    "euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "heun", "heunpp2", "dpm_2",
-    "dpm_2_ancestral", "lms", "dpm_fast", "dpm_adaptive", "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp",
-    "dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m", "dpmpp_2m_cfg_pp", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu",
-    "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm", "lcm", "ipndm",
-    "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp", "res_multistep_ancestral",
-    "res_multistep_ancestral_cfg_pp", "gradient_estimation", "gradient_estimation_cfg_pp", "er_sde", "seeds_2",
-    "seeds_3", "sa_solver", "sa_solver_pece", "ddim", "uni_pc", "uni_pc_bh2",
-)
-SAMPLER_NAMES: tuple[str, ...] = tuple(name for name in _COMFY_ORDER if name in SAMPLERS)
+# The registry's entries are written in the order of ComfyUI's KSampler sampler_name list (what the editor shows).
+SAMPLER_NAMES: tuple[str, ...] = tuple(SAMPLERS)
 
 
 def sampler_for_name(name: str) -> Sampler:

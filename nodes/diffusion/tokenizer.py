@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from .offline import ensure_offline
+
 log = logging.getLogger(__name__)
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -104,6 +106,7 @@ def build_clip_vocab(path: Path = BPE_VOCAB_FILE, merge_count: int = 48894) -> t
 @functools.cache
 def clip_tokenizer():
     """The CLIP BPE tokenizer (transformers' CLIPTokenizer, built in memory from the shipped files; no hub)."""
+    ensure_offline()
     from transformers import CLIPTokenizer
 
     config = json.loads(TOKENIZER_CONFIG_FILE.read_text())

@@ -1,6 +1,6 @@
 """The object that flows through VAE links: a diffusers AutoencoderKL plus ComfyUI's pixel/latent conventions.
 
-Conventions (ComfyUI's `comfy.sd.VAE`, see comfy-semantics.md §5):
+Conventions (ComfyUI's `comfy.sd.VAE`, see docs/comfyui-reference.md#vae-conventions):
 * encode: IMAGE [B,H,W,C] 0..1 -> first 3 channels -> H and W cropped (centred) down to multiples of 8 ->
   x*2-1 -> encoder + quant_conv -> the posterior's **mean** (no sampling, no RNG) -> float32, unscaled.
 * decode: unscaled latent -> decoder -> clamp((x+1)/2, 0, 1) -> IMAGE [B,H,W,3] float32 on CPU.
