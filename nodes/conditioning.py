@@ -129,7 +129,8 @@ def _first_of(ctx: RunContext, conditioning_from: Conditioning) -> tuple[torch.T
 
 
 class ConditioningAverage(Node):
-    display_name = "Conditioning (Average)"
+    # ComfyUI 0.3.64 lists this node under its class name (its display-name mapping has a typo in the key).
+    display_name = "ConditioningAverage"
     category = "conditioning"
     outputs = (Output(CONDITIONING),)
 

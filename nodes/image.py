@@ -210,16 +210,14 @@ class ImageScaleToTotalPixels(Node):
     image: Annotated[Any, Socket(IMAGE)]
     upscale_method: Annotated[str, Combo(IMAGE_UPSCALE_METHODS)] = "nearest-exact"
     megapixels: Annotated[float, Float(min=0.01, max=16.0, step=0.01)] = 1.0
-    # Newer ComfyUI: round both sides to a multiple of this; optional so older workflows still validate.
-    resolution_steps: Annotated[int, Int(min=1, max=256, optional=True)] = 1
 
     def run(self, ctx: RunContext):
         image = self.image
-        steps = max(1, int(self.resolution_steps or 1))
+        # ComfyUI 0.3.64's rule: each side scaled by the same factor, rounded to whole pixels.
         total = self.megapixels * 1024 * 1024
         scale_by = math.sqrt(total / (image.shape[2] * image.shape[1]))
-        width = max(steps, round(image.shape[2] * scale_by / steps) * steps)
-        height = max(steps, round(image.shape[1] * scale_by / steps) * steps)
+        width = max(1, round(image.shape[2] * scale_by))
+        height = max(1, round(image.shape[1] * scale_by))
         return (_scale_image(image, int(width), int(height), self.upscale_method, "disabled"),)
 
 
