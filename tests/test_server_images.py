@@ -12,11 +12,10 @@ from starlette.testclient import TestClient
 from latentloom.engine.api import Engine
 from latentloom.engine.environment import Environment
 from latentloom.engine.registry import NodeRegistry
+from latentloom.nodes import image as image_nodes
 from latentloom.server.app import create_app
 from latentloom.server.state import ServerConfig
 from tests.server_support import wait_for
-
-image_nodes = pytest.importorskip("latentloom.nodes.image")
 
 
 @pytest.fixture()
@@ -87,14 +86,14 @@ def test_preview_image_goes_to_temp(client):
     assert client.get("/view", params=images[1]).status_code == 200
 
 
-def test_missing_input_image_is_a_run_error_naming_the_node(client):
+def test_missing_input_image_is_refused_up_front_naming_the_node(client):
+    """As ComfyUI's LoadImage.VALIDATE_INPUTS: a missing file fails validation (400), nothing is queued."""
     response = client.post("/prompt", json={"prompt": {
         "1": {"class_type": "LoadImage", "inputs": {"image": "nope.png"}},
-        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0]}}}})
-    if response.status_code == 400:  # validated up front
-        assert "1" in response.json()["node_errors"]
-        return
-    prompt_id = response.json()["prompt_id"]
-    entry = wait_for(lambda: client.get(f"/history/{prompt_id}").json(), timeout=30)[prompt_id]
-    kind, data = entry["status"]["messages"][-1]
-    assert kind == "execution_error" and data["node_id"] == "1" and "nope.png" in data["exception_message"]
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}}}})
+    assert response.status_code == 400, response.text
+    node_errors = response.json()["node_errors"]
+    assert set(node_errors) == {"1"} and node_errors["1"]["class_type"] == "LoadImage"
+    (error,) = node_errors["1"]["errors"]
+    assert error["type"] == "custom_validation_failed" and "nope.png" in error["details"]
+    assert client.get("/history").json() == {}
