@@ -9,12 +9,14 @@ FAST := not slow and not browser and not ray and not toy
 
 .PHONY: run test test-fast lint install
 
-# torch first, pinned, so pip takes the CPU build where one lies on disk. k-diffusion (the samplers' reference
-# in the tests) without its requirements: they pull torchvision and a CUDA torch; what its sampling module needs
-# is in the test extra.
+# torch and torchvision first, pinned as a pair: spandrel (the upscale model loader) imports torchvision, and a
+# torchvision only imports beside the torch it was built for (PyPI's builds do not import beside the CPU build
+# of torch 2.13.0 that lies on disk, so this is the local 2.14.1 + 0.29.1 pair, a CUDA build that also runs on the
+# CPU). k-diffusion (the samplers' reference in the tests) without its requirements: they pull wandb, accelerate,
+# clean-fid and more; what its sampling module needs is in the test extra.
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q -e '.[test,ray]'
 	$(BIN)/pip install -q --no-deps k-diffusion==0.1.1.post1
 	touch $@

@@ -39,7 +39,7 @@ def parse_literal(text: str) -> Any:
         return text
 
 
-def set_input(prompt: dict, target: str, value: Any) -> dict:
+def set_input(prompt: dict[str, Any], target: str, value: Any) -> dict[str, Any]:
     """Return a copy of `prompt` with input `NODE_ID.INPUT` set to `value` (the original is left untouched)."""
     node_id, sep, input_name = target.partition(".")
     if not sep or not input_name:
@@ -64,15 +64,17 @@ class Engine:
 
     # Loading ----------------------------------------------------------------------------------------------------
 
-    def catalogue(self) -> dict[str, dict]:
+    def catalogue(self) -> dict[str, dict[str, Any]]:
         return self.registry.object_info(self.env)
 
-    def load(self, source: str | Path | dict | bytes) -> dict:
+    def load(self, source: str | Path | dict[str, Any] | bytes) -> dict[str, Any]:
         """An API-format prompt from a file path, raw bytes, or a parsed document in any supported format."""
         prompt, _, _ = self.load_with_format(source)
         return prompt
 
-    def load_with_format(self, source: str | Path | dict | bytes) -> tuple[dict, dict | None, str]:
+    def load_with_format(
+        self, source: str | Path | dict[str, Any] | bytes
+    ) -> tuple[dict[str, Any], dict[str, Any] | None, str]:
         """(API prompt, UI workflow or None, detected format: api_json | ui_json | png_prompt | png_workflow)."""
         from .workflow import WorkflowFormatError, load_workflow
 
@@ -90,7 +92,7 @@ class Engine:
             return ValidationResult(None, make_error("exception_during_validation", "Exception when validating",
                                                      f"{type(exc).__name__}: {exc}"))
 
-    def run(self, prompt: dict, *, prompt_id: str | None = None, extra_data: dict | None = None,
+    def run(self, prompt: dict[str, Any], *, prompt_id: str | None = None, extra_data: dict[str, Any] | None = None,
             targets: Iterable[str] | None = None, interrupt: InterruptToken | None = None,
             listener: Callable[[Event], None] | None = None) -> RunResult:
         """Validate and run; always a RunResult. Its status is "success", "error" (a node failed: `error` holds
@@ -98,7 +100,7 @@ class Engine:
         `error` and `node_errors` then hold the validation error and the per-node errors (ComfyUI's 400 body).
         A graph with some invalid outputs runs the valid ones; `node_errors` then names the dropped ones."""
         checked = self.validate(prompt, targets)
-        if not checked.ok:
+        if checked.graph is None:
             return RunResult(prompt_id or "", "invalid", error=checked.error, node_errors=checked.node_errors)
         unsubscribe = self.bus.subscribe(listener) if listener else None
         try:

@@ -81,7 +81,7 @@ def estimate_nbytes(value: Any) -> int:
 @dataclass
 class CacheEntry:
     outputs: list[list[Any]]  # per output slot, the list of values (list mapping)
-    ui: dict | None
+    ui: dict[str, Any] | None
     nbytes: int
 
 
@@ -122,7 +122,7 @@ class OutputCache:
         with self._lock:
             return key in self._entries
 
-    def put(self, key: str, outputs: list[list[Any]], ui: dict | None) -> bool:
+    def put(self, key: str, outputs: list[list[Any]], ui: dict[str, Any] | None) -> bool:
         nbytes = estimate_nbytes(outputs)
         with self._lock:
             old = self._entries.pop(key, None)

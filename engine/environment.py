@@ -44,9 +44,11 @@ class Environment:
     services: dict[type, Any] = field(default_factory=dict)
 
     @classmethod
-    def create(cls, models_dir: str | os.PathLike | None = None, input_dir: str | os.PathLike | None = None,
-               output_dir: str | os.PathLike | None = None, temp_dir: str | os.PathLike | None = None,
-               extra_model_paths: str | os.PathLike | None = None) -> Environment:
+    def create(cls, models_dir: str | os.PathLike[str] | None = None,
+               input_dir: str | os.PathLike[str] | None = None,
+               output_dir: str | os.PathLike[str] | None = None,
+               temp_dir: str | os.PathLike[str] | None = None,
+               extra_model_paths: str | os.PathLike[str] | None = None) -> Environment:
         env = cls(
             input_dir=Path(input_dir or "input").resolve(),
             output_dir=Path(output_dir or "output").resolve(),
@@ -58,14 +60,14 @@ class Environment:
             env.load_extra_model_paths(extra_model_paths)
         return env
 
-    def add_model_root(self, root: str | os.PathLike) -> None:
+    def add_model_root(self, root: str | os.PathLike[str]) -> None:
         root = Path(root).resolve()
         for folder in MODEL_FOLDERS:
             self.model_dirs.setdefault(folder, []).append(root / folder)
         for alias, folder in FOLDER_ALIASES.items():
             self.model_dirs[folder].append(root / alias)
 
-    def load_extra_model_paths(self, yaml_path: str | os.PathLike) -> None:
+    def load_extra_model_paths(self, yaml_path: str | os.PathLike[str]) -> None:
         """ComfyUI's extra_model_paths.yaml: sections with base_path and folder: relative path(s) (one per line)."""
         import yaml
 
@@ -80,7 +82,7 @@ class Environment:
             for key, value in section.items():
                 if key in ("base_path", "is_default"):
                     continue
-                folder = FOLDER_ALIASES.get(key, key)
+                folder = FOLDER_ALIASES.get(str(key), str(key))
                 for line in str(value).splitlines():
                     line = line.strip()
                     if line:

@@ -55,10 +55,13 @@ class Progress(Event):
     real_node: str | None = None
 
 
+NodeState = Literal["pending", "running", "finished", "error"]
+
+
 class NodeProgressState(BaseModel):
     value: float
     max: float
-    state: Literal["pending", "running", "finished", "error"]
+    state: NodeState
     node_id: str
     prompt_id: str
     display_node_id: str
@@ -75,7 +78,7 @@ class Executed(Event):
     type: ClassVar[str] = "executed"
     node: str
     display_node: str
-    output: dict | None
+    output: dict[str, Any] | None
 
 
 class ExecutionSuccess(Event):
@@ -91,7 +94,7 @@ class ExecutionError(Event):
     exception_message: str
     exception_type: str
     traceback: list[str]
-    current_inputs: dict[str, Any] | list  # [] for a blocked node, as ComfyUI sends it
+    current_inputs: dict[str, Any] | list[Any]  # [] for a blocked node, as ComfyUI sends it
     current_outputs: list[str]
     timestamp: int = Field(default_factory=now_ms)
 

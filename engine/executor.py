@@ -15,14 +15,16 @@ import time
 import traceback
 import uuid
 from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import networkx as nx
 
 from .cache import DEFAULT_CACHE_BYTES, OutputCache, Uncacheable, node_key
 from .environment import Environment
 from .events import (
+    Event,
     EventBus,
     Executed,
     Executing,
@@ -32,6 +34,7 @@ from .events import (
     ExecutionStart,
     ExecutionSuccess,
     NodeProgressState,
+    NodeState,
     NodeWarning,
     Progress,
     ProgressState,
@@ -56,6 +59,12 @@ if TYPE_CHECKING:
     from .memory import ModelManager
 
 ServiceT = TypeVar("ServiceT")
+
+UiData = dict[str, Any]  # a node's data for the client ({"images": [...]}), as sent in `executed`
+# What executing a node gives: its outputs and UI data, or the node ids it must wait on before it is re-entered.
+Done = tuple[Literal["done"], tuple[list[list[Any]], UiData | None]]
+Wait = tuple[Literal["wait"], list[str]]
+Outcome = Done | Wait
 
 # Full progress_state maps are sent for runs up to this many nodes; bigger runs get per-node deltas, which keeps
 # the event volume linear.
@@ -102,12 +111,13 @@ class InterruptToken:
 class RunResult:
     prompt_id: str
     status: str  # "success" | "error" | "interrupted" | "invalid" (the graph failed validation; nothing ran)
-    outputs: dict[str, dict] = field(default_factory=dict)   # UI data by display node id (history "outputs")
+    outputs: dict[str, UiData] = field(default_factory=dict)  # UI data by display node id (history "outputs")
     values: dict[str, list[list[Any]]] = field(default_factory=dict)  # output nodes' values (Python API)
     executed: list[str] = field(default_factory=list)
     cached: list[str] = field(default_factory=list)
-    error: dict | None = None          # the execution_error / execution_interrupted data, or the validation error
-    node_errors: dict[str, dict] = field(default_factory=dict)  # per-node validation errors (status "invalid")
+    error: dict[str, Any] | None = None  # the execution_error / execution_interrupted data, or the validation error
+    # per-node validation errors (status "invalid")
+    node_errors: dict[str, dict[str, Any]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -171,19 +181,19 @@ class Executor:
         self.cache = cache if cache is not None else OutputCache(DEFAULT_CACHE_BYTES)
         self.bus = bus if bus is not None else EventBus()
 
-    def run(self, graph: Graph, prompt_id: str | None = None, extra_data: dict | None = None,
+    def run(self, graph: Graph, prompt_id: str | None = None, extra_data: dict[str, Any] | None = None,
             interrupt: InterruptToken | None = None) -> RunResult:
         """Run synchronously (a fresh event loop). Inside a running loop, await run_async instead."""
         return asyncio.run(self.run_async(graph, prompt_id, extra_data, interrupt))
 
-    async def run_async(self, graph: Graph, prompt_id: str | None = None, extra_data: dict | None = None,
+    async def run_async(self, graph: Graph, prompt_id: str | None = None, extra_data: dict[str, Any] | None = None,
                         interrupt: InterruptToken | None = None) -> RunResult:
         run = _Run(self, graph, prompt_id or str(uuid.uuid4()), extra_data or {}, interrupt or InterruptToken())
         return await run.execute()
 
 
 class _Run:
-    def __init__(self, executor: Executor, graph: Graph, prompt_id: str, extra_data: dict,
+    def __init__(self, executor: Executor, graph: Graph, prompt_id: str, extra_data: dict[str, Any],
                  interrupt: InterruptToken):
         self.executor = executor
         self.cache = executor.cache
@@ -195,15 +205,16 @@ class _Run:
         self.keys: dict[str, str] = {}
         self.cacheable: dict[str, bool] = {}
         self.values: dict[str, list[list[Any]]] = {}   # outputs available to this run, by node id
-        self.ui: dict[str, dict] = {}
+        self.ui: dict[str, UiData] = {}
         self.output_set = set(graph.outputs)
         self.holds: dict[str, set[str]] = {}           # node -> producers whose values it may still read
         self.claims: dict[str, int] = {}                # producer -> nodes holding it
         self.blockers: dict[str, int] = {}              # pending node -> unfinished producers it waits on
         self.waiters: dict[str, list[str]] = {}         # producer -> pending nodes waiting on it
         self.ready: deque[str] = deque()
-        self.running: dict[asyncio.Task, str] = {}
-        self.expansions: dict[str, tuple[list, dict | None]] = {}  # node -> (per-call results with links, ui)
+        self.running: dict[asyncio.Task[Outcome], str] = {}
+        # node -> (per-call results with links, ui)
+        self.expansions: dict[str, tuple[list[tuple[Any, ...]], UiData | None]] = {}
         self.executed: list[str] = []
         self.cached: list[str] = []            # nodes served from the cache in this run
         self.cached_at_start: list[str] = []
@@ -215,11 +226,11 @@ class _Run:
 
     # Events ---------------------------------------------------------------------------------------------------
 
-    def emit(self, make_event) -> None:
+    def emit(self, make_event: Event | Callable[[], Event]) -> None:
         if self.listening:
             self.executor.bus.emit(make_event() if callable(make_event) else make_event)
 
-    def set_state(self, node: GraphNode, state: str, value: float = 0, maximum: float = 1) -> None:
+    def set_state(self, node: GraphNode, state: NodeState, value: float = 0, maximum: float = 1) -> None:
         if not self.listening:
             return
         self.states[node.id] = NodeProgressState(
@@ -228,7 +239,7 @@ class _Run:
         nodes = self.states if len(self.nodes) <= FULL_PROGRESS_STATE_LIMIT else {node.id: self.states[node.id]}
         self.emit(ProgressState(prompt_id=self.prompt_id, nodes=dict(nodes)))
 
-    def emit_progress(self, ctx: NodeContext, value: int, maximum: int, preview) -> None:
+    def emit_progress(self, ctx: NodeContext, value: int, maximum: int, preview: tuple[str, bytes] | None) -> None:
         node = self.nodes[ctx.node_id]
         self.set_state(node, "running", value, maximum)
         self.emit(lambda: Progress(prompt_id=self.prompt_id, value=value, max=maximum, node=node.display,
@@ -301,7 +312,7 @@ class _Run:
         if not pending:
             self.ready.append(node_id)
 
-    def finish(self, node_id: str, outputs: list[list[Any]], ui: dict | None) -> None:
+    def finish(self, node_id: str, outputs: list[list[Any]], ui: UiData | None) -> None:
         node = self.nodes[node_id]
         self.values[node_id] = outputs
         if ui:
@@ -360,11 +371,12 @@ class _Run:
             await self.cancel_running()
             result.status = "interrupted"
             current = self.current_node
-            result.error = ExecutionInterrupted(
+            interrupted = ExecutionInterrupted(
                 prompt_id=self.prompt_id, node_id=current.display if current else None,
                 node_type=current.class_type if current else None, executed=list(self.executed)).data()
+            result.error = interrupted
             self.emit(lambda: ExecutionInterrupted(prompt_id=self.prompt_id, **{
-                k: v for k, v in result.error.items() if k not in ("prompt_id", "timestamp")}))
+                k: v for k, v in interrupted.items() if k not in ("prompt_id", "timestamp")}))
         except NodeFailure as failure:
             await self.cancel_running()
             result.status = "error"
@@ -419,12 +431,11 @@ class _Run:
             raise NodeFailure(culprit or node, DependencyCycleError(
                 f"nodes waiting on each other: {', '.join(stuck[:10])}"), {})
 
-    def handle(self, node_id: str, outcome: tuple) -> None:
-        kind, payload = outcome
-        if kind == "done":
-            self.finish(node_id, *payload)
-        else:  # "wait"
-            self.wait_for(node_id, payload)
+    def handle(self, node_id: str, outcome: Outcome) -> None:
+        if outcome[0] == "done":
+            self.finish(node_id, *outcome[1])
+        else:
+            self.wait_for(node_id, outcome[1])
 
     async def cancel_running(self) -> None:
         for task in self.running:
@@ -450,7 +461,7 @@ class _Run:
                 unevaluated.append(name)
         return inputs, unevaluated
 
-    async def execute_node(self, node: GraphNode) -> tuple:
+    async def execute_node(self, node: GraphNode) -> Outcome:
         inputs: dict[str, list[Any]] = {}
         try:
             if node.id in self.expansions:
@@ -505,8 +516,8 @@ class _Run:
         specs = node.node_cls.input_specs()
         return {name: specs[name].type for name in node.links if name in specs and not specs[name].raw_link}
 
-    async def call_mapped(self, node: GraphNode, ctx: NodeContext, inputs: dict[str, list[Any]]) -> list:
-        results = []
+    async def call_mapped(self, node: GraphNode, ctx: NodeContext, inputs: dict[str, list[Any]]) -> list[Any]:
+        results: list[Any] = []
         checks = self.executor.registry.value_checks
         socket_types = self.socket_types(node)
         for index in range(self.call_count(node, inputs)):
@@ -547,7 +558,7 @@ class _Run:
             return NodeOutput(values=(outcome,))
         raise TypeError(f"{node.class_type}.run returned {type(outcome).__name__}, expected a tuple or NodeOutput")
 
-    def merge_or_expand(self, node: GraphNode, results: list) -> tuple:
+    def merge_or_expand(self, node: GraphNode, results: list[Any]) -> Outcome:
         outputs = [self.normalise(node, r) for r in results]
         expected = len(node.node_cls.outputs)
         for out in outputs:
@@ -571,9 +582,9 @@ class _Run:
         self.expansions[node.id] = ([out.values for out in outputs], _merge_ui([out.ui for out in outputs]))
         return "wait", waits
 
-    def collect_expansion(self, node: GraphNode) -> tuple[list[list[Any]], dict | None]:
+    def collect_expansion(self, node: GraphNode) -> tuple[list[list[Any]], UiData | None]:
         per_call, ui = self.expansions.pop(node.id)
-        resolved = []
+        resolved: list[tuple[Any, ...]] = []
         for values in per_call:
             row = []
             for slot, value in enumerate(values):
@@ -584,7 +595,8 @@ class _Run:
             resolved.append(tuple(row))
         return self.merge(node, resolved, [ui])
 
-    def merge(self, node: GraphNode, per_call: list[tuple], uis: list[dict | None]) -> tuple[list, dict | None]:
+    def merge(self, node: GraphNode, per_call: list[tuple[Any, ...]], uis: list[UiData | None]
+              ) -> tuple[list[list[Any]], UiData | None]:
         outputs: list[list[Any]] = []
         for slot, spec in enumerate(node.node_cls.outputs):
             column: list[Any] = []
@@ -602,7 +614,7 @@ class _Run:
             self.emit(lambda: Executed(prompt_id=self.prompt_id, node=node.id, display_node=node.display, output=ui))
         return outputs, ui
 
-    def add_fragment(self, parent: GraphNode, call_index: int, fragment: dict) -> dict[str, str]:
+    def add_fragment(self, parent: GraphNode, call_index: int, fragment: dict[str, dict[str, Any]]) -> dict[str, str]:
         """Add an expansion's nodes under deterministic ids '<parent>.<call>.<id>' (so they hit the cache on the
         next run); returns the id mapping. A cycle inside the fragment is an error of the expanding node."""
         prefix = f"{parent.id}.{call_index}."
@@ -617,6 +629,7 @@ class _Run:
             node, errors, fatal = build_node(new_id, body, self.executor.registry, self.checker)
             if fatal is not None:
                 raise ValueError(f"expansion node {local}: {fatal['message']}")
+            assert node is not None  # build_node gives a node whenever it reports no prompt-level error
             node.parent = parent.id
             node.display_id = parent.display
             self.nodes[new_id] = node
@@ -625,10 +638,10 @@ class _Run:
                 raise ValueError(f"expansion node {local} ({node.class_type}): "
                                  + "; ".join(f"{e['message']}: {e['details']}" for e in errors))
         for new_id in added:
-            errors: list[dict] = []
-            check_links(self.nodes[new_id], self.nodes, errors)
-            if errors:
-                raise ValueError(f"expansion node {new_id}: " + "; ".join(e["details"] for e in errors))
+            link_errors: list[dict[str, Any]] = []
+            check_links(self.nodes[new_id], self.nodes, link_errors)
+            if link_errors:
+                raise ValueError(f"expansion node {new_id}: " + "; ".join(e["details"] for e in link_errors))
         sub = dependency_graph(self.nodes, added)
         cycles = find_cycles(sub.subgraph(added))
         if cycles:
@@ -651,7 +664,7 @@ def _relink(value: Any, mapping: dict[str, str]) -> Any:
     return value
 
 
-def _blocker(values, input_is_list: bool) -> ExecutionBlocker | None:
+def _blocker(values: Iterable[Any], input_is_list: bool) -> ExecutionBlocker | None:
     """The first blocker among a call's inputs (inside list inputs too), preferring one with a message."""
     found = None
     for value in values:
@@ -664,8 +677,8 @@ def _blocker(values, input_is_list: bool) -> ExecutionBlocker | None:
     return found
 
 
-def _merge_ui(uis: list[dict | None]) -> dict | None:
-    merged: dict[str, list] | None = None
+def _merge_ui(uis: list[UiData | None]) -> UiData | None:
+    merged: dict[str, list[Any]] | None = None
     for ui in uis:
         if not ui:
             continue

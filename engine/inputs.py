@@ -42,7 +42,8 @@ class InputError(ValueError):
         located.__cause__ = self.__cause__
         return located
 
-    def __reduce__(self):  # keep the fields when pickled (Ray workers send errors back)
+    def __reduce__(self) -> tuple[type[InputError], tuple[str, str, str | None]]:
+        # keep the fields when pickled (Ray workers send errors back)
         return type(self), (self.input_name, self.detail, self.node)
 
 
@@ -64,8 +65,9 @@ class ValueCheckers:
 
     def problem(self, type_name: str, value: Any) -> str | None:
         """What is wrong with `value` for a socket of `type_name` (a union accepts a value any member accepts)."""
-        checks = [self._checks.get(part) for part in type_set(type_name) if part != ANY]
-        if not checks or any(check is None for check in checks):
+        found = [self._checks.get(part) for part in type_set(type_name) if part != ANY]
+        checks = [check for check in found if check is not None]
+        if not found or len(checks) < len(found):
             return None  # a wildcard or a type nobody registered a check for: nothing to say
         problems = [check(value) for check in checks]
         return None if any(problem is None for problem in problems) else problems[0]

@@ -10,6 +10,12 @@ Generic on purpose (no diffusion knowledge): it sees `torch.nn.Module`s and opaq
   least-recently-used order: idle modules are moved VRAM → RAM when the VRAM budget is exceeded, and whole
   entries are dropped from the registry when the RAM budget is exceeded (the next `get_or_load` loads again).
   Modules in use are never moved.
+* `use(module, changes)` also makes a module's reversible in-place changes (weight patches: objects with
+  `apply(module) -> undo`) the given sequence. The applied set stays on the module after the block, and is
+  undone (exactly, in reverse order) and replaced only when a later `use` asks for a different sequence (compared
+  by equality, element by element), so repeating a patched computation costs no patching at all. A module is
+  always returned to its pristine weights before it stops being tracked. Users asking for different changes of
+  one module take turns (a second thread waits until the module is idle).
 * `stats()` reports bytes per device, the loaded entries and eviction counts for the run summary.
 """
 
@@ -20,7 +26,7 @@ import dataclasses
 import itertools
 import logging
 import threading
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,6 +131,9 @@ class _ModuleRecord:
     last_used: int = 0
     in_use: int = 0
     on_compute: bool = False
+    changes: tuple[Any, ...] = ()                             # applied in-place changes, in order
+    undo: list[Callable[[], None]] = field(default_factory=list)
+    users: dict[int, int] = field(default_factory=dict)      # thread id -> nested uses
 
 
 @dataclass
@@ -165,15 +174,16 @@ class ModelManager:
                  offload_device: torch.device | str = "cpu"):
         self.device = torch.device(device) if device is not None else default_device()
         self.offload_device = torch.device(offload_device)
-        dtypes = {role: parse_dtype(value) for role, value in (dtypes or {}).items()}
-        if not set(ROLES) <= set(dtypes):
-            dtypes = {**default_dtypes(self.device), **dtypes}
-        self.dtypes = dtypes
+        parsed = {role: parse_dtype(value) for role, value in (dtypes or {}).items()}
+        if not set(ROLES) <= set(parsed):
+            parsed = {**default_dtypes(self.device), **parsed}
+        self.dtypes: dict[str, torch.dtype] = parsed
         if vram_budget is None and self.device.type == "cuda":
             vram_budget = int(torch.cuda.get_device_properties(self.device).total_memory * 0.9)
         self.vram_budget = vram_budget
         self.ram_budget = ram_budget
         self._lock = threading.RLock()
+        self._idle = threading.Condition(self._lock)   # notified when a module stops being in use
         self._entries: dict[Hashable, _Entry] = {}
         # How often each key was dropped: loader nodes put it in their cache fingerprint, so outputs that still
         # reference dropped weights are recomputed instead of served from the output cache.
@@ -241,27 +251,80 @@ class ModelManager:
     # Placement ---------------------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def use(self, module: torch.nn.Module) -> Iterator[torch.nn.Module]:
-        """The module on the compute device for the duration of the block. It stays there afterwards until
-        another module needs the room (moving weights back and forth each step would dominate run time)."""
+    def use(self, module: torch.nn.Module, changes: Sequence[Any] = ()) -> Iterator[torch.nn.Module]:
+        """The module on the compute device, with exactly `changes` applied, for the duration of the block. It
+        stays there afterwards (changes included) until another module needs the room or another use asks for
+        other changes (moving or re-patching weights for every call would dominate run time)."""
+        wanted = tuple(changes)
+        thread = threading.get_ident()
         with self._lock:
             record = self._track(module)
+            while record.in_use and record.changes != wanted:
+                if thread in record.users:
+                    raise RuntimeError("a module already in use by this thread was asked for with other "
+                                       "weight patches")
+                self._idle.wait()
+                record = self._track(module)
             record.in_use += 1
+            record.users[thread] = record.users.get(thread, 0) + 1
             record.last_used = next(self._clock)
             try:
                 if not self.shared_memory and not record.on_compute:
                     self._make_room_on_compute(record.nbytes)
                     self._transfer(module, self.device)
                     record.on_compute = True
+                if record.changes != wanted:
+                    self._apply_changes(record, wanted)
             except BaseException:
-                record.in_use -= 1
+                self._release(record, thread)
                 raise
         try:
             yield module
         finally:
             with self._lock:
-                record.in_use -= 1
-                record.last_used = next(self._clock)
+                self._release(record, thread)
+
+    def _release(self, record: _ModuleRecord, thread: int) -> None:
+        record.in_use -= 1
+        record.users[thread] -= 1
+        if not record.users[thread]:
+            del record.users[thread]
+        record.last_used = next(self._clock)
+        if not record.in_use:
+            self._idle.notify_all()
+
+    def _apply_changes(self, record: _ModuleRecord, wanted: tuple[Any, ...]) -> None:
+        """Undo the applied changes (reverse order), then apply `wanted` in order; on failure the module is left
+        pristine."""
+        self._undo_changes(record)
+        try:
+            for change in wanted:
+                record.undo.append(change.apply(record.module))
+        except BaseException:
+            self._undo_changes(record)
+            raise
+        record.changes = wanted
+
+    def _undo_changes(self, record: _ModuleRecord) -> None:
+        while record.undo:
+            record.undo.pop()()
+        record.changes = ()
+
+    def restore(self, module: torch.nn.Module) -> None:
+        """Return an idle module to its pristine weights now (for code that reads them directly)."""
+        with self._lock:
+            record = self._modules.get(id(module))
+            if record is None or record.module is not module:
+                return
+            while record.in_use and record.changes:
+                self._idle.wait()
+            self._undo_changes(record)
+
+    def applied_changes(self, module: torch.nn.Module) -> tuple[Any, ...]:
+        """The changes the module carries now (empty when pristine or untracked)."""
+        with self._lock:
+            record = self._modules.get(id(module))
+            return record.changes if record is not None and record.module is module else ()
 
     def offload(self, module: torch.nn.Module) -> None:
         """Move a module to the offload device now (no-op when it is in use or already there)."""
@@ -334,7 +397,8 @@ class ModelManager:
                 continue
             record.keys.discard(key)
             if not record.keys and record.in_use == 0:
-                # Leave nothing on the accelerator for whoever still holds a reference.
+                # Leave nothing on the accelerator (and no patch) for whoever still holds a reference.
+                self._undo_changes(record)
                 self._move_to_offload(record)
                 del self._modules[module_id]
 
@@ -358,6 +422,7 @@ class ModelManager:
                 self._drop(key)
             for module_id, record in list(self._modules.items()):
                 if record.in_use == 0:
+                    self._undo_changes(record)
                     self._move_to_offload(record)
                     del self._modules[module_id]
         if self.device.type == "cuda":

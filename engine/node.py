@@ -56,9 +56,9 @@ class NodeOutput:
     ([fragment_node_id, slot]) into it; the node's outputs are the values of those links once they are computed.
     """
 
-    values: tuple = ()
-    ui: dict[str, list] | None = None
-    expand: dict[str, dict] | None = None
+    values: tuple[Any, ...] = ()
+    ui: dict[str, list[Any]] | None = None
+    expand: dict[str, dict[str, Any]] | None = None
 
 
 class RunContext(Protocol):
@@ -68,8 +68,8 @@ class RunContext(Protocol):
     display_node_id: str  # the id the client knows (the expanding parent for expanded nodes)
     class_type: str       # the node's type name, as in workflow files
     prompt_id: str
-    prompt: dict          # the API-format graph as submitted
-    extra_data: dict      # e.g. extra_pnginfo
+    prompt: dict[str, Any]      # the API-format graph as submitted
+    extra_data: dict[str, Any]  # e.g. extra_pnginfo
     env: Environment      # folders: input_dir, output_dir, temp_dir, find_model, list_models
 
     @property
@@ -147,7 +147,7 @@ class Node(BaseModel):
 
     @classmethod
     def input_specs(cls) -> dict[str, InputSpec]:
-        cached = cls.__dict__.get("_input_specs_cache")
+        cached: dict[str, InputSpec] | None = cls.__dict__.get("_input_specs_cache")
         if cached is not None:
             return cached
         specs: dict[str, InputSpec] = {}

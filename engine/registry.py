@@ -84,6 +84,8 @@ class NodeRegistry:
             try:
                 spec = importlib.util.spec_from_file_location(
                     module_name, source, submodule_search_locations=[str(path)] if path.is_dir() else None)
+                if spec is None or spec.loader is None:
+                    raise ImportError(f"no module loader for {source}")
                 module = importlib.util.module_from_spec(spec)
                 sys.modules[module_name] = module
                 spec.loader.exec_module(module)
@@ -109,11 +111,11 @@ class NodeRegistry:
 
     # Catalogue ------------------------------------------------------------------------------------------------
 
-    def object_info(self, env: Any = None) -> dict[str, dict]:
+    def object_info(self, env: Any = None) -> dict[str, dict[str, Any]]:
         return {name: node_info(cls, env) for name, cls in self._nodes.items()}
 
 
-def input_spec_json(spec: InputSpec, default: Any, env: Any) -> list:
+def input_spec_json(spec: InputSpec, default: Any, env: Any) -> list[Any]:
     """One input in ComfyUI's legacy encoding: [TYPE] or [TYPE, {options}], combos as [[choices...], {...}]."""
     options: dict[str, Any] = {}
     if default is not None:
@@ -133,14 +135,15 @@ def input_spec_json(spec: InputSpec, default: Any, env: Any) -> list:
     if spec.raw_link:
         options["rawLink"] = True
     options.update(spec.extra)
-    if spec.type == COMBO:
+    if spec.type == COMBO and spec.choices is not None:
         return [spec.resolve_choices(env), options]
+    # A combo without choices (the editor fetches them from a `remote` route) keeps ComfyUI's ["COMBO", {...}].
     return [spec.type, options] if options else [spec.type]
 
 
 def node_info(cls: type[Node], env: Any = None) -> dict[str, Any]:
-    required: dict[str, list] = {}
-    optional: dict[str, list] = {}
+    required: dict[str, list[Any]] = {}
+    optional: dict[str, list[Any]] = {}
     for name, spec in cls.input_specs().items():
         target = optional if spec.optional else required
         target[name] = input_spec_json(spec, cls.input_default(name), env)

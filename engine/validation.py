@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import traceback
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +27,7 @@ class Link:
     source: str
     slot: int
 
-    def as_json(self) -> list:
+    def as_json(self) -> list[Any]:
         return [self.source, self.slot]
 
 
@@ -60,24 +60,24 @@ class GraphNode:
 class Graph:
     nodes: dict[str, GraphNode]
     outputs: list[str]
-    prompt: dict  # the submitted API-format prompt, untouched
+    prompt: dict[str, Any]  # the submitted API-format prompt, untouched
 
 
-def make_error(error_type: str, message: str, details: str = "", **extra_info: Any) -> dict:
+def make_error(error_type: str, message: str, details: str = "", **extra_info: Any) -> dict[str, Any]:
     return {"type": error_type, "message": message, "details": details, "extra_info": extra_info}
 
 
 @dataclass
 class ValidationResult:
     graph: Graph | None
-    error: dict | None = None
-    node_errors: dict[str, dict] = field(default_factory=dict)
+    error: dict[str, Any] | None = None
+    node_errors: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
         return self.graph is not None
 
-    def as_response(self) -> dict:
+    def as_response(self) -> dict[str, Any]:
         """ComfyUI's 400 body: {error, node_errors}."""
         return {"error": self.error, "node_errors": self.node_errors}
 
@@ -179,7 +179,7 @@ class InputChecker:
         return self._choices[key]
 
     def check_constant(self, node_cls: type[Node], name: str, spec: InputSpec, raw: Any,
-                       errors: list[dict]) -> Any:
+                       errors: list[dict[str, Any]]) -> Any:
         config = [spec.type, {}]
         try:
             value = coerce_value(spec.type, raw)
@@ -210,11 +210,12 @@ class InputChecker:
 
 
 def _has_custom_validator(node_cls: type[Node]) -> bool:
-    return getattr(node_cls.validate_inputs, "__func__", None) is not Node.validate_inputs.__func__
+    base_validator = vars(Node)["validate_inputs"].__func__  # the function inside Node's classmethod
+    return getattr(node_cls.validate_inputs, "__func__", None) is not base_validator
 
 
 def build_node(node_id: str, body: Any, registry: NodeRegistry, checker: InputChecker,
-               ) -> tuple[GraphNode | None, list[dict], dict | None]:
+               ) -> tuple[GraphNode | None, list[dict[str, Any]], dict[str, Any] | None]:
     """Parse one prompt entry. Returns (node, per-node errors, prompt-level error)."""
     title = None
     if isinstance(body, dict) and isinstance(body.get("_meta"), dict):
@@ -231,7 +232,7 @@ def build_node(node_id: str, body: Any, registry: NodeRegistry, checker: InputCh
             "missing_node_type", f"Node '{title or class_type}' not found. The custom node may not be installed.",
             f"Node ID '#{node_id}'", node_id=node_id, class_type=class_type, node_title=title)
     inputs = body.get("inputs", {})
-    errors: list[dict] = []
+    errors: list[dict[str, Any]] = []
     if not isinstance(inputs, dict):
         errors.append(make_error("invalid_prompt", "Node inputs must be an object", f"Node ID '#{node_id}'"))
         inputs = {}
@@ -260,7 +261,7 @@ def build_node(node_id: str, body: Any, registry: NodeRegistry, checker: InputCh
     return GraphNode(node_id, class_type, node_cls, constants, links, title), errors, None
 
 
-def check_links(node: GraphNode, nodes: dict[str, GraphNode], errors: list[dict]) -> dict[str, str]:
+def check_links(node: GraphNode, nodes: dict[str, GraphNode], errors: list[dict[str, Any]]) -> dict[str, str]:
     """Link targets exist, slots are in range, types match. Returns {input: received type}."""
     specs = node.node_cls.input_specs()
     received: dict[str, str] = {}
@@ -290,7 +291,7 @@ def check_links(node: GraphNode, nodes: dict[str, GraphNode], errors: list[dict]
     return received
 
 
-def run_custom_validator(node: GraphNode, env: Any, received: dict[str, str], errors: list[dict]) -> None:
+def run_custom_validator(node: GraphNode, env: Any, received: dict[str, str], errors: list[dict[str, Any]]) -> None:
     if not _has_custom_validator(node.node_cls):
         return
     try:
@@ -317,7 +318,7 @@ def dependency_graph(nodes: dict[str, GraphNode], members: Iterable[str] | None 
     return dag
 
 
-def _reachable(starts: Iterable[str], neighbours) -> set[str]:
+def _reachable(starts: Iterable[str], neighbours: Callable[[str], Iterable[str]]) -> set[str]:
     """Breadth-first closure (iterative: graphs may be thousands of nodes deep)."""
     seen = set(starts)
     queue = deque(seen)
@@ -361,11 +362,11 @@ def validate_prompt(prompt: Any, registry: NodeRegistry, env: Any = None,
                                                  f"got {type(prompt).__name__}"))
     checker = InputChecker(env)
     nodes: dict[str, GraphNode] = {}
-    errors_by_node: dict[str, list[dict]] = {}
+    errors_by_node: dict[str, list[dict[str, Any]]] = {}
     for raw_id, body in prompt.items():
         node_id = str(raw_id)
         node, errors, fatal = build_node(node_id, body, registry, checker)
-        if fatal is not None:
+        if node is None:  # build_node gives no node exactly when it reports a prompt-level error
             return ValidationResult(None, fatal)
         nodes[node_id] = node
         if errors:
@@ -399,7 +400,7 @@ def validate_prompt(prompt: Any, registry: NodeRegistry, env: Any = None,
     failed = {node_id for node_id in needed if errors_by_node.get(node_id)}
     invalid = downstream_of(dag, failed)
     valid_outputs = [o for o in outputs if o not in invalid]
-    node_errors: dict[str, dict] = {}
+    node_errors: dict[str, dict[str, Any]] = {}
     for output in outputs:
         if output not in invalid:
             continue

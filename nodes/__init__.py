@@ -4,15 +4,25 @@
 NODE_MODULES: tuple[str, ...] = (
     "latentloom.nodes.utility",
     "latentloom.nodes.latent",
+    "latentloom.nodes.latent_ops",
+    "latentloom.nodes.latent_files",
     "latentloom.nodes.vae_nodes",
     "latentloom.nodes.image",
+    "latentloom.nodes.masks",
+    "latentloom.nodes.image_ops",
     "latentloom.nodes.primitives",
     "latentloom.nodes.conditioning",
     "latentloom.nodes.loaders",
     "latentloom.nodes.sampling",
+    "latentloom.nodes.samplers_custom",
+    "latentloom.nodes.guidance",
     "latentloom.nodes.lora",
     "latentloom.nodes.controlnet",
     "latentloom.nodes.preprocessors",
+    "latentloom.nodes.model_patches",
+    "latentloom.nodes.model_sampling",
+    "latentloom.nodes.upscale",
+    "latentloom.nodes.attention_patches",
 )
 
 

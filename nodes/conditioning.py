@@ -9,12 +9,29 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import torch
+import torch.nn.functional as F
 
 from latentloom.engine.inputs import InputError
 from latentloom.engine.node import Node, RunContext
-from latentloom.engine.types import CLIP, CONDITIONING, MASK, Combo, Float, Int, Output, Socket, String
+from latentloom.engine.types import (
+    CLIP,
+    CONDITIONING,
+    IMAGE,
+    LATENT,
+    MASK,
+    VAE,
+    Boolean,
+    Combo,
+    Float,
+    Int,
+    Output,
+    Socket,
+    String,
+)
 from latentloom.nodes.diffusion.clip import ClipModel, pad_token_chunks
 from latentloom.nodes.diffusion.embeddings import EmbeddingLibrary
+from latentloom.nodes.diffusion.vae import VAEModel, crop_to_multiple
+from latentloom.nodes.vae_nodes import inpaint_inputs
 
 MAX_RESOLUTION = 16384
 
@@ -265,9 +282,50 @@ class ConditioningSetTimestepRange(Node):
         return (set_values(self.conditioning, {"start_percent": self.start, "end_percent": self.end}),)
 
 
+class InpaintModelConditioning(Node):
+    """Inputs for inpainting models (9-channel UNets): the masked picture's latent and the mask ride on both
+    conditionings (`concat_latent_image`, `concat_mask`), which the sampler feeds to the UNet's extra channels.
+
+    The mask is resized bilinearly to the picture and both are cropped (centred) to multiples of 8; the masked
+    picture has round(mask) = 1 pixels set to 0.5 grey. The returned latent encodes the unmasked picture and,
+    with `noise_mask`, carries the resized (unrounded) mask so sampling only changes the masked area.
+    """
+
+    display_name = "InpaintModelConditioning"
+    category = "conditioning/inpaint"
+    outputs = (Output(CONDITIONING, name="positive"), Output(CONDITIONING, name="negative"),
+               Output(LATENT, name="latent"))
+
+    positive: Annotated[Any, Socket(CONDITIONING)]
+    negative: Annotated[Any, Socket(CONDITIONING)]
+    vae: Annotated[Any, Socket(VAE)]
+    pixels: Annotated[Any, Socket(IMAGE)]
+    mask: Annotated[Any, Socket(MASK)]
+    noise_mask: Annotated[bool, Boolean(tooltip="Add a noise mask to the latent so sampling only happens within "
+                                                "the mask.")] = True
+
+    def run(self, ctx: RunContext):
+        vae: VAEModel = self.vae
+        pixels, mask = self.pixels, self.mask
+        mask_batch = mask.shape[0] if mask.ndim == 3 else 1
+        if mask_batch not in (1, pixels.shape[0]):
+            raise InputError("mask", f"has {mask_batch} masks for {pixels.shape[0]} images; give one mask or "
+                                     f"one per image")
+        masked_pixels, _ = inpaint_inputs(pixels, mask, grow_mask_by=0)
+        pixel_mask = F.interpolate(mask.reshape(-1, 1, mask.shape[-2], mask.shape[-1]).float(),
+                                   size=(pixels.shape[1], pixels.shape[2]), mode="bilinear")
+        pixel_mask = crop_to_multiple(pixel_mask.movedim(1, -1)).movedim(-1, 1)  # [B, 1, H, W] like the pixels
+        concat_latent = vae.encode(masked_pixels, manager=ctx.models, progress=ctx.progress)
+        latent: dict[str, Any] = {"samples": vae.encode(pixels, manager=ctx.models, progress=ctx.progress)}
+        if self.noise_mask:
+            latent["noise_mask"] = pixel_mask
+        values = {"concat_latent_image": concat_latent, "concat_mask": pixel_mask}
+        return (set_values(self.positive, values), set_values(self.negative, values), latent)
+
+
 NODES = [
     CLIPTextEncode, CLIPSetLastLayer, CLIPTextEncodeSDXL, CLIPTextEncodeSDXLRefiner,
     ConditioningCombine, ConditioningAverage, ConditioningConcat,
     ConditioningSetArea, ConditioningSetAreaPercentage, ConditioningSetAreaStrength, ConditioningSetMask,
-    ConditioningZeroOut, ConditioningSetTimestepRange,
+    ConditioningZeroOut, ConditioningSetTimestepRange, InpaintModelConditioning,
 ]

@@ -1,8 +1,10 @@
 """LoRA nodes with ComfyUI's class names, inputs and outputs: LoraLoader, LoraLoaderModelOnly.
 
-The nodes never touch the network: they return clones of MODEL / CLIP carrying a LoraPatch (applied inside the
-sampling or encoding call, restored on exit), so changing a LoRA or its strength re-runs only this node and its
-consumers, never the checkpoint loader, and no other graph ever sees a patched model. The file's tensors are
+The nodes never touch the network: they return clones of MODEL / CLIP carrying a LoraPatch (the model-patch API,
+nodes.diffusion.patches). The UNet's patch is applied by the memory manager for the sampling call and kept there
+while the same patch set is asked for again (swapped exactly when another set is); CLIP's is applied and restored
+around each encode. Changing a LoRA or its strength re-runs only this node and its consumers, never the
+checkpoint loader, and no other graph or branch ever sees a patched model. The file's tensors are
 held by the model memory manager (keyed by path, size and mtime) so a strength change does not re-read it.
 """
 
@@ -103,7 +105,7 @@ def apply_lora(ctx: RunContext, lora_name: str, lora_file: LoraTensors, model: D
             continue
         patch = lora_math.LoraPatch(entries)
         try:
-            patch.check(target.unet if owner == "model" else target.encoders)
+            patch.check(target.unet if isinstance(target, DiffusionModel) else target.encoders)
         except lora_math.LoraFormatError as error:
             raise InputError("lora_name", f"{lora_name}: does not fit this {target.family} model: {error}") \
                 from error

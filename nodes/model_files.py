@@ -54,7 +54,7 @@ def model_fingerprint(env: Environment | None, folder: str, name: Any, kind: str
     """Size and mtime of the named file, and how often the memory manager dropped its models: the output cache
     re-runs the loader when the file changes or when the weights its cached outputs hold were evicted."""
     path = find_model_file(env, folder, name)
-    if path is None:
+    if env is None or path is None:
         return None
     if path.is_dir():
         index = path / "model_index.json"

@@ -37,12 +37,12 @@ from .diffusion.preview import preview_jpeg
 from .diffusion.samplers import SAMPLER_NAMES, Sampler, sampler_for_name
 from .diffusion.schedules import (
     SCHEDULER_NAMES,
-    DiscreteSchedule,
     advanced_sigmas,
     basic_scheduler_sigmas,
     denoise_sigmas,
     exponential_sigmas,
     karras_sigmas,
+    schedule_for,
     sd_turbo_sigmas,
 )
 
@@ -138,7 +138,7 @@ def common_ksampler(ctx: RunContext, model: DiffusionModel, seed: int, steps: in
         noise = torch.zeros(samples.shape, dtype=torch.float32)
     else:
         noise = initial_noise(samples, seed, latent.get("batch_index"))
-    schedule = DiscreteSchedule(model.sampling)
+    schedule = schedule_for(model.sampling)
     sigmas = denoise_sigmas(schedule, scheduler, steps, denoise, sampler.drops_penultimate)
     if last_step is not None or start_step is not None:
         truncated = advanced_sigmas(sigmas, start_step or 0, last_step if last_step is not None else len(sigmas),
@@ -293,7 +293,7 @@ class BasicScheduler(Node):
     def run(self, ctx: RunContext):
         model: DiffusionModel = self.model
         scheduler = _check_choice(self.scheduler, SCHEDULER_NAMES, "scheduler")
-        return (basic_scheduler_sigmas(DiscreteSchedule(model.sampling), scheduler, self.steps, self.denoise),)
+        return (basic_scheduler_sigmas(schedule_for(model.sampling), scheduler, self.steps, self.denoise),)
 
 
 class KarrasScheduler(Node):
@@ -331,7 +331,7 @@ class SDTurboScheduler(Node):
 
     def run(self, ctx: RunContext):
         model: DiffusionModel = self.model
-        return (sd_turbo_sigmas(DiscreteSchedule(model.sampling), self.steps, self.denoise),)
+        return (sd_turbo_sigmas(schedule_for(model.sampling), self.steps, self.denoise),)
 
 
 class RandomNoise(Node):

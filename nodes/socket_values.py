@@ -5,6 +5,7 @@ the model's) stay in the node, which raises engine.inputs.InputError."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -23,12 +24,14 @@ from latentloom.engine.types import (
     NOISE,
     SAMPLER,
     SIGMAS,
+    UPSCALE_MODEL,
     VAE,
 )
 
 from .diffusion.clip import ClipModel
 from .diffusion.controlnet import ControlNet
 from .diffusion.denoiser import Guider
+from .diffusion.latent_operations import LATENT_OPERATION
 from .diffusion.models import DiffusionModel
 from .diffusion.samplers import Sampler
 from .diffusion.vae import VAEModel
@@ -79,6 +82,19 @@ def noise(value: Any) -> str | None:
     return None if callable(getattr(value, "generate_noise", None)) else f"must be a NOISE ({_got(value)})"
 
 
+def latent_operation(value: Any) -> str | None:
+    # Any callable taking latent= will do: third-party packs hand plain functions to these sockets.
+    return None if callable(value) else f"must be a LATENT_OPERATION (a function of a latent; {_got(value)})"
+
+
+def upscale_model(value: Any) -> str | None:
+    # spandrel is imported only when a model is loaded: a descriptor can only exist once it has been.
+    spandrel = sys.modules.get("spandrel")
+    if spandrel is not None and isinstance(value, spandrel.ImageModelDescriptor):
+        return None
+    return f"must be an UPSCALE_MODEL (a spandrel single-image model; {_got(value)})"
+
+
 def instance_of(kind: type, description: str, hint: str = "") -> Callable[[Any], str | None]:
     def check(value: Any) -> str | None:
         return None if isinstance(value, kind) else f"must be {description} ({_got(value)}){hint}"
@@ -101,6 +117,8 @@ def register_value_checks(checks: ValueCheckers) -> None:
     checks.register(CONTROL_NET, instance_of(ControlNet, "a ControlNet"))
     checks.register(SAMPLER, instance_of(Sampler, "a SAMPLER"))
     checks.register(GUIDER, instance_of(Guider, "a GUIDER"))
+    checks.register(LATENT_OPERATION, latent_operation)
+    checks.register(UPSCALE_MODEL, upscale_model)
 
 
 def value_checkers() -> ValueCheckers:

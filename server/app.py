@@ -197,6 +197,17 @@ class DeferredApp:
         await self._app(scope, receive, send)
 
 
+def prepared(engine, config: ServerConfig):
+    """The engine, after the SD network code is imported and the tokenizer built (seconds), so the first prompt
+    costs what later ones do plus its checkpoint's load (requests wait for the engine anyway, see DeferredApp). In
+    Ray mode the models run in the workers' processes, not in this one."""
+    if config.workers != "ray":
+        from latentloom.nodes.diffusion.model_code import prepare
+
+        prepare()
+    return engine
+
+
 def serve(args) -> int:
     import uvicorn
 
@@ -210,7 +221,7 @@ def serve(args) -> int:
     if config.preview_method == "taesd":
         log.info("--preview-method taesd: previews use latent2rgb (no TAESD decoder here), as ComfyUI does "
                  "without TAESD weights in models/vae_approx")
-    app = DeferredApp(lambda: create_app(make_engine(args, cache_bytes=args.cache_bytes), config))
+    app = DeferredApp(lambda: create_app(prepared(make_engine(args, cache_bytes=args.cache_bytes), config), config))
     host = "0.0.0.0" if config.listen in ("", "0.0.0.0") else config.listen
     url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{config.port}/"
     print(f"latentloom: serving the editor at {url}", flush=True)

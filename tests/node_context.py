@@ -60,9 +60,9 @@ class CountingManager(ModelManager):
         self.used: list = []
 
     @contextlib.contextmanager
-    def use(self, module):
+    def use(self, module, changes=()):
         self.used.append(module)
-        with super().use(module) as placed:
+        with super().use(module, changes) as placed:
             yield placed
 
 

@@ -39,7 +39,7 @@ def test_module_is_registered_and_exports_all_nodes():
         "CLIPTextEncode", "CLIPSetLastLayer", "CLIPTextEncodeSDXL", "CLIPTextEncodeSDXLRefiner",
         "ConditioningCombine", "ConditioningAverage", "ConditioningConcat", "ConditioningSetArea",
         "ConditioningSetAreaPercentage", "ConditioningSetAreaStrength", "ConditioningSetMask",
-        "ConditioningZeroOut", "ConditioningSetTimestepRange"}
+        "ConditioningZeroOut", "ConditioningSetTimestepRange", "InpaintModelConditioning"}
 
 
 @pytest.mark.parametrize("node_cls,expected", [

@@ -31,10 +31,12 @@ sys.path.insert(0, str(REPO / "tools"))
 EXPECTED = {
     "txt2img": (64, 64), "img2img": (64, 64), "inpaint": (64, 64), "outpaint": (96, 64),
     "hires-fix": (128, 128), "controlnet": (64, 64), "lora": (64, 64), "area-composition": (128, 64),
+    "freeu-sag": (96, 96),
+    "esrgan-upscale": (128, 128),
 }
 SHIPPED = {
     "checkpoints": "toy-shapes.safetensors", "loras": "toy-outline.safetensors",
-    "controlnet": "toy-shape-control.safetensors",
+    "controlnet": "toy-shape-control.safetensors", "upscale_models": "toy-upscale-x2.safetensors",
 }
 FILES = [f"{name}{suffix}" for name in EXPECTED for suffix in (".json", ".ui.json")]
 

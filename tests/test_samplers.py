@@ -239,7 +239,24 @@ def test_sa_solver_without_noise_is_a_high_order_ode_solver(use_pece, start):
     from latentloom.nodes.diffusion.sa_solver import sa_solver
 
     x = start * 14.6
-    exact = ode_solution(x, 14.6, 0.5)
-    errors = [(sa_solver(ExactDenoiser(), x, karras_sigmas(n, 0.5, 14.6)[:-1], {}, tau_func=lambda s: 0.0,
-                         use_pece=use_pece) - exact).abs().max().item() for n in (8, 16)]
+    exact = ode_solution(x, 14.6, 0.0)
+    # Sigmas ending at 0: the last step returns D at σ_min = 0.002, where D and the ODE's end differ by ~σ_min².
+    errors = [(sa_solver(ExactDenoiser(), x, karras_sigmas(n, 0.002, 14.6), {}, tau_func=lambda s: 0.0,
+                         use_pece=use_pece) - exact).abs().max().item() for n in (16, 32)]
     assert errors[1] < errors[0] / 4 and errors[1] < 0.005, errors
+
+
+def test_sa_solver_on_sigmas_not_ending_at_0_returns_the_last_corrected_state(start):
+    """ComfyUI's rule: sample_sa_solver returns its corrected state x, which on the high half of a split
+    schedule sits at sigmas[-2] (the prediction for sigmas[-1] is computed, then dropped)."""
+    from latentloom.nodes.diffusion.sa_solver import sa_solver
+
+    x = start * 14.6
+    sigmas = karras_sigmas(10, 0.5, 14.6)
+    # One step: the only state ever corrected is the input itself.
+    assert torch.equal(sa_solver(ExactDenoiser(), x, sigmas[:2], {}, tau_func=lambda s: 0.0), x)
+    high = sigmas[:6]
+    result = sa_solver(ExactDenoiser(), x, high, {}, tau_func=lambda s: 0.0)
+    at_last_corrected = (result - ode_solution(x, 14.6, float(high[-2]))).abs().max().item()
+    at_end = (result - ode_solution(x, 14.6, float(high[-1]))).abs().max().item()
+    assert at_last_corrected < 1e-3 and at_end > 1.0, (at_last_corrected, at_end)

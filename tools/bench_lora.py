@@ -8,8 +8,13 @@ memory with stacked LoRAs vs none. Prints one JSON object.
 The graph is txt2img (CheckpointLoaderSimple → N × LoraLoader → 2 × CLIPTextEncode → KSampler → VAEDecode) on
 random SD1-layout checkpoints written to a temporary models folder (UNet widths from --widths; SD1.5 is
 320,640,1280,1280). Figures (medians over --repeats):
-  seed_change_s          re-run after changing only the seed: sampling + decoding (the floor; the LoRA patch is
-                         applied and restored inside every sampling call, so it is part of it)
+  seed_change_s          re-run after changing only the seed: sampling + decoding (the floor; the memory manager
+                         keeps the LoRA patch on the UNet between runs, so a warm run patches nothing)
+  plain_seed_change_s    the same seed-change re-run of the graph without its LoRA nodes, interleaved with the
+                         LoRA runs (it shares the loaded checkpoint, so each switch between the two graphs swaps
+                         the patch: the first run after a switch is not counted)
+  warm_lora_overhead_s   median per repeat of (warm LoRA seed-change run − plain seed-change run); the target is
+                         ≈ 0 (within warm_lora_overhead_noise_s, the same noise formula as the change costs)
   strength_change_s      re-run after changing one LoRA's strength (checkpoint and LoRA files stay loaded:
                          the LoRA nodes, text encoding, sampling and decoding re-run)
   checkpoint_change_s    re-run after switching to a checkpoint file not loaded before (everything re-runs)
@@ -202,10 +207,17 @@ def measure_rerun(root: Path, args: argparse.Namespace) -> dict:
             preparation[change].append(preparation_seconds(node_times))
         return seconds
 
+    def run_plain(seed: int) -> float:
+        return timed_run(engine, graph("a.safetensors", 0, [], args.steps, args.size, seed))
+
     first = run("a.safetensors")
     unchanged = run("a.safetensors")
-    floor_times, strength_times, checkpoint_times = [], [], []
+    floor_times, strength_times, checkpoint_times, plain_times = [], [], [], []
     for repeat in range(args.repeats):
+        # Plain graph, warm (the first run after the switch pays the patch swap and is not counted).
+        run_plain(200 + repeat)
+        plain_times.append(run_plain(300 + repeat))
+        run("a.safetensors", seed=400 + repeat)  # back to the LoRA graph: swaps the patch in
         # The floor: only the seed changes, so only sampling and decoding re-run.
         floor_times.append(run("a.safetensors", seed=100 + repeat))
         if strengths:
@@ -220,9 +232,13 @@ def measure_rerun(root: Path, args: argparse.Namespace) -> dict:
     strength_s, checkpoint_s = statistics.median(strength_times), statistics.median(checkpoint_times)
     # What each change costs on top of the floor, per repeat (the three runs of a repeat are back to back).
     strength = change_cost(strength_times, floor_times)
+    overhead = change_cost(floor_times, plain_times)
     checkpoint = change_cost(checkpoint_times, floor_times)
     return {"first_run_s": round(first, 4), "unchanged_rerun_s": round(unchanged, 4),
             "seed_change_s": round(floor, 4),
+            "plain_seed_change_s": round(statistics.median(plain_times), 4),
+            "warm_lora_overhead_s": round(overhead[0], 4),
+            "warm_lora_overhead_noise_s": None if overhead[1] is None else round(overhead[1], 4),
             "strength_change_s": round(strength_s, 4), "checkpoint_change_s": round(checkpoint_s, 4),
             "speedup_whole_graph": round(checkpoint_s / strength_s, 2),
             "strength_change_cost_s": round(strength[0], 4), "checkpoint_change_cost_s": round(checkpoint[0], 4),
@@ -230,6 +246,7 @@ def measure_rerun(root: Path, args: argparse.Namespace) -> dict:
             "preparation_nodes_s": {change: round(statistics.median(times), 4)
                                     for change, times in preparation.items()},
             "runs_s": {"seed_change": [round(t, 4) for t in floor_times],
+                       "plain_seed_change": [round(t, 4) for t in plain_times],
                        "strength_change": [round(t, 4) for t in strength_times],
                        "checkpoint_change": [round(t, 4) for t in checkpoint_times]},
             "memory_manager_loads": engine.env.models.stats().loads}

@@ -2,11 +2,11 @@
 NAME.ui.json (the API prompt laid out for the graph editor by engine.workflow.api_to_ui).
 
 All graphs use the bundled toy model (models/checkpoints/toy-shapes.safetensors: 64x64 images of coloured
-shapes, prompts such as "a red circle on a white background"), its LoRA and ControlNet, and the images that
-tools/make_graph_inputs.py writes into input/. Node ids follow ComfyUI's default graph (3 KSampler,
+shapes, prompts such as "a red circle on a white background"), its LoRA, ControlNet and upscale model, and the
+images that tools/make_graph_inputs.py writes into input/. Node ids follow ComfyUI's default graph (3 KSampler,
 4 checkpoint, 5 empty latent, 6/7 prompts, 8 decode, 9 save); extra nodes are numbered from 10.
 
-Usage: .venv/bin/python tools/make_graphs.py [--out graphs]
+Usage: .venv/bin/python tools/make_graphs.py [--out graphs] [--only NAME ...]
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINT = "toy-shapes.safetensors"
 LORA = "toy-outline.safetensors"
 CONTROLNET = "toy-shape-control.safetensors"
+UPSCALER = "toy-upscale-x2.safetensors"
 SIZE = 64
 STEPS = 20
 CFG = 6.0
@@ -148,6 +149,26 @@ def area_composition() -> dict:
     return graph
 
 
+def freeu_sag() -> dict:
+    """Two model patches chained: FreeU re-weights the UNet's decoder features, then Self-Attention Guidance
+    blurs what the middle block attends to most and steers away from the blurred prediction. 96x96: at 64x64
+    the toy UNet's middle block sees a single token, where SAG has nothing to blur."""
+    graph = _base("a blue square on a white background", 7, "freeu-sag", width=SIZE * 3 // 2, height=SIZE * 3 // 2)
+    graph["10"] = _node("FreeU", b1=1.1, b2=1.2, s1=0.9, s2=0.2, model=["4", 0])
+    graph["11"] = _node("SelfAttentionGuidance", scale=0.5, blur_sigma=2.0, model=["10", 0])
+    graph["3"] = _ksampler(7, ("6", 0), ("7", 0), ("5", 0), model=("11", 0))
+    return graph
+
+
+def esrgan_upscale() -> dict:
+    """The decoded 64x64 image upscaled to 128x128 by the toy upscale model (a 2x Real-ESRGAN compact network,
+    models/upscale_models), tile by tile as ComfyUI does."""
+    graph = _base("a yellow triangle on a black background", 7, "esrgan-upscale")
+    graph["10"] = _node("UpscaleModelLoader", model_name=UPSCALER)
+    graph["11"] = _node("ImageUpscaleWithModel", upscale_model=["10", 0], image=["8", 0])
+    graph["9"]["inputs"]["images"] = ["11", 0]
+    return graph
+
 GRAPHS = {
     "txt2img": txt2img,
     "img2img": img2img,
@@ -157,6 +178,8 @@ GRAPHS = {
     "controlnet": controlnet,
     "lora": lora,
     "area-composition": area_composition,
+    "esrgan-upscale": esrgan_upscale,
+    "freeu-sag": freeu_sag,
 }
 
 
@@ -165,7 +188,7 @@ def _ordered(graph: dict) -> dict:
     return {node_id: graph[node_id] for node_id in sorted(graph, key=int)}
 
 
-def write_graphs(folder: Path) -> list[Path]:
+def write_graphs(folder: Path, names: list[str] | None = None) -> list[Path]:
     sys.path.insert(0, str(REPO_ROOT))
     from latentloom.engine.workflow import api_to_ui
     from latentloom.nodes import create_engine
@@ -174,6 +197,8 @@ def write_graphs(folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for name, build in GRAPHS.items():
+        if names and name not in names:
+            continue
         prompt = _ordered(build())
         workflow = api_to_ui(copy.deepcopy(prompt), catalogue)
         if workflow.get("extra", {}).get("conversion_warnings"):
@@ -187,8 +212,9 @@ def write_graphs(folder: Path) -> list[Path]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(REPO_ROOT / "graphs"))
+    parser.add_argument("--only", nargs="+", choices=sorted(GRAPHS), help="write only these graphs")
     args = parser.parse_args()
-    for path in write_graphs(Path(args.out)):
+    for path in write_graphs(Path(args.out), args.only):
         print(path)
 
 

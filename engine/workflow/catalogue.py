@@ -107,7 +107,7 @@ class NodeLayout:
         return self.widget_types.get(input_name)
 
 
-def spec_type_and_options(spec: Any) -> tuple[str, dict, list | None]:
+def spec_type_and_options(spec: Any) -> tuple[str, dict[str, Any], list[Any] | None]:
     """(type, options, combo options) of an object_info input spec, legacy or V2 combo form."""
     if not isinstance(spec, (list, tuple)) or not spec:
         return "*", {}, None
@@ -120,7 +120,7 @@ def spec_type_and_options(spec: Any) -> tuple[str, dict, list | None]:
     return str(raw_type), options, None
 
 
-def _widget_default(type_name: str, options: dict, combo: list | None) -> Any:
+def _widget_default(type_name: str, options: dict[str, Any], combo: list[Any] | None) -> Any:
     if "default" in options:
         return options["default"]
     if type_name == "COMBO":
@@ -128,7 +128,7 @@ def _widget_default(type_name: str, options: dict, combo: list | None) -> Any:
     return {"INT": 0, "FLOAT": 0, "STRING": "", "BOOLEAN": False}.get(type_name)
 
 
-def _ordered_inputs(entry: dict, extra_required: list[tuple[str, Any]]) -> list[tuple[str, Any, bool]]:
+def _ordered_inputs(entry: dict[str, Any], extra_required: list[tuple[str, Any]]) -> list[tuple[str, Any, bool]]:
     """Inputs as the frontend orders them: input_order.required, input_order.optional, then the rest."""
     inputs = entry.get("input") or {}
     required = dict(inputs.get("required") or {})
@@ -152,7 +152,7 @@ def _ordered_inputs(entry: dict, extra_required: list[tuple[str, Any]]) -> list[
     return ordered
 
 
-def _companion_widgets(name: str, type_name: str, options: dict) -> list[WidgetSlot]:
+def _companion_widgets(name: str, type_name: str, options: dict[str, Any]) -> list[WidgetSlot]:
     """Widgets the editor appends after a value widget (value-control combo, combo filter)."""
     control = options.get("control_after_generate")
     if control is None and type_name == "INT":
@@ -172,7 +172,7 @@ def _companion_widgets(name: str, type_name: str, options: dict) -> list[WidgetS
     return widgets
 
 
-def node_layout(class_type: str, catalogue: dict[str, dict]) -> NodeLayout:
+def node_layout(class_type: str, catalogue: dict[str, dict[str, Any]]) -> NodeLayout:
     """The sockets, widgets and outputs the frontend creates for `class_type`."""
     entry = catalogue.get(class_type)
     if entry is None:
@@ -224,7 +224,8 @@ def node_layout(class_type: str, catalogue: dict[str, dict]) -> NodeLayout:
         )
         widgets += _companion_widgets(name, type_name, options)
         if type_name == "BOUNDING_BOX":
-            bounds = options.get("default") if isinstance(options.get("default"), dict) else {}
+            default = options.get("default")
+            bounds = default if isinstance(default, dict) else {}
             widgets += [WidgetSlot(part, "part", bounds.get(part, 0)) for part in BOUNDING_BOX_PARTS]
 
     output_types = entry.get("output") or []

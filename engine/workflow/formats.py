@@ -91,7 +91,7 @@ def detect_format(document: Any) -> DocumentFormat:
     )
 
 
-def _unwrap_request(document: Any) -> tuple[Any, dict | None]:
+def _unwrap_request(document: Any) -> tuple[Any, dict[str, Any] | None]:
     """A POST /prompt body {prompt, extra_data: {extra_pnginfo: {workflow}}} -> (prompt, workflow)."""
     if isinstance(document, dict) and isinstance(document.get("prompt"), dict) and "nodes" not in document:
         extra = document.get("extra_data") or {}
@@ -111,13 +111,15 @@ def _parse_json(text: bytes | str, what: str) -> Any:
         raise WorkflowFormatError(f"{what} is not valid JSON: {error}") from error
 
 
-def _need_catalogue(catalogue: dict | None) -> dict:
+def _need_catalogue(catalogue: dict[str, dict[str, Any]] | None) -> dict[str, dict[str, Any]]:
     if catalogue is None:
         raise WorkflowFormatError("converting a UI workflow needs the node catalogue")
     return catalogue
 
 
-def load_document(document: Any, catalogue: dict | None) -> tuple[dict, dict | None, SourceFormat]:
+def load_document(
+    document: Any, catalogue: dict[str, dict[str, Any]] | None
+) -> tuple[dict[str, Any], dict[str, Any] | None, SourceFormat]:
     document, wrapped_workflow = _unwrap_request(document)
     kind = detect_format(document)
     if kind == "api":
@@ -125,7 +127,9 @@ def load_document(document: Any, catalogue: dict | None) -> tuple[dict, dict | N
     return ui_to_api(document, _need_catalogue(catalogue)), document, "ui_json"
 
 
-def load_png(data: bytes, catalogue: dict | None) -> tuple[dict, dict | None, SourceFormat]:
+def load_png(
+    data: bytes, catalogue: dict[str, dict[str, Any]] | None
+) -> tuple[dict[str, Any], dict[str, Any] | None, SourceFormat]:
     chunks = read_png_text_chunks(data)
     workflow = None
     if "workflow" in chunks:
@@ -146,8 +150,8 @@ def load_png(data: bytes, catalogue: dict | None) -> tuple[dict, dict | None, So
 
 
 def load_workflow(
-    source: str | os.PathLike | bytes | dict, catalogue: dict | None
-) -> tuple[dict, dict | None, SourceFormat]:
+    source: str | os.PathLike[str] | bytes | dict[str, Any], catalogue: dict[str, dict[str, Any]] | None
+) -> tuple[dict[str, Any], dict[str, Any] | None, SourceFormat]:
     """(api_prompt, ui_workflow or None, detected format) from a file path, raw bytes or a parsed document.
 
     The detected format is one of 'api_json', 'ui_json', 'png_prompt' (PNG, its `prompt` chunk used) and
@@ -186,8 +190,10 @@ def load_workflow(
 
 
 def convert_workflow(
-    source: str | os.PathLike | bytes | dict, to: Literal["api", "ui"], catalogue: dict
-) -> tuple[dict, SourceFormat]:
+    source: str | os.PathLike[str] | bytes | dict[str, Any],
+    to: Literal["api", "ui"],
+    catalogue: dict[str, dict[str, Any]],
+) -> tuple[dict[str, Any], SourceFormat]:
     """(the workflow in the requested format, the detected source format), for `convert FILE --to api|ui`.
 
     Asking for UI gives back the source's own UI workflow when it has one (a UI file, a PNG's `workflow`

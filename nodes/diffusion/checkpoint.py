@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from . import convert, detect
+from . import convert, detect, model_code
 from .clip import ClipModel
 from .models import SD15_LATENT, SDXL_LATENT, DiffusionModel, LatentFormat, SamplingConfig
 from .offline import ensure_offline
@@ -57,8 +57,8 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
 
             state: Any = load_file(str(path), device="cpu")
         else:
-            stand_ins = [type(name, (), {"__module__": module}) for module, name in LIGHTNING_CLASSES]
-            with torch.serialization.safe_globals(stand_ins):
+            with torch.serialization.safe_globals(
+                    [type(name, (), {"__module__": module}) for module, name in LIGHTNING_CLASSES]):
                 state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise ModelFileError(
@@ -129,35 +129,29 @@ def _materialize(model: torch.nn.Module, state: Mapping[str, torch.Tensor], dtyp
 
 def build_unet(ldm_unet: Mapping[str, torch.Tensor], shape: detect.UNetShape, family: str, dtype: torch.dtype,
                prefix: str = convert.UNET_PREFIX, what: str = "UNet") -> torch.nn.Module:
-    ensure_offline()
-    from diffusers import UNet2DConditionModel
-
+    unet_class = model_code.unet_class()  # before convert's diffusers import, so unused families stay unloaded
     config = detect.unet_config(shape, family)
     weights = convert.unet_from_ldm(ldm_unet, config, prefix=prefix)
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**config)
+        unet = unet_class(**config)
     return _materialize(unet, weights, dtype, what)
 
 
 def build_vae(state: Mapping[str, torch.Tensor], family: str, dtype: torch.dtype, what: str = "VAE") \
         -> torch.nn.Module:
-    ensure_offline()
-    from diffusers import AutoencoderKL
-
+    autoencoder_class = model_code.autoencoder_class()
     ldm = detect.vae_ldm_weights(state)
     config = detect.vae_config(ldm, latent_format_for(family).scale_factor)
     weights = convert.vae_from_ldm(ldm, config)
     with torch.device("meta"):
-        vae = AutoencoderKL(**config)
+        vae = autoencoder_class(**config)
     return _materialize(vae, weights, dtype, what)
 
 
 def build_text_encoder(state: Mapping[str, torch.Tensor], shape: detect.TextEncoderShape, slot: str,
                        dtype: torch.dtype, what: str = "text encoder") -> torch.nn.Module:
     """A transformers CLIP text model for a CLIP slot: "l" plain, "h"/"g" with their text projection."""
-    ensure_offline()
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
+    CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection = model_code.clip_text_classes()  # noqa: N806
     with_projection = slot in ("h", "g")
     config = CLIPTextConfig(**detect.text_encoder_config(shape, slot))
     with torch.device("meta"):
@@ -335,9 +329,9 @@ def _identity_layer_like(layer: torch.nn.Module) -> torch.nn.Module:
 
     clone = copy.deepcopy(layer)
     with torch.no_grad():
-        for linear in (clone.self_attn.out_proj, clone.mlp.fc2):
-            linear.weight.zero_()
-            linear.bias.zero_()
+        for linear in ("self_attn.out_proj", "mlp.fc2"):
+            clone.get_parameter(f"{linear}.weight").zero_()
+            clone.get_parameter(f"{linear}.bias").zero_()
     return clone
 
 

@@ -26,9 +26,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 
@@ -71,11 +71,30 @@ POOLED_ENCODER = {"sd1": "l", "sd2": "h", "sdxl": "g", "sdxl_refiner": "g"}
 # One transformers CLIP text encoder, run layer by layer
 
 
-def text_transformer(module: torch.nn.Module) -> torch.nn.Module:
+class _TextEmbeddings(Protocol):
+    token_embedding: torch.nn.Embedding
+    position_embedding: torch.nn.Embedding
+
+
+class _TextEncoderStack(Protocol):
+    layers: torch.nn.ModuleList
+
+
+if TYPE_CHECKING:
+    class TextTransformer(torch.nn.Module):
+        """For type checking only: the submodules of a transformers CLIP text transformer that encoding reads
+        (nn.Module declares none; to a type checker every attribute of a module is a submodule or a tensor)."""
+
+        embeddings: _TextEmbeddings
+        encoder: _TextEncoderStack
+        final_layer_norm: torch.nn.LayerNorm
+
+
+def text_transformer(module: torch.nn.Module) -> TextTransformer:
     """The part holding embeddings/encoder/final_layer_norm: CLIPTextModel itself in transformers >= 5 (flat), or
     its `.text_model` (CLIPTextModelWithProjection, and CLIPTextModel in older transformers)."""
     inner = getattr(module, "text_model", None)
-    return inner if isinstance(inner, torch.nn.Module) else module
+    return cast("TextTransformer", inner if isinstance(inner, torch.nn.Module) else module)
 
 
 def encoder_width(module: torch.nn.Module) -> int:
@@ -186,7 +205,7 @@ def encode_chunks(module: torch.nn.Module, chunks: list[Chunk], role: EncoderRol
 class ClipModel:
     """Text encoder(s) + family + clip skip. Clones share the encoder weights (one nn.ModuleDict)."""
 
-    encoders: torch.nn.ModuleDict | Mapping[str, torch.nn.Module]
+    encoders: torch.nn.ModuleDict  # (a plain mapping of modules is accepted too, and wrapped in one)
     family: str
     # CLIPSetLastLayer's value (-1 = last, -2 = penultimate, ...); None = the family's default.
     layer_idx: int | None = None

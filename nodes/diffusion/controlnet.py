@@ -30,7 +30,7 @@ from .checkpoint import ModelFileError, _materialize, read_state_dict
 from .models import DiffusionModel
 from .offline import ensure_offline
 from .resize import common_upscale
-from .schedules import DiscreteSchedule
+from .schedules import schedule_for
 
 StateDict = dict[str, torch.Tensor]
 LDM_PREFIX = "control_model."
@@ -163,11 +163,11 @@ class ControlNet:
 
     @property
     def context_dim(self) -> int:
-        return int(self.module.config.cross_attention_dim)
+        return int(convert.diffusers_config(self.module).cross_attention_dim)
 
     @property
     def needs_added_conditioning(self) -> bool:
-        return self.module.config.addition_embed_type == "text_time"
+        return bool(convert.diffusers_config(self.module).addition_embed_type == "text_time")
 
     def cache_nbytes(self) -> int:
         return 0  # the weights belong to the model memory manager
@@ -206,6 +206,8 @@ def load_controlnet(path: str | os.PathLike, manager: Any = None, dtype: torch.d
     if is_difference:
         if base_model is None:
             raise ModelFileError(f"{what}: a diff ControlNet needs the model it was made from (DiffControlNetLoader)")
+        if manager is not None:  # the base weights, not a LoRA the memory manager may have left applied
+            manager.restore(base_model.unet)
         ldm = add_base_unet(ldm, base_model, what)
         file_format = "ldm"
     config["global_pool_conditions"] = path.stem.endswith("_shuffle")
@@ -221,7 +223,7 @@ def load_controlnet(path: str | os.PathLike, manager: Any = None, dtype: torch.d
 def add_base_unet(ldm: StateDict, base_model: DiffusionModel, what: str) -> StateDict:
     """Diff ControlNet weights + the base UNet's weights of the same LDM name (control-only parts unchanged)."""
     unet = base_model.unet
-    base = convert.unet_to_ldm(unet.state_dict(), unet.config.layers_per_block)
+    base = convert.unet_to_ldm(unet.state_dict(), convert.diffusers_config(unet).layers_per_block)
     combined = {}
     for key, value in ldm.items():
         if key.startswith(_CONTROL_ONLY) or key not in base:
@@ -253,6 +255,10 @@ def broadcast_hint(hint: torch.Tensor, batch: int, batched_number: int | None) -
     return one_chunk.repeat(chunks, 1, 1, 1)
 
 
+# (down-block residuals, mid-block residual) that a ControlNet adds to the UNet's skip connections.
+Residuals = tuple[tuple[torch.Tensor, ...], torch.Tensor]
+
+
 @dataclass(frozen=True, eq=False)
 class AppliedControlNet:
     net: ControlNet
@@ -262,10 +268,11 @@ class AppliedControlNet:
     end_percent: float = 1.0
     previous: AppliedControlNet | None = None
     # Resized hints by (height, width, batch, device, dtype): the same hint serves every step of a run.
-    _hints: dict = field(default_factory=dict, repr=False, compare=False)
+    _hints: dict[tuple[Any, ...], torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     def chain(self) -> list[AppliedControlNet]:
-        links, node = [], self
+        links: list[AppliedControlNet] = []
+        node: AppliedControlNet | None = self
         while node is not None:
             links.append(node)
             node = node.previous
@@ -276,7 +283,7 @@ class AppliedControlNet:
 
     def active_at(self, sigma: float, model: DiffusionModel) -> bool:
         """ComfyUI's σ window: active while percent_to_sigma(end) ≤ σ ≤ percent_to_sigma(start)."""
-        schedule = DiscreteSchedule(model.sampling)
+        schedule = schedule_for(model.sampling)
         return schedule.percent_to_sigma(self.end_percent) <= sigma <= schedule.percent_to_sigma(self.start_percent)
 
     def prepared_hint(self, x_in: torch.Tensor, dtype: torch.dtype, batched_number: int | None) -> torch.Tensor:
@@ -293,10 +300,10 @@ class AppliedControlNet:
         return cached
 
     def residuals(self, x_in: torch.Tensor, sigma: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
-                  model: DiffusionModel, **kwargs: Any):
+                  model: DiffusionModel, **kwargs: Any) -> Residuals | None:
         """Summed (down residuals, mid residual) of this ControlNet and those applied before it, each scaled by
         its own strength and gated by its own σ window; None when none of them is active."""
-        total = None
+        total: Residuals | None = None
         for link in reversed(self.chain()):  # the first applied runs first, as in ComfyUI
             own = link.own_residuals(x_in, sigma, timestep, context, model, **kwargs)
             if own is None:
@@ -308,13 +315,15 @@ class AppliedControlNet:
         return total
 
     def own_residuals(self, x_in: torch.Tensor, sigma: torch.Tensor, timestep: torch.Tensor,
-                      context: torch.Tensor, model: DiffusionModel, added_cond_kwargs: dict | None = None,
-                      batched_number: int | None = None, **_: Any):
+                      context: torch.Tensor, model: DiffusionModel,
+                      added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+                      batched_number: int | None = None, **_: Any) -> Residuals | None:
         if not self.active_at(float(sigma.reshape(-1)[0]), model):
             return None
         net = self.net
         net.check_context_width(context.shape[-1])
-        if net.needs_added_conditioning and not added_cond_kwargs:
+        added = added_cond_kwargs or {}
+        if net.needs_added_conditioning and not added:
             raise ValueError(f"the ControlNet {Path(net.source).name} is an SDXL ControlNet but the model is "
                              f"{model.family}: the ControlNet is for another model architecture")
         lease = net.manager.use(net.module) if net.manager is not None else contextlib.nullcontext(net.module)
@@ -324,7 +333,7 @@ class AppliedControlNet:
             hint = self.prepared_hint(x_in, dtype, batched_number).to(device)
             extra = {}
             if net.needs_added_conditioning:
-                extra["added_cond_kwargs"] = {k: v.to(device=device, dtype=dtype) for k, v in added_cond_kwargs.items()}
+                extra["added_cond_kwargs"] = {k: v.to(device=device, dtype=dtype) for k, v in added.items()}
             down, mid = module(x_in.to(device=device, dtype=dtype), timestep.to(device),
                                encoder_hidden_states=context.to(device=device, dtype=dtype), controlnet_cond=hint,
                                conditioning_scale=self.strength, guess_mode=False, return_dict=False, **extra)

@@ -16,7 +16,7 @@ Prefixes inside a single-file checkpoint:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -56,6 +56,12 @@ def has_prefix(state: Mapping[str, Any], prefix: str) -> bool:
     return any(key.startswith(prefix) for key in state)
 
 
+def diffusers_config(module: torch.nn.Module) -> Any:
+    """A diffusers model's `config` (the FrozenDict of its constructor arguments). To a type checker any attribute
+    of an nn.Module is a submodule or a tensor, hence this typed accessor."""
+    return module.config
+
+
 def _rename_first(name: str, table: Mapping[str, str]) -> str:
     """Replace the leading component(s) of `name` that appear in `table` (longest match)."""
     for old in sorted(table, key=len, reverse=True):
@@ -66,8 +72,12 @@ def _rename_first(name: str, table: Mapping[str, str]) -> str:
 
 # diffusers → LDM ---------------------------------------------------------------------------------------------
 
-def unet_to_ldm(state: Mapping[str, torch.Tensor], layers_per_block: int) -> StateDict:
-    """A diffusers UNet2DConditionModel state dict in LDM (openaimodel) names, without the UNet prefix."""
+ValueT = TypeVar("ValueT")
+
+
+def unet_to_ldm(state: Mapping[str, ValueT], layers_per_block: int) -> dict[str, ValueT]:
+    """A diffusers UNet2DConditionModel state dict in LDM (openaimodel) names, without the UNet prefix. Values are
+    carried through untouched (LoRA key maps rename parameter names with it)."""
     per_down = layers_per_block + 1   # input blocks per level: resnets + the downsampler
     per_up = layers_per_block + 1     # output blocks per level: one more resnet than down
     # Which up blocks have attentions decides whether the upsampler sits at index 1 or 2 of its output block.
@@ -79,7 +89,7 @@ def unet_to_ldm(state: Mapping[str, torch.Tensor], layers_per_block: int) -> Sta
         "class_embedding.linear_1": "label_emb.0.0", "class_embedding.linear_2": "label_emb.0.2",
         "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
     }
-    out: StateDict = {}
+    out: dict[str, ValueT] = {}
     for key, value in state.items():
         parts = key.split(".")
         head_length = 1 if parts[0] in fixed else 2
@@ -241,7 +251,7 @@ def ldm_checkpoint(family: str, unet: torch.nn.Module, vae: torch.nn.Module | No
     if unknown:
         raise ValueError(f"a {family} checkpoint has no text encoder slot {sorted(unknown)}")
     return build_single_file(
-        unet.state_dict(), unet.config.layers_per_block, vae.state_dict() if vae is not None else None,
+        unet.state_dict(), diffusers_config(unet).layers_per_block, vae.state_dict() if vae is not None else None,
         [(prefix, kind, text_encoders[slot].state_dict()) for slot, prefix, kind in layout if slot in text_encoders],
     )
 

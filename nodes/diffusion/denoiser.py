@@ -1,9 +1,11 @@
 """The model wrapper the samplers call: D = f(x, σ), with CFG, conditioning weights, inpainting and ControlNet.
 
 Numerics follow ComfyUI (docs/comfyui-reference.md#denoiser): x stays float32; the UNet gets x/√(σ²+1) in its own dtype
-and the *integer* timestep nearest to σ; its output is cast back to float32 and turned into a denoised
-estimate (eps: x − ε̂σ; v: x/(σ²+1) − v̂σ/√(σ²+1)); CFG runs on the denoised estimates in float32, and is skipped
-(no negative evaluation) when cfg ≈ 1.
+(or the ModelComputeDtype one) and the *integer* timestep nearest to σ; its output is cast back to float32 and
+turned into a denoised estimate (eps: x − ε̂σ; v: x/(σ²+1) − v̂σ/√(σ²+1)); CFG runs on the denoised estimates in
+float32, and is skipped (no negative evaluation) when cfg ≈ 1. Other schedules and prediction types (the
+ModelSampling* nodes) change the input scaling, the timestep and the x0 formula: nodes.diffusion.predictions /
+schedules.
 
 ControlNet protocol. A conditioning entry may carry `options["control"]`: any object with
 
@@ -18,25 +20,31 @@ batch, for broadcasting a hint batch as ComfyUI does). For SDXL models `added_co
 inactive) and chain of previous ControlNets (summing their residuals). Entries batch together only when they share
 the very same control object. The residuals are cast to the UNet's dtype and handed to diffusers' UNet2DConditionModel.
 
-Sampler hooks in `DiffusionModel.options` (ComfyUI's model_options keys, same argument dicts):
-`sampler_cfg_function(args) -> noise` replaces the CFG formula (RescaleCFG & co.), each
-`sampler_post_cfg_function(args) -> denoised` runs after it, `disable_cfg1_optimization` keeps the negative
-evaluated at cfg 1.
+Model patches (nodes.diffusion.patches; ComfyUI's model_options keys and argument dicts): every
+`sampler_pre_cfg_function` runs on [cond, uncond] before CFG, `sampler_cfg_function(args) -> noise` replaces the
+CFG formula (RescaleCFG & co.), each `sampler_post_cfg_function(args) -> denoised` runs after it,
+`disable_cfg1_optimization` keeps the negative evaluated at cfg 1, `model_function_wrapper` wraps each model call,
+and attention / block patches in `transformer_options` are installed on the UNet for the calls that carry them;
+`denoise_mask_function` reshapes the inpainting mask at each call (InpaintDenoiser).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
+from . import compute, unet_hooks
+from . import patches as patch_api
 from .models import DiffusionModel
 from .noise import seeded_randn
+from .predictions import prediction_for
 from .samplers import Sampler, is_max_denoise
 from .sampling_conds import CondEntry, inpaint_concat, prepare_conditioning, repeat_to_batch
-from .schedules import DiscreteSchedule
+from .schedules import ModelSampling, schedule_for
 
 # Contexts of different token counts share a UNet call by repetition up to their LCM, if that is ≤ 4× the shorter.
 _MAX_CONTEXT_REPEAT = 4
@@ -53,17 +61,40 @@ def unet_device(unet: torch.nn.Module) -> torch.device:
 class ModelCall:
     """One UNet evaluation turned into a denoised prediction (ComfyUI's BaseModel.apply_model)."""
 
-    def __init__(self, model: DiffusionModel, unet: torch.nn.Module, schedule: DiscreteSchedule):
+    def __init__(self, model: DiffusionModel, unet: torch.nn.Module, schedule: ModelSampling):
         self.model = model
         self.unet = unet
-        self.schedule = schedule
-        self.dtype = unet_dtype(unet)
+        self.schedule = schedule  # σ ↔ network timestep (ComfyUI's model_sampling)
+        self.prediction = prediction_for(model.sampling.prediction, model.sampling.sigma_data)
+        self.dtype = compute.compute_dtype(model.options, unet)
+        self.network = compute.network_for(unet, model.options)  # the UNet, cast or compiled as the options say
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
                  added: dict[str, torch.Tensor] | None = None, control: Any = None,
-                 concat: torch.Tensor | None = None, chunks: int = 1) -> torch.Tensor:
-        sigma_b = sigma.reshape((-1,) + (1,) * (x.ndim - 1))
-        x_in = x / (sigma_b ** 2 + 1.0) ** 0.5
+                 concat: torch.Tensor | None = None, chunks: int = 1, cond_or_uncond: list[int] | None = None,
+                 options: dict[str, Any] | None = None) -> torch.Tensor:
+        """The denoised prediction for one batch; `options` (default: the model's) may carry a
+        `model_function_wrapper` and UNet patches. `cond_or_uncond` says, per chunk, 0 = positive, 1 = negative."""
+        options = self.model.options if options is None else options
+        to = dict(patch_api.transformer_options(options))
+        to["cond_or_uncond"] = list(cond_or_uncond if cond_or_uncond is not None else [0] * chunks)
+        to["sigmas"] = sigma
+        c = {"c_crossattn": context, "added": added, "control": control, "c_concat": concat,
+             "batched_number": chunks, "transformer_options": to}
+        wrapper = options.get(patch_api.FUNCTION_WRAPPER)
+        if wrapper is not None:
+            return wrapper(self.apply_model, {"input": x, "timestep": sigma, "c": c,
+                                              "cond_or_uncond": to["cond_or_uncond"]})
+        return self.apply_model(x, sigma, **c)
+
+    def apply_model(self, x: torch.Tensor, sigma: torch.Tensor, c_crossattn: torch.Tensor,
+                    added: dict[str, torch.Tensor] | None = None, control: Any = None,
+                    c_concat: torch.Tensor | None = None, batched_number: int = 1,
+                    transformer_options: dict[str, Any] | None = None, **_: Any) -> torch.Tensor:
+        """The unwrapped call (ComfyUI's BaseModel.apply_model): x and sigma in, denoised x0 out."""
+        context, chunks, concat = c_crossattn, batched_number, c_concat
+        prediction = self.prediction
+        x_in = prediction.calculate_input(sigma, x)
         timestep = self.schedule.timestep(sigma)
         kwargs: dict[str, Any] = {}
         if added:
@@ -79,11 +110,14 @@ class ModelCall:
                 kwargs["mid_block_additional_residual"] = mid.to(self.dtype) if mid is not None else None
         if concat is not None:  # inpainting UNets: mask + masked latent, not c_in-scaled
             x_in = torch.cat([x_in, concat], dim=1)
-        output = self.unet(x_in.to(self.dtype), timestep, encoder_hidden_states=context.to(self.dtype),
-                           return_dict=False, **kwargs)[0].float()
-        if self.model.prediction == "v":
-            return x * 1.0 / (sigma_b ** 2 + 1.0) - output * sigma_b / (sigma_b ** 2 + 1.0) ** 0.5
-        return x - output * sigma_b
+        hooks: Any = contextlib.nullcontext()
+        if transformer_options and patch_api.has_unet_patches({patch_api.TRANSFORMER_OPTIONS: transformer_options}):
+            transformer_options["original_shape"] = list(x_in.shape)
+            hooks = unet_hooks.installed(self.unet, transformer_options)
+        with hooks:
+            output = self.network(x_in.to(self.dtype), timestep, encoder_hidden_states=context.to(self.dtype),
+                                  return_dict=False, **kwargs)[0].float()
+        return prediction.calculate_denoised(sigma, output, x, timestep)
 
 
 class _Chunk:
@@ -167,31 +201,39 @@ class GuidedDenoiser:
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, return_uncond: bool = False, **_: Any):
         options = self.call.model.options
         skip_uncond = (math.isclose(self.cfg, 1.0) and not return_uncond
-                       and not options.get("disable_cfg1_optimization", False))
+                       and not options.get(patch_api.DISABLE_CFG1, False))
         negative = None if skip_uncond else self.negative
-        cond, uncond = self.weighted_predictions(x, sigma, [self.positive, negative])
-        denoised = self.combine(x, sigma, cond, uncond, options)
+        conds = [self.positive, negative]
+        out = self.weighted_predictions(x, sigma, conds, options)
+        hook_model = HookModel(self)
+        for pre in options.get(patch_api.PRE_CFG_FUNCTIONS, ()):
+            out = pre({"conds": conds, "conds_out": out, "cond_scale": self.cfg, "timestep": sigma, "input": x,
+                       "sigma": sigma, "model": hook_model, "model_options": options})
+        cond, uncond = out
+        denoised = self.combine(x, sigma, cond, uncond, options, negative, hook_model)
         return (denoised, uncond) if return_uncond else denoised
 
-    def combine(self, x, sigma, cond, uncond, options) -> torch.Tensor:
+    def combine(self, x, sigma, cond, uncond, options, negative=None, hook_model=None) -> torch.Tensor:
         """CFG on x0, or the model's `sampler_cfg_function` hook (which works on noise: x − D), then every
-        `sampler_post_cfg_function` hook, with ComfyUI's argument dicts."""
-        model = self.call.model
-        hook = options.get("sampler_cfg_function")
+        `sampler_post_cfg_function` hook, with ComfyUI's argument dicts (nodes.diffusion.patches)."""
+        model = hook_model if hook_model is not None else HookModel(self)
+        hook = options.get(patch_api.CFG_FUNCTION)
         if hook is not None:
             result = x - hook({"cond": x - cond, "uncond": x - uncond, "cond_scale": self.cfg, "timestep": sigma,
                                "input": x, "sigma": sigma, "cond_denoised": cond, "uncond_denoised": uncond,
-                               "model": model, "model_options": options})
+                               "model": model, "model_options": options, "input_cond": self.positive,
+                               "input_uncond": negative})
         else:
             result = uncond + (cond - uncond) * self.cfg
-        for post in options.get("sampler_post_cfg_function", ()):
-            result = post({"denoised": result, "cond": self.positive, "uncond": self.negative,
+        for post in options.get(patch_api.POST_CFG_FUNCTIONS, ()):
+            result = post({"denoised": result, "cond": self.positive, "uncond": negative,
                            "cond_scale": self.cfg, "model": model, "uncond_denoised": uncond,
                            "cond_denoised": cond, "sigma": sigma, "model_options": options, "input": x})
         return result
 
-    def weighted_predictions(self, x: torch.Tensor, sigma: torch.Tensor,
-                             groups: list[list[CondEntry] | None]) -> list[torch.Tensor]:
+    def weighted_predictions(self, x: torch.Tensor, sigma: torch.Tensor, groups: list[list[CondEntry] | None],
+                             options: dict[str, Any] | None = None) -> list[torch.Tensor]:
+        """ComfyUI's calc_cond_batch: per group, the weighted sum of its entries' predictions (0 for None)."""
         totals = [torch.zeros_like(x) for _ in groups]
         weights = [torch.ones_like(x) * 1e-37 for _ in groups]
         sigma_now = float(sigma[0])
@@ -204,10 +246,13 @@ class GuidedDenoiser:
             pending = [c for c in pending if all(c is not b for b in batch)]
             n = batch[0].input_x.shape[0]
             added = {k: torch.cat([c.added[k] for c in batch]) for k in batch[0].added}
-            concat = torch.cat([c.concat for c in batch]) if batch[0].concat is not None else None
+            # (can_join keeps chunks with and without concat channels apart)
+            concat = torch.cat([c.concat for c in batch if c.concat is not None]) if batch[0].concat is not None \
+                else None
             outputs = self.call(torch.cat([c.input_x for c in batch]), sigma[:1].repeat(n * len(batch)),
                                 _concat_contexts([c.context for c in batch]), added or None,
-                                batch[0].entry.control, concat, len(batch)).chunk(len(batch))
+                                batch[0].entry.control, concat, len(batch), [c.owner for c in batch],
+                                options).chunk(len(batch))
             for chunk, output in zip(batch, outputs, strict=False):
                 total, weight = totals[chunk.owner], weights[chunk.owner]
                 if chunk.area is not None:
@@ -217,6 +262,22 @@ class GuidedDenoiser:
                 total += output * chunk.mult
                 weight += chunk.mult
         return [total / weight for total, weight in zip(totals, weights, strict=False)]
+
+
+class HookModel:
+    """args["model"] for sampler hooks (the parts of ComfyUI's BaseModel that hooks use; patches.HookModel)."""
+
+    def __init__(self, denoiser: GuidedDenoiser):
+        self._denoiser = denoiser
+        self.diffusion_model = denoiser.call.model
+        self.model_sampling = denoiser.call.schedule
+        self.model_options = denoiser.call.model.options
+
+    def calc_cond_batch(self, conds: list[list[CondEntry] | None], x: torch.Tensor, sigma: torch.Tensor,
+                        model_options: Mapping[str, Any] | None = None) -> list[torch.Tensor]:
+        """Weighted predictions of entry lists (args["cond"] / args["uncond"]) with any model options."""
+        options = dict(model_options) if model_options is not None else self.model_options
+        return self._denoiser.weighted_predictions(x, sigma, conds, options)
 
 
 def prepare_mask(mask: torch.Tensor, shape: torch.Size, device: torch.device) -> torch.Tensor:
@@ -229,23 +290,49 @@ def prepare_mask(mask: torch.Tensor, shape: torch.Size, device: torch.device) ->
 
 class InpaintDenoiser:
     """ComfyUI's KSamplerX0Inpaint: outside the mask the model sees the original latent noised to σ, and the
-    prediction there is replaced by the original latent, so unmasked cells end exactly on the input."""
+    prediction there is replaced by the original latent, so unmasked cells end exactly on the input.
 
-    def __init__(self, inner: Callable, mask: torch.Tensor, latent: torch.Tensor, noise: torch.Tensor):
+    A model option `denoise_mask_function(sigma, mask, extra_options) -> mask` (Differential Diffusion & co.)
+    decides the mask of each call; extra_options is {"model": a view whose `inner_model.model_sampling` is the
+    schedule (ComfyUI passes its guider), "sigmas": the sampling's sigmas}."""
+
+    def __init__(self, inner: Callable, mask: torch.Tensor, latent: torch.Tensor, noise: torch.Tensor,
+                 sigmas: torch.Tensor | None = None, mask_function: Callable[..., torch.Tensor] | None = None):
         self.inner = inner
         self.schedule = getattr(inner, "schedule", None)
         self.mask = mask
         self.keep = 1.0 - mask
         self.latent = latent
         self.noise = noise
+        self.sigmas = sigmas
+        self.mask_function = mask_function
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, return_uncond: bool = False, **kwargs: Any):
+        mask, keep = self.mask, self.keep
+        if self.mask_function is not None:
+            view = _GuiderView(_ScheduleView(self.schedule))
+            mask = self.mask_function(sigma, self.mask, extra_options={"model": view, "sigmas": self.sigmas})
+            keep = 1.0 - mask
         sigma_b = sigma.reshape((-1,) + (1,) * (x.ndim - 1))
-        x = x * self.mask + (self.noise * sigma_b + self.latent) * self.keep
+        x = x * mask + (self.noise * sigma_b + self.latent) * keep
         result = self.inner(x, sigma, return_uncond=return_uncond, **kwargs)
         denoised, uncond = result if return_uncond else (result, None)
-        denoised = denoised * self.mask + self.latent * self.keep
+        denoised = denoised * mask + self.latent * keep
         return (denoised, uncond) if return_uncond else denoised
+
+
+class _ScheduleView:
+    """ComfyUI's BaseModel as denoise-mask functions see it: `model_sampling` (sigma_min, timestep(), …)."""
+
+    def __init__(self, schedule: Any):
+        self.model_sampling = schedule
+
+
+class _GuiderView:
+    """ComfyUI's guider as denoise-mask functions see it: `inner_model` is the model."""
+
+    def __init__(self, inner_model: _ScheduleView):
+        self.inner_model = inner_model
 
 
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor, int], None]
@@ -262,13 +349,18 @@ class Guider:
         self.conds = conds
         self.cfg = cfg
 
+    def make_denoiser(self, call: ModelCall, prepared: dict[str, list[CondEntry]]) -> GuidedDenoiser:
+        """The D(x, σ) the sampler calls, from the prepared conditioning (guiders with other formulas override
+        this: nodes.diffusion.guidance)."""
+        return GuidedDenoiser(call, prepared.get("positive", []), prepared.get("negative"), self.cfg)
+
     def sample(self, noise: torch.Tensor, latent: torch.Tensor, sampler: Sampler, sigmas: torch.Tensor,
                denoise_mask: torch.Tensor | None = None, callback: StepCallback | None = None,
                seed: int | None = None, manager: Any = None) -> torch.Tensor:
         """Returns the sampled latent, unscaled, float32 on CPU (`latent` itself when sigmas is empty)."""
         if sigmas.numel() == 0:
             return latent
-        schedule = DiscreteSchedule(self.model.sampling)
+        schedule = schedule_for(self.model.sampling)
         fmt = self.model.latent_format
         with torch.no_grad(), self.model.prepared(manager) as unet:
             device = unet_device(unet)
@@ -281,23 +373,22 @@ class Guider:
             concat_fn = self._inpaint_channels(unet, noise.shape, latent, mask)
             prepared = prepare_conditioning(self.conds, noise.shape, schedule, device, unet.config,
                                             self.model.family, concat_fn)
-            denoiser: Callable = GuidedDenoiser(ModelCall(self.model, unet, schedule), prepared.get("positive", []),
-                                                prepared.get("negative"), self.cfg)
-            if denoise_mask is not None:
+            denoiser: Callable = self.make_denoiser(ModelCall(self.model, unet, schedule), prepared)
+            if mask is not None:  # (there is a mask exactly when a denoise_mask was given)
                 inpaint_noise = noise
                 if sampler.inpaint_random_noise:
                     inpaint_noise = seeded_randn(noise.shape, (41 if seed is None else seed) + 1).to(device)
-                denoiser = InpaintDenoiser(denoiser, mask, latent, inpaint_noise)
-            if is_max_denoise(float(schedule.sigma_max), float(sigmas[0])):
-                x = noise * torch.sqrt(1.0 + sigmas[0] ** 2.0) + latent
-            else:
-                x = noise * sigmas[0] + latent
+                denoiser = InpaintDenoiser(denoiser, mask, latent, inpaint_noise, sigmas,
+                                           self.model.options.get(patch_api.DENOISE_MASK_FUNCTION))
+            x = schedule.noise_scaling(sigmas[0], noise, latent, is_max_denoise(float(schedule.sigma_max),
+                                                                                float(sigmas[0])))
             total = len(sigmas) - 1
             step_callback = None
             if callback is not None:
                 def step_callback(i: int, denoised: torch.Tensor, current: torch.Tensor) -> None:
                     callback(i, denoised, current, total)
             samples = sampler(denoiser, x, sigmas, extra_args={"seed": seed}, callback=step_callback)
+            samples = schedule.inverse_noise_scaling(sigmas[-1], samples)
             return fmt.process_out(samples.float()).cpu()
 
     def _inpaint_channels(self, unet: torch.nn.Module, shape: torch.Size, latent: torch.Tensor,

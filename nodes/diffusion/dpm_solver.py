@@ -11,7 +11,8 @@ import math
 
 import torch
 
-from .sampler_steps import batch_ones, sigma_of
+from .noise import DeviceNoise
+from .sampler_steps import ancestral_step, batch_ones, lambda_of, seed_of, sigma_of
 
 
 class _Solver:
@@ -86,33 +87,83 @@ def dpm_fast(model, x, sigmas, extra_args=None, callback=None):
     return x
 
 
-def dpm_adaptive(model, x, sigmas, extra_args=None, callback=None, rtol=0.05, atol=0.0078, h_init=0.05,
-                 accept_safety=0.81, max_attempts=10000):
-    """Adaptive DPM-Solver-23: third-order steps, error from the embedded second-order one; ignores the step
-    count (only the ends of the schedule matter)."""
+class StepSizeController:
+    """k-diffusion's PID step-size controller: h is scaled by ε_n^−b1 · ε_n−1^−b2 · ε_n−2^−b3 (ε the scaled error
+    of the last three accepted steps), softened by 1 + atan(f − 1); a step is accepted when that factor is at
+    least `accept_safety`."""
+
+    def __init__(self, h: float, pcoeff: float, icoeff: float, dcoeff: float, order: float, accept_safety: float,
+                 eps: float = 1e-8):
+        self.h = h
+        self.b1 = (pcoeff + icoeff + dcoeff) / order
+        self.b2 = -(pcoeff + 2 * dcoeff) / order
+        self.b3 = dcoeff / order
+        self.accept_safety = accept_safety
+        self.eps = eps
+        self.inverse_errors: list[float] = []
+
+    def propose_step(self, error: torch.Tensor) -> bool:
+        inverse = 1 / (float(error) + self.eps)
+        if not self.inverse_errors:
+            self.inverse_errors = [inverse, inverse, inverse]
+        self.inverse_errors[0] = inverse
+        history = self.inverse_errors
+        factor = history[0] ** self.b1 * history[1] ** self.b2 * history[2] ** self.b3
+        factor = 1 + math.atan(factor - 1)
+        accept = factor >= self.accept_safety
+        if accept:
+            self.inverse_errors = [history[0], history[0], history[1]]
+        self.h *= factor
+        return accept
+
+
+def dpm_adaptive(model, x, sigmas, extra_args=None, callback=None, order=3, rtol=0.05, atol=0.0078, h_init=0.05,
+                 pcoeff=0.0, icoeff=1.0, dcoeff=0.0, accept_safety=0.81, eta=0.0, s_noise=1.0, noise=None,
+                 max_attempts=10000):
+    """Adaptive DPM-Solver-12 (order 2) or -23 (order 3): each step of the higher order, its error from the
+    embedded lower-order one; ignores the step count (only the ends of the schedule matter). eta > 0 adds
+    ancestral noise after each accepted step (then the controller works with order 1.5)."""
+    if order not in (2, 3):
+        raise ValueError("order should be 2 or 3")
     ends = _range(sigmas)
     if ends is None:
         return x
     t_start, t_end = ends
-    solver = _Solver(model, extra_args or {}, None)
+    forward = bool(t_end > t_start)
+    if not forward and eta:
+        raise ValueError("eta must be 0 for reverse sampling")
+    extra_args = extra_args or {}
+    noise = noise or DeviceNoise(x, seed_of(extra_args))
+    solver = _Solver(model, extra_args, None)
     atol_t, rtol_t = torch.tensor(atol), torch.tensor(rtol)
-    order = 3
-    h, s, x_prev = h_init, t_start, x
+    controller = StepSizeController(abs(h_init) * (1 if forward else -1), pcoeff, icoeff, dcoeff,
+                                    1.5 if eta else order, accept_safety)
+    s, x_prev = t_start, x
     for attempt in range(max_attempts):
-        if not s < t_end - 1e-5:
+        if not (s < t_end - 1e-5 if forward else s > t_end + 1e-5):
             break
         cache: dict = {}
-        t = torch.minimum(t_end, s + h)
+        t = torch.minimum(t_end, s + controller.h) if forward else torch.maximum(t_end, s + controller.h)
+        sigma_up: torch.Tensor | float
+        if eta:
+            sigma_down, _ = ancestral_step(sigma_of(s), sigma_of(t), eta)
+            t_down = torch.minimum(t_end, lambda_of(sigma_down))
+            sigma_up = (sigma_of(t) ** 2 - sigma_of(t_down) ** 2) ** 0.5
+        else:
+            t_down, sigma_up = t, 0.0
         denoised = x - sigma_of(s) * solver.eps(cache, "eps", x, s)
-        x_low = solver.step_2(x, s, t, cache, r1=1 / 3)  # shares the r = 1/3 evaluation with the 3rd-order step
-        x_high = solver.step_3(x, s, t, cache)
+        if order == 2:
+            x_low = solver.step_1(x, s, t_down, cache)
+            x_high = solver.step_2(x, s, t_down, cache)
+        else:
+            x_low = solver.step_2(x, s, t_down, cache, r1=1 / 3)  # shares the r = 1/3 evaluation with 3rd order
+            x_high = solver.step_3(x, s, t_down, cache)
         delta = torch.maximum(atol_t, rtol_t * torch.maximum(x_low.abs(), x_prev.abs()))
         error = torch.linalg.norm((x_low - x_high) / delta) / x.numel() ** 0.5
-        # ComfyUI's PID controller with only its integral term: factor = (1/error)^(1/order), softened by atan.
-        factor = 1 + math.atan((1 / (float(error) + 1e-8)) ** (1 / order) - 1)
-        h *= factor
-        if factor >= accept_safety:
-            x_prev, x, s = x_low, x_high, t
+        if controller.propose_step(error):
+            x_prev = x_low
+            x = x_high + sigma_up * s_noise * noise(sigma_of(s), sigma_of(t))
+            s = t
         if callback is not None:
             callback(attempt, denoised, x)
     return x

@@ -66,7 +66,7 @@ def key_map_unet(unet: torch.nn.Module) -> dict[str, Target]:
     weights = [name for name, _ in unet.named_parameters() if name.endswith(".weight")]
     mapping: dict[str, Target] = {}
     # LDM (openaimodel) names through the same writer the checkpoints use; values are carried through untouched.
-    ldm_names = convert.unet_to_ldm({name: name for name in weights}, unet.config.layers_per_block)
+    ldm_names = convert.unet_to_ldm({name: name for name in weights}, convert.diffusers_config(unet).layers_per_block)
     for ldm, diffusers_name in ldm_names.items():
         target = Target("model", diffusers_name)
         module = ldm[: -len(".weight")]
@@ -374,7 +374,9 @@ def attach(target: Any, patch: LoraPatch) -> Any:
     stacked LoRAs share one backup per weight and are rounded to the storage dtype once, as ComfyUI does."""
     import dataclasses
 
+    from .patches import copy_options
+
     if target.patches and isinstance(target.patches[-1], LoraPatch):
         return dataclasses.replace(target, patches=target.patches[:-1] + (target.patches[-1].merged(patch),),
-                                   options=dict(target.options))
+                                   options=copy_options(target.options))
     return target.with_patches(patch)

@@ -125,7 +125,7 @@ def gradient_estimation(model, x, sigmas, extra_args=None, callback=None, ge_gam
             x = denoised
         else:
             x = denoised + d * sigmas[i + 1] if cfg_pp else x + d * dt
-            if i >= 1:
+            if old_d is not None:  # from the second step on
                 x = x + (ge_gamma - 1) * (d - old_d) * dt
         old_d = d
     return x
@@ -144,7 +144,7 @@ def res_multistep(model, x, sigmas, extra_args=None, callback=None, s_noise=1.0,
             denoised = uncond = model(x, sigmas[i] * batch_ones(x), **extra_args)
         sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
         report(callback, i, denoised, x)
-        if sigma_down == 0 or old_denoised is None:
+        if sigma_down == 0 or old_denoised is None or old_sigma_down is None:  # (both None on the first step)
             if cfg_pp:
                 x = denoised + to_d(x, sigmas[i], uncond) * sigma_down
             else:
@@ -172,9 +172,17 @@ def _er_noise_scaler(v: torch.Tensor) -> torch.Tensor:
     return v * ((v ** 0.3).exp() + 10.0)
 
 
-def er_sde(model, x, sigmas, extra_args=None, callback=None, s_noise=1.0, noise=None, max_stage=3):
-    """ER-SDE-Solver-3 (arXiv 2309.06169): up to third order, integrals by 200-point Riemann sums."""
+def reverse_time_sde_noise_scaler(v: torch.Tensor, eta: float) -> torch.Tensor:
+    """ER-SDE's noise scaler for the plain reverse-time SDE (eta > 0) or the ODE (eta = 0): v^(eta + 1)."""
+    return v ** (eta + 1)
+
+
+def er_sde(model, x, sigmas, extra_args=None, callback=None, s_noise=1.0, noise=None, noise_scaler=None,
+           max_stage=3):
+    """ER-SDE-Solver-3 (arXiv 2309.06169): up to third order, integrals by 200-point Riemann sums.
+    `noise_scaler(v)` picks the SDE (default: the paper's v·(e^(v^0.3) + 10))."""
     extra_args = extra_args or {}
+    scaler = noise_scaler or _er_noise_scaler
     noise = noise or DeviceNoise(x, seed_of(extra_args))
     points = 200.0
     offsets = torch.arange(0, points, dtype=torch.float32, device=x.device)
@@ -189,20 +197,20 @@ def er_sde(model, x, sigmas, extra_args=None, callback=None, s_noise=1.0, noise=
         else:
             lambda_s, lambda_t = er_lambdas[i], er_lambdas[i + 1]
             alpha_s, alpha_t = sigmas[i] / lambda_s, sigmas[i + 1] / lambda_t
-            r = _er_noise_scaler(lambda_t) / _er_noise_scaler(lambda_s)
+            r = scaler(lambda_t) / scaler(lambda_s)
             x = (alpha_t / alpha_s) * r * x + alpha_t * (1 - r) * denoised
             if stage >= 2:
                 dt = lambda_t - lambda_s
                 step = -dt / points
                 positions = lambda_t + offsets * step
-                scaled = _er_noise_scaler(positions)
+                scaled = scaler(positions)
                 s = torch.sum(1 / scaled) * step
                 denoised_d = (denoised - old_denoised) / (lambda_s - er_lambdas[i - 1])
-                x = x + alpha_t * (dt + s * _er_noise_scaler(lambda_t)) * denoised_d
+                x = x + alpha_t * (dt + s * scaler(lambda_t)) * denoised_d
                 if stage >= 3:
                     s_u = torch.sum((positions - lambda_s) / scaled) * step
                     denoised_u = (denoised_d - old_denoised_d) / ((lambda_s - er_lambdas[i - 2]) / 2)
-                    x = x + alpha_t * ((dt ** 2) / 2 + s_u * _er_noise_scaler(lambda_t)) * denoised_u
+                    x = x + alpha_t * ((dt ** 2) / 2 + s_u * scaler(lambda_t)) * denoised_u
                 old_denoised_d = denoised_d
             if s_noise > 0:
                 spread = (lambda_t ** 2 - lambda_s ** 2 * r ** 2).sqrt().nan_to_num(nan=0.0)

@@ -2,11 +2,13 @@
 
 Coefficients integrate Lagrange polynomials through the recent predictions against exp((1+τ²)λ) over each step
 in λ = −log σ. Noise (strength τ) is on only while percent_to_sigma(0.2) ≥ σ ≥ percent_to_sigma(0.8), as in
-ComfyUI; sa_solver_pece re-evaluates the model after each correction.
+ComfyUI; sa_solver_pece re-evaluates the model after each correction. Like ComfyUI's, it returns the last
+corrected state, which lags one step behind on sigmas that do not end at 0.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -32,19 +34,45 @@ def _exponential_moments(s: torch.Tensor, t: torch.Tensor, order: int, tau: floa
 
 
 def _adams_coefficients(sigma_next: torch.Tensor, nodes: torch.Tensor, lambda_s: torch.Tensor,
-                        lambda_t: torch.Tensor, tau: float) -> torch.Tensor:
+                        lambda_t: torch.Tensor, tau: float, simple_order_2: bool = False,
+                        corrector: bool = False) -> torch.Tensor:
     """Weights b_j of the predictions at λ = nodes[j] for the step λ_s → λ_t."""
+    if simple_order_2 and nodes.shape[0] == 2:
+        return _simple_order_2_coefficients(sigma_next, nodes, lambda_s, lambda_t, tau, corrector)
     moments = _exponential_moments(lambda_s, lambda_t, nodes.shape[0], tau)
     vandermonde_t = torch.vander(nodes, nodes.shape[0], increasing=True).T
     return sigma_next * lambda_t.exp() * torch.linalg.solve(vandermonde_t, moments)
 
 
-def _tau_window(start_sigma: float, end_sigma: float) -> Callable[[torch.Tensor], float]:
-    return lambda sigma: 1.0 if start_sigma >= float(sigma) >= end_sigma else 0.0
+def _simple_order_2_coefficients(sigma_next: torch.Tensor, nodes: torch.Tensor, lambda_s: torch.Tensor,
+                                 lambda_t: torch.Tensor, tau: float, corrector: bool) -> torch.Tensor:
+    """The paper's simplified second-order weights (its appendix D), [older, newer] prediction."""
+    tau_mul = 1 + tau ** 2
+    h = lambda_t - lambda_s
+    alpha_t = sigma_next * lambda_t.exp()
+    whole = alpha_t * (-h * tau_mul).expm1().neg()
+    if corrector:
+        newer = alpha_t * (0.5 * tau_mul * h)
+        older = whole - newer
+    else:
+        older = alpha_t * (0.5 * tau_mul * h ** 2) / (nodes[-2] - lambda_s)
+        newer = whole - older
+    return torch.stack([older, newer])
+
+
+def _tau_in_window(sigma: torch.Tensor | float, start_sigma: float, end_sigma: float, eta: float) -> float:
+    if eta <= 0:
+        return 0.0
+    return eta if start_sigma >= float(sigma) >= end_sigma else 0.0
+
+
+def tau_interval(start_sigma: float, end_sigma: float, eta: float = 1.0) -> Callable[[torch.Tensor | float], float]:
+    """The noise strength τ(σ): eta while start_sigma ≥ σ ≥ end_sigma, else 0 (ComfyUI's SDE window)."""
+    return functools.partial(_tau_in_window, start_sigma=start_sigma, end_sigma=end_sigma, eta=eta)
 
 
 def sa_solver(model, x, sigmas, extra_args=None, callback=None, tau_func=None, s_noise=1.0, noise=None,
-              predictor_order=3, corrector_order=4, use_pece=False):
+              predictor_order=3, corrector_order=4, use_pece=False, simple_order_2=False):
     if len(sigmas) <= 1:
         return x
     extra_args = extra_args or {}
@@ -54,10 +82,12 @@ def sa_solver(model, x, sigmas, extra_args=None, callback=None, tau_func=None, s
         from .schedules import DiscreteSchedule
 
         schedule = getattr(model, "schedule", None) or DiscreteSchedule()
-        tau_func = _tau_window(schedule.percent_to_sigma(0.2), schedule.percent_to_sigma(0.8))
+        tau_func = tau_interval(schedule.percent_to_sigma(0.2), schedule.percent_to_sigma(0.8))
     keep = max(predictor_order, corrector_order)
     x_pred = x
-    h, tau, last_noise = 0.0, 0.0, 0.0
+    h: torch.Tensor = sigmas.new_zeros(())  # the last predictor step in λ (the corrector needs it from step 1 on)
+    tau = 0.0
+    last_noise: torch.Tensor | float = 0.0
     predictions: list[torch.Tensor] = []
     taper = sigmas[-1].item() == 0  # lower the orders towards a final sigma of 0
     for i in range(len(sigmas) - 1):
@@ -73,7 +103,8 @@ def sa_solver(model, x, sigmas, extra_args=None, callback=None, tau_func=None, s
         if c_order == 0:
             x = x_pred
         else:  # corrector: re-integrate the last step including the new prediction
-            b = _adams_coefficients(sigmas[i], lambdas[i - c_order + 1:i + 1], lambdas[i - 1], lambdas[i], tau)
+            b = _adams_coefficients(sigmas[i], lambdas[i - c_order + 1:i + 1], lambdas[i - 1], lambdas[i], tau,
+                                    simple_order_2, corrector=True)
             stacked = torch.stack(predictions[-c_order:], dim=1)
             x = sigmas[i] / sigmas[i - 1] * (-(tau ** 2) * h).exp() * x + torch.tensordot(stacked, b, dims=([1], [0]))
             if tau > 0 and s_noise > 0:
@@ -83,10 +114,11 @@ def sa_solver(model, x, sigmas, extra_args=None, callback=None, tau_func=None, s
                 predictions[-1] = denoised
 
         if sigmas[i + 1] == 0:
-            x_pred = denoised
+            x = denoised
             continue
         tau = tau_func(sigmas[i + 1])
-        b = _adams_coefficients(sigmas[i + 1], lambdas[i - p_order + 1:i + 1], lambdas[i], lambdas[i + 1], tau)
+        b = _adams_coefficients(sigmas[i + 1], lambdas[i - p_order + 1:i + 1], lambdas[i], lambdas[i + 1], tau,
+                                simple_order_2)
         stacked = torch.stack(predictions[-p_order:], dim=1)
         h = lambdas[i + 1] - lambdas[i]
         x_pred = sigmas[i + 1] / sigmas[i] * (-(tau ** 2) * h).exp() * x + torch.tensordot(stacked, b, dims=([1], [0]))
@@ -94,4 +126,6 @@ def sa_solver(model, x, sigmas, extra_args=None, callback=None, tau_func=None, s
             last_noise = (noise_source(sigmas[i], sigmas[i + 1]) * sigmas[i + 1]
                           * (-2 * tau ** 2 * h).expm1().neg().sqrt() * s_noise)
             x_pred = x_pred + last_noise
-    return x_pred
+    # As ComfyUI: the last corrected state. On sigmas ending at 0 that is the final denoised estimate; on sigmas
+    # that do not (the high half of a split schedule) it is the state at sigmas[-2], not the prediction x_pred.
+    return x

@@ -289,7 +289,9 @@ def dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, eta=1.0, s_no
         raise ValueError("solver_type must be 'heun' or 'midpoint'")
     extra_args = extra_args or {}
     noise = noise or brownian_noise_for(x, sigmas, seed_of(extra_args), on_cpu=noise_on_cpu)
-    old_denoised, h, h_last = None, None, None
+    old_denoised: torch.Tensor | None = None
+    h: torch.Tensor | None = None
+    h_last: torch.Tensor | None = None
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * batch_ones(x), **extra_args)
         report(callback, i, denoised, x)
@@ -301,7 +303,7 @@ def dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, eta=1.0, s_no
             h_eta = h * (eta + 1)
             alpha_t = sigmas[i + 1] * lambda_t.exp()
             x = sigmas[i + 1] / sigmas[i] * (-h * eta).exp() * x + alpha_t * (-h_eta).expm1().neg() * denoised
-            if old_denoised is not None:
+            if old_denoised is not None and h_last is not None:
                 r = h_last / h
                 if solver_type == "heun":
                     x = x + alpha_t * ((-h_eta).expm1().neg() / (-h_eta) + 1) * (1 / r) * (denoised - old_denoised)
@@ -320,8 +322,11 @@ def dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, eta=1.0, s_no
         return x
     extra_args = extra_args or {}
     noise = noise or brownian_noise_for(x, sigmas, seed_of(extra_args), on_cpu=noise_on_cpu)
-    denoised_1 = denoised_2 = None
-    h = h_1 = h_2 = None
+    denoised_1: torch.Tensor | None = None
+    denoised_2: torch.Tensor | None = None
+    h: torch.Tensor | None = None
+    h_1: torch.Tensor | None = None
+    h_2: torch.Tensor | None = None
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * batch_ones(x), **extra_args)
         report(callback, i, denoised, x)
@@ -333,7 +338,8 @@ def dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, eta=1.0, s_no
             h_eta = h * (eta + 1)
             alpha_t = sigmas[i + 1] * lambda_t.exp()
             x = sigmas[i + 1] / sigmas[i] * (-h * eta).exp() * x + alpha_t * (-h_eta).expm1().neg() * denoised
-            if h_2 is not None:
+            # (h_k and denoised_k are set together, from the previous steps)
+            if h_2 is not None and h_1 is not None and denoised_1 is not None and denoised_2 is not None:
                 r0, r1 = h_1 / h, h_2 / h
                 d1_0 = (denoised - denoised_1) / r0
                 d1_1 = (denoised_1 - denoised_2) / r1
@@ -342,7 +348,7 @@ def dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, eta=1.0, s_no
                 phi_2 = h_eta.neg().expm1() / h_eta + 1
                 phi_3 = phi_2 / h_eta - 0.5
                 x = x + (alpha_t * phi_2) * d1 - (alpha_t * phi_3) * d2
-            elif h_1 is not None:
+            elif h_1 is not None and denoised_1 is not None:
                 d = (denoised - denoised_1) / (h_1 / h)
                 x = x + (alpha_t * (h_eta.neg().expm1() / h_eta + 1)) * d
             if eta > 0 and s_noise > 0:

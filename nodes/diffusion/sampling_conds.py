@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .schedules import DiscreteSchedule
+from .schedules import ModelSampling
 
 # Area tuples are (height, width, y, x) in latent cells.
 Area = tuple[int, int, int, int]
@@ -80,7 +80,7 @@ def _sdxl_added(options: dict, latent_shape: torch.Size, unet_config: Any, refin
             "time_ids": time_ids}
 
 
-def _prepare_entry(pair: Any, latent_shape: torch.Size, schedule: DiscreteSchedule, device: torch.device,
+def _prepare_entry(pair: Any, latent_shape: torch.Size, schedule: ModelSampling, device: torch.device,
                    unet_config: Any, family: str, negative: bool, concat_fn: Any) -> CondEntry:
     if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not isinstance(pair[1], dict):
         raise ValueError("conditioning entries must be [tensor, dict] pairs")
@@ -151,14 +151,15 @@ def _copy_controls_to_uncond(positive: list[CondEntry], negative: list[CondEntry
         negative[index] = dataclasses.replace(entry, control=control)
 
 
-def prepare_conditioning(conds: dict[str, list | None], latent_shape: torch.Size, schedule: DiscreteSchedule,
+def prepare_conditioning(conds: dict[str, list | None], latent_shape: torch.Size, schedule: ModelSampling,
                          device: torch.device, unet_config: Any, family: str,
                          concat_fn: Any = None) -> dict[str, list[CondEntry]]:
-    """All CONDITIONING lists of one sampling run ("positive", optionally "negative") → CondEntry lists.
+    """All CONDITIONING lists of one sampling run ("positive", optionally "negative" and others) → CondEntry lists.
     `concat_fn(options)`, for inpainting models, gives each entry its extra UNet input channels."""
     prepared = {
-        kind: [_prepare_entry(pair, latent_shape, schedule, device, unet_config, family, kind == "negative",
-                              concat_fn)
+        # An entry may say which prompt it is ("prompt_type", as guiders with extra negatives set it).
+        kind: [_prepare_entry(pair, latent_shape, schedule, device, unet_config, family,
+                              pair[1].get("prompt_type", kind) == "negative", concat_fn)
                for pair in pairs]
         for kind, pairs in conds.items() if pairs is not None
     }

@@ -1,8 +1,12 @@
-"""The discrete noise schedule of SD-family models and ComfyUI's sigma schedulers.
+"""The noise schedules of ComfyUI's model_sampling objects and ComfyUI's sigma schedulers.
 
-Numbers follow ComfyUI's `ModelSamplingDiscrete` and `calculate_sigmas` exactly: the sigma table is computed in
-float64 and stored as float32, sigma(t) interpolates linearly in log-sigma, and the UNet only ever sees the
-nearest integer timestep.
+Discrete schedules follow ComfyUI's `ModelSamplingDiscrete` exactly: the sigma table is computed in float64 and
+stored as float32, sigma(t) interpolates linearly in log-sigma, and the UNet only ever sees the nearest integer
+timestep. Continuous schedules (`ModelSamplingContinuousEDM` / `ContinuousV` / `CosmosRFlow`) map σ to a real
+timestep by a formula and keep a log-uniform table of 1000 sigmas between σ_min and σ_max for the schedulers
+that read a table. Every schedule carries its prediction type (nodes.diffusion.predictions) and offers ComfyUI's
+model_sampling methods (calculate_input, calculate_denoised, noise_scaling, ...), so hooks that receive it as
+`args["model"].model_sampling` work unchanged.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import numpy as np
 import torch
 
 from .models import SamplingConfig
+from .predictions import EpsPrediction, prediction_for
 
 # UI order, as ComfyUI lists them.
 SCHEDULER_NAMES: tuple[str, ...] = (
@@ -21,19 +26,34 @@ SCHEDULER_NAMES: tuple[str, ...] = (
     "kl_optimal",
 )
 
+# ComfyUI's zero-terminal-SNR rescale pins the last ᾱ here (exactly 0 would make σ infinite).
+ZSNR_LAST_ALPHA_BAR = 4.8973451890853435e-08
 
-class DiscreteSchedule:
-    """Sigma table of a model trained on `timesteps` discrete noise levels (scaled-linear betas)."""
 
-    def __init__(self, config: SamplingConfig | None = None):
-        config = config or SamplingConfig()
-        self.config = config
-        betas = torch.linspace(config.beta_start ** 0.5, config.beta_end ** 0.5, config.timesteps,
-                               dtype=torch.float64) ** 2
-        alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
-        sigmas64 = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
-        self.sigmas = sigmas64.float()
-        self.log_sigmas = sigmas64.log().float()
+def rescale_zero_terminal_snr(sigmas: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2023 ("Common Diffusion Noise Schedules and Sample Steps are Flawed"), on a sigma table:
+    √ᾱ shifted so the last step has zero signal and scaled so the first keeps its value."""
+    root_alpha_bar = (1 / (sigmas * sigmas + 1)).sqrt()
+    first, last = root_alpha_bar[0].clone(), root_alpha_bar[-1].clone()
+    root_alpha_bar = (root_alpha_bar - last) * (first / (first - last))
+    alpha_bar = root_alpha_bar ** 2
+    alpha_bar[-1] = ZSNR_LAST_ALPHA_BAR
+    return ((1 - alpha_bar) / alpha_bar) ** 0.5
+
+
+class ModelSampling:
+    """A schedule plus its prediction type: ComfyUI's model_sampling interface. Subclasses set `sigmas` /
+    `log_sigmas` (ascending float32 tables) and define timestep(σ), sigma(t) and percent_to_sigma."""
+
+    sigmas: torch.Tensor
+    log_sigmas: torch.Tensor
+
+    def __init__(self, prediction: EpsPrediction):
+        self.prediction = prediction
+
+    @property
+    def sigma_data(self) -> float:
+        return self.prediction.sigma_data
 
     @property
     def sigma_min(self) -> torch.Tensor:
@@ -42,6 +62,54 @@ class DiscreteSchedule:
     @property
     def sigma_max(self) -> torch.Tensor:
         return self.sigmas[-1]
+
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def sigma(self, timestep: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def percent_to_sigma(self, percent: float) -> float:
+        raise NotImplementedError
+
+    # ComfyUI's model_sampling methods, delegated to the prediction type.
+    def calculate_input(self, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return self.prediction.calculate_input(sigma, noise)
+
+    def calculate_denoised(self, sigma: torch.Tensor, model_output: torch.Tensor,
+                           model_input: torch.Tensor) -> torch.Tensor:
+        timestep = self.timestep(sigma) if self.prediction.needs_timestep else None
+        return self.prediction.calculate_denoised(sigma, model_output, model_input, timestep)
+
+    def noise_scaling(self, sigma: torch.Tensor, noise: torch.Tensor, latent_image: torch.Tensor,
+                      max_denoise: bool = False) -> torch.Tensor:
+        return self.prediction.noise_scaling(sigma, noise, latent_image, max_denoise)
+
+    def inverse_noise_scaling(self, sigma: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        return self.prediction.inverse_noise_scaling(sigma, latent)
+
+
+class DiscreteSchedule(ModelSampling):
+    """Sigma table of a model trained on `timesteps` discrete noise levels (scaled-linear betas, optionally
+    rescaled to zero terminal SNR)."""
+
+    def __init__(self, config: SamplingConfig | None = None):
+        config = config or SamplingConfig()
+        if config.schedule not in ("discrete", "discrete_distilled"):
+            raise ValueError(f"a {config.schedule!r} sampling config is not a discrete schedule (use schedule_for)")
+        super().__init__(prediction_for(config.prediction, config.sigma_data))
+        self.config = config
+        betas = torch.linspace(config.beta_start ** 0.5, config.beta_end ** 0.5, config.timesteps,
+                               dtype=torch.float64) ** 2
+        alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        sigmas64 = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+        if config.zsnr:
+            sigmas64 = rescale_zero_terminal_snr(sigmas64)
+        self._set_table(sigmas64)
+
+    def _set_table(self, sigmas: torch.Tensor) -> None:
+        self.sigmas = sigmas.float()
+        self.log_sigmas = sigmas.log().float()
 
     def sigma(self, timestep: torch.Tensor) -> torch.Tensor:
         """Sigma at a (possibly fractional) timestep: linear interpolation of log-sigma between neighbours."""
@@ -67,6 +135,99 @@ class DiscreteSchedule:
         return self.sigma(torch.tensor((1.0 - percent) * 999.0)).item()
 
 
+class DistilledDiscreteSchedule(DiscreteSchedule):
+    """LCM's schedule: only every (timesteps / 50)-th level of the discrete table, the last of each stride, so
+    the table holds 50 sigmas and table index i is network timestep i·stride + stride − 1."""
+
+    original_timesteps = 50
+
+    def __init__(self, config: SamplingConfig | None = None):
+        super().__init__(config)
+        count = len(self.sigmas)
+        self.skip_steps = count // self.original_timesteps
+        kept = [count - 1 - i * self.skip_steps for i in range(self.original_timesteps)][::-1]
+        self._set_table(self.sigmas[kept])  # (log taken of the float32 values, as ComfyUI does)
+
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        index = super().timestep(sigma)
+        return index * self.skip_steps + (self.skip_steps - 1)
+
+    def sigma(self, timestep: torch.Tensor) -> torch.Tensor:
+        return super().sigma((timestep.float() - (self.skip_steps - 1)) / self.skip_steps)
+
+
+class ContinuousEDMSchedule(ModelSampling):
+    """Continuous σ in [σ_min, σ_max]; the network timestep is ¼·log σ (Karras et al. 2022's c_noise)."""
+
+    table_size = 1000
+
+    def __init__(self, config: SamplingConfig):
+        super().__init__(prediction_for(config.prediction, config.sigma_data))
+        self.config = config
+        if not 0 < config.sigma_min < config.sigma_max:
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={config.sigma_min}, "
+                             f"sigma_max={config.sigma_max}")
+        # A log-uniform table for the schedulers that read one (simple, ddim_uniform, beta).
+        self.sigmas = torch.linspace(math.log(config.sigma_min), math.log(config.sigma_max), self.table_size).exp()
+        self.log_sigmas = self.sigmas.log()
+
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        return 0.25 * sigma.log()
+
+    def sigma(self, timestep: torch.Tensor) -> torch.Tensor:
+        return (timestep / 0.25).exp()
+
+    def percent_to_sigma(self, percent: float) -> float:
+        if percent <= 0.0:
+            return 999999999.9
+        if percent >= 1.0:
+            return 0.0
+        log_min = math.log(float(self.sigma_min))
+        return math.exp((math.log(float(self.sigma_max)) - log_min) * (1.0 - percent) + log_min)
+
+
+class ContinuousVSchedule(ContinuousEDMSchedule):
+    """Continuous σ with the network timestep 2/π·atan σ (in [0, 1))."""
+
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        return sigma.atan() / math.pi * 2
+
+    def sigma(self, timestep: torch.Tensor) -> torch.Tensor:
+        return (timestep * math.pi / 2).tan()
+
+
+class CosmosRFlowSchedule(ContinuousEDMSchedule):
+    """Cosmos' rectified flow: network timestep σ/(σ + 1); timesteps at or past σ_max's map to σ_max."""
+
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        return sigma / (sigma + 1)
+
+    def sigma(self, timestep: torch.Tensor) -> torch.Tensor:
+        sigma_max = self.sigma_max.to(timestep.device)
+        top = sigma_max / (sigma_max + 1)
+        return torch.where(timestep >= top, sigma_max, timestep / (1 - timestep))
+
+
+_SCHEDULE_KINDS: dict[str, Callable[[SamplingConfig], ModelSampling]] = {
+    "discrete": DiscreteSchedule,
+    "discrete_distilled": DistilledDiscreteSchedule,
+    "continuous_edm": ContinuousEDMSchedule,
+    "continuous_v": ContinuousVSchedule,
+    "cosmos_rflow": CosmosRFlowSchedule,
+}
+SCHEDULE_KINDS: tuple[str, ...] = tuple(_SCHEDULE_KINDS)
+
+
+def schedule_for(config: SamplingConfig | None = None) -> ModelSampling:
+    """The schedule object (ComfyUI's model_sampling) a MODEL's sampling config describes."""
+    config = config or SamplingConfig()
+    try:
+        kind = _SCHEDULE_KINDS[config.schedule]
+    except KeyError:
+        raise ValueError(f"unknown schedule kind {config.schedule!r} (known: {', '.join(SCHEDULE_KINDS)})") from None
+    return kind(config)
+
+
 def _append_zero(sigmas: torch.Tensor) -> torch.Tensor:
     return torch.cat([sigmas, sigmas.new_zeros([1])])
 
@@ -82,7 +243,7 @@ def exponential_sigmas(steps: int, sigma_min: float, sigma_max: float) -> torch.
     return _append_zero(torch.linspace(math.log(sigma_max), math.log(sigma_min), steps).exp())
 
 
-def _normal(schedule: DiscreteSchedule, steps: int, sgm: bool = False) -> torch.Tensor:
+def _normal(schedule: ModelSampling, steps: int, sgm: bool = False) -> torch.Tensor:
     start = schedule.timestep(schedule.sigma_max)
     end = schedule.timestep(schedule.sigma_min)
     append_zero = True
@@ -100,13 +261,13 @@ def _normal(schedule: DiscreteSchedule, steps: int, sgm: bool = False) -> torch.
     return torch.tensor(sigmas, dtype=torch.float32)
 
 
-def _simple(schedule: DiscreteSchedule, steps: int) -> torch.Tensor:
+def _simple(schedule: ModelSampling, steps: int) -> torch.Tensor:
     stride = len(schedule.sigmas) / steps
     sigmas = [float(schedule.sigmas[-(1 + int(i * stride))]) for i in range(steps)]
     return torch.tensor(sigmas + [0.0], dtype=torch.float32)
 
 
-def _ddim_uniform(schedule: DiscreteSchedule, steps: int) -> torch.Tensor:
+def _ddim_uniform(schedule: ModelSampling, steps: int) -> torch.Tensor:
     index = 1
     if math.isclose(float(schedule.sigmas[index]), 0, abs_tol=1e-5):
         steps += 1
@@ -120,7 +281,7 @@ def _ddim_uniform(schedule: DiscreteSchedule, steps: int) -> torch.Tensor:
     return torch.tensor(sigmas[::-1], dtype=torch.float32)
 
 
-def _beta(schedule: DiscreteSchedule, steps: int, alpha: float = 0.6, beta: float = 0.6) -> torch.Tensor:
+def _beta(schedule: ModelSampling, steps: int, alpha: float = 0.6, beta: float = 0.6) -> torch.Tensor:
     from scipy import stats
 
     last_timestep = len(schedule.sigmas) - 1
@@ -135,7 +296,7 @@ def _beta(schedule: DiscreteSchedule, steps: int, alpha: float = 0.6, beta: floa
     return torch.tensor(sigmas + [0.0], dtype=torch.float32)
 
 
-def _linear_quadratic(schedule: DiscreteSchedule, steps: int, threshold: float = 0.025) -> torch.Tensor:
+def _linear_quadratic(schedule: ModelSampling, steps: int, threshold: float = 0.025) -> torch.Tensor:
     if steps == 1:
         fractions = [1.0, 0.0]
     else:
@@ -158,11 +319,11 @@ def _kl_optimal(steps: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
     return sigmas
 
 
-def _with_range(fn: Callable[[int, float, float], torch.Tensor]) -> Callable[[DiscreteSchedule, int], torch.Tensor]:
+def _with_range(fn: Callable[[int, float, float], torch.Tensor]) -> Callable[[ModelSampling, int], torch.Tensor]:
     return lambda schedule, steps: fn(steps, float(schedule.sigma_min), float(schedule.sigma_max))
 
 
-_SCHEDULERS: dict[str, Callable[[DiscreteSchedule, int], torch.Tensor]] = {
+_SCHEDULERS: dict[str, Callable[[ModelSampling, int], torch.Tensor]] = {
     "simple": _simple,
     "sgm_uniform": lambda schedule, steps: _normal(schedule, steps, sgm=True),
     "karras": _with_range(karras_sigmas),
@@ -175,7 +336,7 @@ _SCHEDULERS: dict[str, Callable[[DiscreteSchedule, int], torch.Tensor]] = {
 }
 
 
-def calculate_sigmas(schedule: DiscreteSchedule, scheduler: str, steps: int) -> torch.Tensor:
+def calculate_sigmas(schedule: ModelSampling, scheduler: str, steps: int) -> torch.Tensor:
     """The float32 sigma list (steps + 1 values, ending in 0, for most schedulers)."""
     try:
         handler = _SCHEDULERS[scheduler]
@@ -184,7 +345,7 @@ def calculate_sigmas(schedule: DiscreteSchedule, scheduler: str, steps: int) -> 
     return handler(schedule, steps)
 
 
-def sampler_sigmas(schedule: DiscreteSchedule, scheduler: str, steps: int, drops_penultimate: bool) -> torch.Tensor:
+def sampler_sigmas(schedule: ModelSampling, scheduler: str, steps: int, drops_penultimate: bool) -> torch.Tensor:
     """KSampler's schedule: samplers that skip their penultimate sigma get one more step, then lose it."""
     if not drops_penultimate:
         return calculate_sigmas(schedule, scheduler, steps)
@@ -192,7 +353,7 @@ def sampler_sigmas(schedule: DiscreteSchedule, scheduler: str, steps: int, drops
     return torch.cat([sigmas[:-2], sigmas[-1:]])
 
 
-def denoise_sigmas(schedule: DiscreteSchedule, scheduler: str, steps: int, denoise: float,
+def denoise_sigmas(schedule: ModelSampling, scheduler: str, steps: int, denoise: float,
                    drops_penultimate: bool = False) -> torch.Tensor:
     """KSampler.set_steps: with denoise < 1 compute int(steps/denoise) steps and keep the last steps + 1 sigmas,
     so exactly `steps` model steps always run. denoise <= 0 gives an empty schedule (nothing to do)."""
@@ -204,7 +365,7 @@ def denoise_sigmas(schedule: DiscreteSchedule, scheduler: str, steps: int, denoi
     return full[-(steps + 1):]
 
 
-def basic_scheduler_sigmas(schedule: DiscreteSchedule, scheduler: str, steps: int, denoise: float) -> torch.Tensor:
+def basic_scheduler_sigmas(schedule: ModelSampling, scheduler: str, steps: int, denoise: float) -> torch.Tensor:
     """BasicScheduler node: like denoise_sigmas, but it never knows the sampler (no penultimate drop)."""
     total_steps = steps
     if denoise < 1.0:
@@ -214,7 +375,7 @@ def basic_scheduler_sigmas(schedule: DiscreteSchedule, scheduler: str, steps: in
     return calculate_sigmas(schedule, scheduler, total_steps)[-(steps + 1):]
 
 
-def sd_turbo_sigmas(schedule: DiscreteSchedule, steps: int, denoise: float) -> torch.Tensor:
+def sd_turbo_sigmas(schedule: ModelSampling, steps: int, denoise: float) -> torch.Tensor:
     """SDTurboScheduler: timesteps 999, 899, ..., 99, starting later for denoise < 1."""
     start = 10 - int(10 * denoise)
     timesteps = torch.flip(torch.arange(1, 11) * 100 - 1, (0,))[start:start + steps]
@@ -231,3 +392,99 @@ def advanced_sigmas(sigmas: torch.Tensor, start_at_step: int, end_at_step: int,
     if start_at_step < len(sigmas) - 1:
         return sigmas[start_at_step:]
     return None
+
+
+# --- the custom-sampling scheduler nodes' schedules (k-diffusion's formulas, float32 as ComfyUI computes them) -----
+
+def polyexponential_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 1.0) -> torch.Tensor:
+    """log σ runs from log σ_max to log σ_min along (1 − ramp)^ρ; ρ = 1 is the exponential schedule."""
+    ramp = torch.linspace(1, 0, steps) ** rho
+    return _append_zero(torch.exp(ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min)))
+
+
+def vp_sigmas(steps: int, beta_d: float = 19.9, beta_min: float = 0.1, eps_s: float = 1e-3) -> torch.Tensor:
+    """The continuous variance-preserving schedule σ(t) = √(exp(β_d t²/2 + β_min t) − 1), t from 1 to eps_s."""
+    t = torch.linspace(1, eps_s, steps)
+    return _append_zero(torch.sqrt(torch.special.expm1(beta_d * t ** 2 / 2 + beta_min * t)))
+
+
+def laplace_sigmas(steps: int, sigma_min: float, sigma_max: float, mu: float = 0.0, beta: float = 0.5) -> torch.Tensor:
+    """Log σ distributed like a Laplace(μ, β) quantile function (arXiv 2407.03297), clamped to [σ_min, σ_max].
+    Ends on σ_min, not on an appended zero."""
+    ramp = torch.linspace(0, 1, steps)
+    centred = 0.5 - ramp
+    log_sigma = mu - beta * torch.sign(centred) * torch.log(1 - 2 * torch.abs(centred) + 1e-5)
+    return torch.clamp(torch.exp(log_sigma), min=sigma_min, max=sigma_max)
+
+
+def beta_sigmas(schedule: ModelSampling, steps: int, alpha: float = 0.6, beta: float = 0.6) -> torch.Tensor:
+    """The "beta" scheduler with its distribution's shape parameters chosen (BetaSamplingScheduler)."""
+    return _beta(schedule, steps, alpha, beta)
+
+
+# --- operations on SIGMAS ----------------------------------------------------------------------------------------
+
+def split_sigmas(sigmas: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low): the schedule up to and from `step`; both hold sigmas[step]."""
+    return sigmas[:step + 1], sigmas[step:]
+
+
+def split_sigmas_denoise(sigmas: torch.Tensor, denoise: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) with the low part the last round(steps · denoise) steps. As in ComfyUI, a low part of no steps
+    leaves the high part empty (not the whole schedule)."""
+    steps = max(sigmas.shape[-1] - 1, 0)
+    low_steps = round(steps * denoise)
+    high = sigmas[:sigmas.shape[-1] - low_steps] if low_steps > 0 else sigmas[:0]
+    return high, sigmas[-(low_steps + 1):]
+
+
+def flip_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
+    """Reversed (for inversion); a leading 0 becomes 0.0001 so the first step has a noise level."""
+    if len(sigmas) == 0:
+        return sigmas
+    flipped = sigmas.flip(0)
+    if flipped[0] == 0:
+        flipped[0] = 0.0001
+    return flipped
+
+
+def set_first_sigma(sigmas: torch.Tensor, sigma: float) -> torch.Tensor:
+    changed = sigmas.clone()
+    changed[0] = sigma
+    return changed
+
+
+_SPACINGS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "linear": lambda ramp: ramp,
+    "cosine": lambda ramp: torch.sin(ramp * math.pi / 2),
+    "sine": lambda ramp: 1 - torch.cos(ramp * math.pi / 2),
+}
+SIGMA_SPACINGS: tuple[str, ...] = tuple(_SPACINGS)
+
+
+def extend_intermediate_sigmas(sigmas: torch.Tensor, steps: int, start_at_sigma: float, end_at_sigma: float,
+                               spacing: str) -> torch.Tensor:
+    """Split every step that starts at a sigma within [end_at_sigma, start_at_sigma] (start < 0: no upper
+    bound) into `steps` steps, spaced linearly or along a quarter cosine/sine wave."""
+    if start_at_sigma < 0:
+        start_at_sigma = float("inf")
+    fractions = _SPACINGS[spacing](torch.linspace(0, 1, steps + 1, device=sigmas.device)[1:-1])
+    extended: list[float] = []
+    for i in range(len(sigmas) - 1):
+        current, following = sigmas[i], sigmas[i + 1]
+        extended.append(float(current))
+        if end_at_sigma <= current <= start_at_sigma:
+            extended.extend((fractions * (following - current) + current).tolist())
+    if len(sigmas) > 0:
+        extended.append(float(sigmas[-1]))
+    return torch.tensor(extended, dtype=torch.float32)
+
+
+def sampling_percent_to_sigma(schedule: ModelSampling, percent: float, actual: bool = False) -> float:
+    """The sigma at a fraction of sampling. At 0 and 1 the interval-check values (a huge sigma, 0) unless
+    `actual`, which gives the schedule's real σ_max / σ_min there."""
+    if actual and percent == 0.0:
+        return float(schedule.sigma_max)
+    if actual and percent == 1.0:
+        return float(schedule.sigma_min)
+    return schedule.percent_to_sigma(percent)

@@ -59,30 +59,31 @@ class _UniPC:
         alpha_t = _alpha(t)
         h = lambda_t - lambda_prev
 
-        rks, d1s = [], []
+        rk_list, d1s = [], []
         for i in range(1, order):
             rk = ((_lambda(t_history[-(i + 1)]) - lambda_prev) / h)[0]
-            rks.append(rk)
+            rk_list.append(rk)
             d1s.append((model_history[-(i + 1)] - model_prev) / rk)
-        rks.append(torch.ones((), dtype=h.dtype, device=h.device))
-        rks = torch.stack(rks)
+        rk_list.append(torch.ones((), dtype=h.dtype, device=h.device))
+        rks = torch.stack(rk_list)
 
         hh = -h[0]  # data-prediction form integrates in −λ
         h_phi_1 = torch.expm1(hh)
         h_phi_k = h_phi_1 / hh - 1
         factorial = 1
         b_h = hh if self.variant == "bh1" else torch.expm1(hh)
-        rows, b = [], []
+        rows, b_terms = [], []
         for i in range(1, order + 1):
             rows.append(torch.pow(rks, i - 1))
-            b.append(h_phi_k * factorial / b_h)
+            b_terms.append(h_phi_k * factorial / b_h)
             factorial *= i + 1
             h_phi_k = h_phi_k / hh - 1 / factorial
         R = torch.stack(rows)
-        b = torch.stack(b)
+        b = torch.stack(b_terms)
 
         d1_stack = torch.stack(d1s, dim=1) if d1s else None
         x_linear = _expand(sigma_t / sigma_prev, ndim) * x - _expand(alpha_t * h_phi_1, ndim) * model_prev
+        pred_res: torch.Tensor | float
         if d1_stack is not None:
             rhos_p = torch.tensor([0.5], device=b.device) if order == 2 else torch.linalg.solve(R[:-1, :-1], b[:-1])
             pred_res = torch.einsum("k,bk...->b...", rhos_p.to(d1_stack.dtype), d1_stack)
@@ -94,7 +95,7 @@ class _UniPC:
         if use_corrector:
             rhos_c = torch.tensor([0.5], device=b.device) if order == 1 else torch.linalg.solve(R, b)
             model_t = self.data_prediction(x_t, t)
-            corr_res = 0
+            corr_res: torch.Tensor | float = 0
             if d1_stack is not None:
                 corr_res = torch.einsum("k,bk...->b...", rhos_c[:-1].to(d1_stack.dtype), d1_stack)
             x_t = x_linear - _expand(alpha_t * b_h, ndim) * (corr_res + rhos_c[-1] * (model_t - model_prev))

@@ -6,29 +6,29 @@ Conventions (ComfyUI's `comfy.sd.VAE`, see docs/comfyui-reference.md#vae-convent
 * decode: unscaled latent -> decoder -> clamp((x+1)/2, 0, 1) -> IMAGE [B,H,W,3] float32 on CPU.
 * Both run in batches sized by free memory, and fall back to tiles on out-of-memory.
 
-Tiling (ComfyUI's `tiled_scale_multidim`): tiles start every (tile - overlap) cells; each tile's output is
-weighted by a feather that ramps linearly (t+1)/f over the f = overlap*scale outermost rows/columns on every
-side, the weighted outputs are summed and divided by the summed weights. A tiled pass is done with three tile
-shapes (square, wide, tall) and the three results averaged, which hides the seams of any one tiling.
+Tiling (ComfyUI's `tiled_scale_multidim`, in tiling.py): tiles overlap and are blended with linear feathers. A
+tiled pass is done with three tile shapes (square, wide, tall) and the three results averaged, which hides the
+seams of any one tiling.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .models import SD15_LATENT, LatentFormat
+from .tiling import Progress, TilePlan, TileProgress, tiled_apply
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
 
 logger = logging.getLogger(__name__)
-
-Progress = Callable[[int, int], None]
 
 DOWNSCALE = 8
 # ComfyUI's working-memory estimates for an SD-style AutoencoderKL, in bytes per element of dtype size.
@@ -44,82 +44,6 @@ def crop_to_multiple(pixels: torch.Tensor, multiple: int = DOWNSCALE) -> torch.T
         return pixels
     top, left = (height % multiple) // 2, (width % multiple) // 2
     return pixels[:, top:top + new_height, left:left + new_width, :]
-
-
-@dataclass(frozen=True)
-class TilePlan:
-    """Where the tiles of one image go. Tile sizes, overlap and positions are multiples of `align` (8 when
-    encoding, so every tile maps to whole latent cells), and the overlap stays below the tile size so tiles
-    always advance (ComfyUI fails on such settings instead)."""
-
-    tile_h: int
-    tile_w: int
-    overlap: int
-    rows: tuple[int, ...]
-    cols: tuple[int, ...]
-
-    @classmethod
-    def create(cls, size_hw: tuple[int, int], tile_hw: tuple[int, int], overlap: int, align: int = 1) -> TilePlan:
-        tile_h, tile_w = (max(align, size // align * align) for size in tile_hw)
-        overlap = max(0, min(overlap // align * align, min(tile_h, tile_w) - align))
-        if size_hw[0] <= tile_h and size_hw[1] <= tile_w:
-            return cls(tile_h, tile_w, overlap, (0,), (0,))
-        return cls(tile_h, tile_w, overlap, cls._starts(size_hw[0], tile_h, overlap),
-                   cls._starts(size_hw[1], tile_w, overlap))
-
-    @staticmethod
-    def _starts(size: int, tile: int, overlap: int) -> tuple[int, ...]:
-        # Every (tile - overlap) cells; the last start is pulled back so it does not begin inside the overlap.
-        if size <= tile:
-            return (0,)
-        return tuple(max(0, min(size - overlap, start)) for start in range(0, size - overlap, tile - overlap))
-
-    @property
-    def count(self) -> int:
-        return len(self.rows) * len(self.cols)
-
-
-def _feather(length: int, feather: int) -> torch.Tensor:
-    """1-D tile weights: ramps (t+1)/feather over `feather` cells at both ends (none if the tile is too short)."""
-    weights = torch.ones(length)
-    if 0 < feather < length:
-        ramp = torch.arange(1, feather + 1, dtype=torch.float32) / feather
-        weights[:feather] *= ramp
-        weights[length - feather:] *= ramp.flip(0)
-    return weights
-
-
-def tiled_apply(samples: torch.Tensor, function: Callable[[torch.Tensor], torch.Tensor], tile_hw: tuple[int, int],
-                overlap: int, scale: float, out_channels: int, on_tile: Callable[[], None] | None = None,
-                align: int = 1) -> torch.Tensor:
-    """Apply a resolution-changing `function` ([1,C,h,w] -> [1,out_channels,h*scale,w*scale]) tile by tile to
-    [B,C,H,W], blending overlaps with linear feathers; one image at a time to bound memory."""
-    batch, _, height, width = samples.shape
-    plan = TilePlan.create((height, width), tile_hw, overlap, align)
-    out_h, out_w = round(height * scale), round(width * scale)
-    feather = round(plan.overlap * scale)
-    output = torch.empty(batch, out_channels, out_h, out_w)
-    for index in range(batch):
-        image = samples[index:index + 1]
-        if plan.count == 1:
-            output[index:index + 1] = function(image).float().cpu()
-            if on_tile:
-                on_tile()
-            continue
-        total = torch.zeros(1, out_channels, out_h, out_w)
-        weight = torch.zeros(1, 1, out_h, out_w)
-        for top, left in itertools.product(plan.rows, plan.cols):
-            piece = image[:, :, top:top + plan.tile_h, left:left + plan.tile_w]
-            result = function(piece).float().cpu()
-            piece_h, piece_w = result.shape[-2:]
-            mask = _feather(piece_h, feather)[:, None] * _feather(piece_w, feather)[None, :]
-            out_top, out_left = round(top * scale), round(left * scale)
-            total[:, :, out_top:out_top + piece_h, out_left:out_left + piece_w] += result * mask
-            weight[:, :, out_top:out_top + piece_h, out_left:out_left + piece_w] += mask
-            if on_tile:
-                on_tile()
-        output[index:index + 1] = total / weight
-    return output
 
 
 def _free_memory(device: torch.device) -> int:
@@ -144,18 +68,6 @@ def _placement(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
     if parameter is None:
         return torch.device("cpu"), torch.float32
     return parameter.device, parameter.dtype
-
-
-class _ProgressCounter:
-    """Turns per-tile callbacks into progress(value, total) reports."""
-
-    def __init__(self, total: int, progress: Progress | None):
-        self.total, self.done, self.progress = total, 0, progress
-
-    def step(self) -> None:
-        self.done += 1
-        if self.progress is not None:
-            self.progress(self.done, self.total)
 
 
 @dataclass(frozen=True)
@@ -191,12 +103,12 @@ class VAEModel:
     # Raw calls on one chunk ----------------------------------------------------------------------------------
 
     @staticmethod
-    def _decode_raw(module: torch.nn.Module, latent: torch.Tensor) -> torch.Tensor:
+    def _decode_raw(module: AutoencoderKL, latent: torch.Tensor) -> torch.Tensor:
         device, dtype = _placement(module)
         return module.decode(latent.to(device=device, dtype=dtype)).sample.float()
 
     @staticmethod
-    def _encode_raw(module: torch.nn.Module, pixels_nchw: torch.Tensor) -> torch.Tensor:
+    def _encode_raw(module: AutoencoderKL, pixels_nchw: torch.Tensor) -> torch.Tensor:
         """pixels NCHW in 0..1 -> latent mean, float32."""
         device, dtype = _placement(module)
         scaled = (pixels_nchw * 2.0 - 1.0).to(device=device, dtype=dtype)
@@ -250,9 +162,9 @@ class VAEModel:
                      manager: Any = None, progress: Progress | None = None) -> torch.Tensor:
         """Tiled decode; tile (width, height) and overlap in latent cells."""
         latent = self._check_latent(latent)
-        tile_wh = (tile, tile) if isinstance(tile, int) else tuple(tile)
+        tile_w, tile_h = (tile, tile) if isinstance(tile, int) else tile
         with self._ready(manager) as module:
-            return self._decode_tiled(module, latent, tile_wh, overlap, progress)
+            return self._decode_tiled(module, latent, (tile_w, tile_h), overlap, progress)
 
     def _decode_tiled(self, module: torch.nn.Module, latent: torch.Tensor, tile_wh: tuple[int, int], overlap: int,
                       progress: Progress | None) -> torch.Tensor:
@@ -261,13 +173,16 @@ class VAEModel:
         tilings = [(tile_h * 2, max(1, tile_w // 2)), (max(1, tile_h // 2), tile_w * 2), (tile_h, tile_w)]
         size_hw = (latent.shape[2], latent.shape[3])
         tiles = sum(TilePlan.create(size_hw, tiling, overlap).count for tiling in tilings)
-        counter = _ProgressCounter(latent.shape[0] * tiles, progress)
+        counter = TileProgress(latent.shape[0] * tiles, progress)
         out_channels = int(getattr(getattr(module, "config", None), "out_channels", 3))
-        decoded = None
-        for tiling in tilings:
-            part = tiled_apply(latent, lambda x: self._decode_raw(module, x), tiling, overlap, self.downscale_ratio,
+
+        def decode_with(tiling: tuple[int, int]) -> torch.Tensor:
+            return tiled_apply(latent, lambda x: self._decode_raw(module, x), tiling, overlap, self.downscale_ratio,
                                out_channels, counter.step)
-            decoded = part if decoded is None else decoded + part
+
+        decoded = decode_with(tilings[0])
+        for tiling in tilings[1:]:
+            decoded = decoded + decode_with(tiling)
         return self._to_image(decoded / 3.0)
 
     # Encode ------------------------------------------------------------------------------------------------
@@ -290,9 +205,9 @@ class VAEModel:
                      manager: Any = None, progress: Progress | None = None) -> torch.Tensor:
         """Tiled encode; tile (width, height) and overlap in pixels."""
         nchw = self._prepare_pixels(pixels)
-        tile_wh = (tile, tile) if isinstance(tile, int) else tuple(tile)
+        tile_w, tile_h = (tile, tile) if isinstance(tile, int) else tile
         with self._ready(manager) as module:
-            return self._encode_tiled(module, nchw, tile_wh, overlap, progress)
+            return self._encode_tiled(module, nchw, (tile_w, tile_h), overlap, progress)
 
     def _encode_tiled(self, module: torch.nn.Module, nchw: torch.Tensor, tile_wh: tuple[int, int], overlap: int,
                       progress: Progress | None) -> torch.Tensor:
@@ -301,10 +216,13 @@ class VAEModel:
         tilings = [(tile_h, tile_w), (max(1, tile_h // 2), tile_w * 2), (tile_h * 2, max(1, tile_w // 2))]
         size_hw = (nchw.shape[2], nchw.shape[3])
         tiles = sum(TilePlan.create(size_hw, tiling, overlap, self.downscale_ratio).count for tiling in tilings)
-        counter = _ProgressCounter(nchw.shape[0] * tiles, progress)
-        encoded = None
-        for tiling in tilings:
-            part = tiled_apply(nchw, lambda x: self._encode_raw(module, x), tiling, overlap, 1 / self.downscale_ratio,
+        counter = TileProgress(nchw.shape[0] * tiles, progress)
+
+        def encode_with(tiling: tuple[int, int]) -> torch.Tensor:
+            return tiled_apply(nchw, lambda x: self._encode_raw(module, x), tiling, overlap, 1 / self.downscale_ratio,
                                self.latent_channels, counter.step, align=self.downscale_ratio)
-            encoded = part if encoded is None else encoded + part
+
+        encoded = encode_with(tilings[0])
+        for tiling in tilings[1:]:
+            encoded = encoded + encode_with(tiling)
         return encoded / 3.0

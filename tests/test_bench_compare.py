@@ -1,0 +1,70 @@
+"""tools/bench_compare.py stays runnable and reports what it claims: a tiny CPU run through every part (a cold
+`latentloom run`, the server, one process with and without the model code prepared, memory over distinct
+prompts), the GPU comparison's dry run, and the clean no-CUDA note."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+TOOLS = Path(__file__).resolve().parent.parent / "tools"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(TOOLS))
+    spec = importlib.util.spec_from_file_location("bench_compare", TOOLS / "bench_compare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(bench, capsys, *argv) -> dict:
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(list(argv)) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return json.loads(capsys.readouterr().out)
+
+
+def test_cpu_figures_at_tiny_size(bench, capsys):
+    report = run(bench, capsys, "--graphs", "txt2img", "--repeats", "1", "--steps", "2", "--prompts", "12")
+    figures = report["graphs"]["txt2img"]
+    assert figures["cold"]["run_s"] > 0 and figures["cold"]["run_cpu_s"] > 0
+    plain, prepared = figures["in_process"], figures["in_process_prepared"]
+    assert plain["first_s"] > 0 and plain["warm_s"] > 0 and plain["prepare_s"] == 0
+    # Preparing moves the model code's import out of the first image: seconds of imports against a load.
+    assert prepared["prepare_s"] > 0 and prepared["first_s"] < plain["first_s"]
+    serve = figures["serve"]
+    assert serve["ready_s"] > 0 and serve["first_s"] > 0 and serve["warm_s"] > 0
+    assert figures["ratios"]["serve_first_over_warm"] == serve["first_over_warm"]
+    memory = report["memory"]
+    assert memory["default_cache"]["cache_evictions"] == 0 and memory["default_cache"]["cache_growth_mb"] > 0
+    for label in ("serve_default_cache", "serve_small_cache"):
+        assert memory[label]["prompts"] == 12 and memory[label]["rss_after_10_mb"] > 0
+    small = memory["small_cache"]
+    assert small["cache_within_budget"] and small["cache_evictions"] > 0 and small["cache_budget"] == 1 << 18
+
+
+def test_gpu_path_dry_run_on_cpu(bench, capsys):
+    gpu = run(bench, capsys, "--gpu-dry-run")["gpu"]
+    assert gpu["dry_run"]
+    for family in ("sd15", "sdxl"):
+        figures = gpu[family]
+        assert figures["engine_eager"]["it_s"] > 0 and figures["pipeline_eager"]["it_s"] > 0
+        assert figures["pipeline_eager"]["finite_latents"] and figures["engine_vs_pipeline_eager"] > 0
+    assert gpu["sdxl"]["unet_parameters"] != gpu["sd15"]["unet_parameters"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the real GPU comparison is a benchmark, not a test")
+def test_gpu_without_cuda_exits_cleanly_with_a_note(bench, capsys):
+    gpu = run(bench, capsys, "--gpu")["gpu"]
+    assert gpu["skipped"] and "CUDA" in gpu["note"]
