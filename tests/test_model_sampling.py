@@ -477,4 +477,5 @@ def test_graph_with_the_default_discrete_sampling_equals_the_plain_model(engine)
 @pytest.mark.slow
 def test_graph_with_torch_compile_model(engine):
     plain, patched = run_branches(engine, "TorchCompileModel", {"backend": "inductor"})
-    torch.testing.assert_close(patched, plain, rtol=1e-4, atol=1e-4)
+    # Inductor fuses and reorders float sums; over the sampling steps that moves a few values by up to ~3e-4.
+    torch.testing.assert_close(patched, plain, rtol=1e-3, atol=1e-3)

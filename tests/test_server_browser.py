@@ -82,7 +82,8 @@ def test_editor_runs_a_graph_and_shows_the_output(tmp_path, browser):
     graph = {"1": {"class_type": "Const", "inputs": {"value": 0.7}},
              "2": {"class_type": "PreviewSteps", "inputs": {"value": ["1", 0], "steps": 5}},
              "3": {"class_type": "SaveTestImage", "inputs": {"value": ["2", 0], "filename_prefix": "browser"}}}
-    with live_server(make_app(tmp_path)) as base:
+    # Previews on, as `latentloom serve --preview-method auto` (the default, as ComfyUI's, is none).
+    with live_server(make_app(tmp_path, preview_method="auto")) as base:
         page = open_editor(browser, base)
         screenshot(page, "editor_boot")
         page.evaluate(RECORD_EVENTS)
