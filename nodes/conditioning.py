@@ -6,6 +6,8 @@ they receive: each returns new pairs with copied option dicts (the tensors thems
 
 from __future__ import annotations
 
+import json
+from importlib import resources
 from typing import Annotated, Any
 
 import torch
@@ -323,9 +325,29 @@ class InpaintModelConditioning(Node):
         return (set_values(self.positive, values), set_values(self.negative, values), latent)
 
 
+class LotusConditioning(Node):
+    """The fixed conditioning of Lotus (dense prediction on an SD2 UNet): Lotus runs its frozen text encoder on a
+    null prompt, so the result is a constant, shipped as data (data/lotus_null_conditioning.json, provenance in
+    data/LICENSE.md) instead of loading an 800 MB encoder to recompute it."""
+
+    category = "conditioning/lotus"
+    outputs = (Output(CONDITIONING, name="conditioning"),)
+
+    def run(self, ctx: RunContext):
+        return ([[lotus_null_embedding(), {}]],)
+
+
+def lotus_null_embedding() -> torch.Tensor:
+    """Lotus's null-prompt text embedding, [1, 2, 1024] float32 (the stored values are exact float16)."""
+    text = resources.files("latentloom.nodes.diffusion.data").joinpath("lotus_null_conditioning.json").read_text()
+    stored = json.loads(text)
+    values = torch.tensor(stored["values"], dtype=torch.float16)
+    return values.reshape(stored["shape"]).float()
+
+
 NODES = [
     CLIPTextEncode, CLIPSetLastLayer, CLIPTextEncodeSDXL, CLIPTextEncodeSDXLRefiner,
     ConditioningCombine, ConditioningAverage, ConditioningConcat,
     ConditioningSetArea, ConditioningSetAreaPercentage, ConditioningSetAreaStrength, ConditioningSetMask,
-    ConditioningZeroOut, ConditioningSetTimestepRange, InpaintModelConditioning,
+    ConditioningZeroOut, ConditioningSetTimestepRange, InpaintModelConditioning, LotusConditioning,
 ]

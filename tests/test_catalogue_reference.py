@@ -59,7 +59,6 @@ NOT_YET_BUILT: set[str] = {
     'LoraModelLoader',
     'LoraSave',
     'LossGraphNode',
-    'LotusConditioning',
     'ModelMergeAdd',
     'ModelMergeBlocks',
     'ModelMergeSD1',

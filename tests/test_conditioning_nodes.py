@@ -39,7 +39,7 @@ def test_module_is_registered_and_exports_all_nodes():
         "CLIPTextEncode", "CLIPSetLastLayer", "CLIPTextEncodeSDXL", "CLIPTextEncodeSDXLRefiner",
         "ConditioningCombine", "ConditioningAverage", "ConditioningConcat", "ConditioningSetArea",
         "ConditioningSetAreaPercentage", "ConditioningSetAreaStrength", "ConditioningSetMask",
-        "ConditioningZeroOut", "ConditioningSetTimestepRange", "InpaintModelConditioning"}
+        "ConditioningZeroOut", "ConditioningSetTimestepRange", "InpaintModelConditioning", "LotusConditioning"}
 
 
 @pytest.mark.parametrize("node_cls,expected", [
@@ -252,3 +252,16 @@ def test_timestep_range():
     (result,) = run(cn.ConditioningSetTimestepRange, conditioning=[cond_pair(1.0), cond_pair(2.0)], start=0.2,
                     end=0.75)
     assert [(o["start_percent"], o["end_percent"]) for _, o in result] == [(0.2, 0.75), (0.2, 0.75)]
+
+
+def test_lotus_conditioning_is_the_null_prompt_embedding_as_comfyui_returns_it():
+    (conditioning,) = run(cn.LotusConditioning)
+    [[embedding, options]] = conditioning
+    assert options == {} and embedding.shape == (1, 2, 1024) and embedding.dtype == torch.float32
+    assert torch.equal(embedding.half().float(), embedding)  # stored as float16 values
+    # Spot values of ComfyUI 0.3.64's tensor: the first and last entries and the BOS token's largest feature.
+    assert embedding[0, 0, 0].item() == -0.3134765625 and embedding[0, 1, -1].item() == 1.5009765625
+    assert embedding[0, 0].max().item() == 13.0234375
+    # Each run gives a fresh tensor: a node downstream that writes into it cannot change the next run's.
+    (again,) = run(cn.LotusConditioning)
+    assert again[0][0] is not embedding and torch.equal(again[0][0], embedding)
