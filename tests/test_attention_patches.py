@@ -13,6 +13,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from adapter_support import tiny_objects  # noqa: E402
+from branch_graphs import branches_graph, probe_engine, probed_latents  # noqa: E402
 from node_context import StubContext, make_env  # noqa: E402
 
 from latentloom.nodes.attention_patches import (  # noqa: E402
@@ -331,57 +332,16 @@ def test_tome_merges_only_at_full_resolution(model, ctx):
 
 # End to end --------------------------------------------------------------------------------------------------------
 
-def branches_graph(patch: dict | None, size: int, mask_value: float | None = None) -> dict:
-    """One checkpoint, two KSamplers: "plain" on the loader's MODEL, "patched" on the patch node's (no patch:
-    only the plain branch). mask_value: the latent carries a solid noise mask of that value."""
-    graph = {
-        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd1.safetensors"}},
-        "pos": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "a red square"}},
-        "neg": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "blurry"}},
-        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
-    }
-    latent = ["latent", 0]
-    if mask_value is not None:
-        graph["mask"] = {"class_type": "SolidMask", "inputs": {"value": mask_value, "width": size, "height": size}}
-        graph["masked"] = {"class_type": "SetLatentNoiseMask", "inputs": {"samples": latent, "mask": ["mask", 0]}}
-        latent = ["masked", 0]
-    branches = [("plain", ["ckpt", 0])]
-    if patch is not None:
-        graph["patch"] = {"class_type": patch["class_type"], "inputs": {"model": ["ckpt", 0], **patch["inputs"]}}
-        branches.append(("patched", ["patch", 0]))
-    for name, model in branches:
-        graph[name] = {"class_type": "KSampler", "inputs": {
-            "model": model, "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": latent,
-            "seed": 3, "steps": 3, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}}
-        graph[f"probe_{name}"] = {"class_type": "LatentProbe", "inputs": {"samples": [name, 0], "label": name}}
-    return graph
-
-
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    from sd_probe_nodes import LatentProbe
-    from tiny_models import write_tiny_checkpoint
-
-    from latentloom.nodes import create_engine
-
-    root = tmp_path_factory.mktemp("attention_patches")
-    write_tiny_checkpoint(root / "models" / "checkpoints" / "sd1.safetensors", family="sd1", seed=0)
-    engine = create_engine(models_dir=root / "models", output_dir=root / "out", temp_dir=root / "temp",
-                           entry_points=False)
-    engine.registry.register(LatentProbe)
-    return engine
+    return probe_engine(tmp_path_factory, "attention_patches")
 
 
-def latents(result) -> dict[str, torch.Tensor]:
-    import json
-
-    assert result.status == "success" and not result.node_errors, (result.error, result.node_errors)
-    found = {}
-    for ui in result.outputs.values():
-        for text in ui.get("text", []):
-            entry = json.loads(text)
-            found[entry["label"]] = torch.tensor(entry["samples"])
-    return found
+def branches(patch: dict | None, size: int, mask_value: float | None = None) -> dict:
+    if patch is None:
+        return branches_graph({}, None, size, mask_value)
+    node = {"class_type": patch["class_type"], "inputs": {"model": ["ckpt", 0], **patch["inputs"]}}
+    return branches_graph({"patch": node}, "patch", size, mask_value)
 
 
 # node, inputs that change the result, inputs that should not, whether "should not" is bit-exact, image size,
@@ -402,13 +362,13 @@ CASES = [
 @pytest.mark.parametrize("node, changing, identity, exact, size, mask", CASES, ids=[c[0] for c in CASES])
 def test_patched_branch_changes_and_the_plain_branch_does_not(engine, node, changing, identity, exact, size, mask):
     change_mask, identity_mask = mask if mask is not None else (None, None)
-    graph = branches_graph({"class_type": node, "inputs": changing}, size, change_mask)
-    both = latents(engine.run(graph))
-    plain = latents(engine.run(branches_graph(None, size, change_mask)))["plain"]
+    graph = branches({"class_type": node, "inputs": changing}, size, change_mask)
+    both = probed_latents(engine.run(graph))
+    plain = probed_latents(engine.run(branches(None, size, change_mask)))["plain"]
     assert torch.equal(both["plain"], plain)              # the unpatched branch is bit-identical
     assert (both["patched"] - plain).abs().max() > 1e-3 * plain.abs().max()
-    assert torch.equal(latents(engine.run(graph))["patched"], both["patched"])  # runs reproduce exactly
-    neutral = latents(engine.run(branches_graph({"class_type": node, "inputs": identity}, size, identity_mask)))
+    assert torch.equal(probed_latents(engine.run(graph))["patched"], both["patched"])  # runs reproduce exactly
+    neutral = probed_latents(engine.run(branches({"class_type": node, "inputs": identity}, size, identity_mask)))
     if exact:
         assert torch.equal(neutral["patched"], neutral["plain"])
     else:

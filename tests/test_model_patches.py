@@ -9,6 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from adapter_support import tiny_objects  # noqa: E402
+from branch_graphs import branches_graph, probe_engine, probed_latents  # noqa: E402
 from node_context import StubContext, make_env  # noqa: E402
 
 from latentloom.nodes.diffusion import unet_patches  # noqa: E402
@@ -111,48 +112,9 @@ def test_clip_attention_multiply_scales_the_text_encoder(objects, ctx):
 
 # End to end ----------------------------------------------------------------------------------------------------
 
-def branches_graph(patch_nodes: dict, patched_from: str) -> dict:
-    """One checkpoint, two KSamplers: "plain" on the loader's MODEL, "patched" on `patched_from`'s."""
-    graph = {
-        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd1.safetensors"}},
-        "pos": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "a red square"}},
-        "neg": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "blurry"}},
-        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 1}},
-        **patch_nodes,
-    }
-    for name, model in (("plain", ["ckpt", 0]), ("patched", [patched_from, 0])):
-        graph[name] = {"class_type": "KSampler", "inputs": {
-            "model": model, "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0],
-            "seed": 3, "steps": 3, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}}
-        graph[f"probe_{name}"] = {"class_type": "LatentProbe", "inputs": {"samples": [name, 0], "label": name}}
-    return graph
-
-
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    from sd_probe_nodes import LatentProbe
-    from tiny_models import write_tiny_checkpoint
-
-    from latentloom.nodes import create_engine
-
-    root = tmp_path_factory.mktemp("model_patches")
-    write_tiny_checkpoint(root / "models" / "checkpoints" / "sd1.safetensors", family="sd1", seed=0)
-    engine = create_engine(models_dir=root / "models", output_dir=root / "out", temp_dir=root / "temp",
-                           entry_points=False)
-    engine.registry.register(LatentProbe)
-    return engine
-
-
-def latents(result) -> dict[str, torch.Tensor]:
-    import json
-
-    assert result.status == "success" and not result.node_errors, (result.error, result.node_errors)
-    found = {}
-    for ui in result.outputs.values():
-        for text in ui.get("text", []):
-            entry = json.loads(text)
-            found[entry["label"]] = torch.tensor(entry["samples"])
-    return found
+    return probe_engine(tmp_path_factory, "model_patches")
 
 
 @pytest.mark.parametrize("node", ["FreeU", "FreeU_V2", "Epsilon Scaling", "UNetSelfAttentionMultiply"])
@@ -165,14 +127,14 @@ def test_patched_branch_changes_and_the_plain_branch_of_the_same_model_does_not(
     elif node == "UNetSelfAttentionMultiply":
         inputs.update(q=1.0, k=1.0, v=2.0, out=1.0)
     graph = branches_graph({"patch": {"class_type": node, "inputs": inputs}}, "patch")
-    both = latents(engine.run(graph))
+    both = probed_latents(engine.run(graph))
     # The plain branch alone, in a graph with no patch node at all.
     alone = {k: v for k, v in graph.items() if k not in ("patch", "patched", "probe_patched")}
-    plain = latents(engine.run(alone))["plain"]
+    plain = probed_latents(engine.run(alone))["plain"]
     assert torch.equal(both["plain"], plain)
     assert (both["patched"] - plain).abs().max() > 1e-3
     # Running the patched graph again gives the same latent (the patch set is re-applied or kept exactly).
-    rerun = latents(engine.run({**graph, "patched": {**graph["patched"], "inputs": {
+    rerun = probed_latents(engine.run({**graph, "patched": {**graph["patched"], "inputs": {
         **graph["patched"]["inputs"], "seed": 3}}, "plain": {**graph["plain"], "inputs": {
             **graph["plain"]["inputs"], "seed": 4}}}))
     assert torch.equal(rerun["patched"], both["patched"])

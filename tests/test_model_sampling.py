@@ -13,6 +13,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from adapter_support import tiny_objects  # noqa: E402
+from branch_graphs import branches_graph, probe_engine, probed_latents  # noqa: E402
 from node_context import StubContext, make_env  # noqa: E402
 
 from latentloom.engine.inputs import InputError  # noqa: E402
@@ -408,41 +409,12 @@ def test_deep_shrink_equals_a_hand_built_reference(model, ctx):
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    from sd_probe_nodes import LatentProbe
-    from tiny_models import write_tiny_checkpoint
-
-    from latentloom.nodes import create_engine
-
-    root = tmp_path_factory.mktemp("model_sampling")
-    write_tiny_checkpoint(root / "models" / "checkpoints" / "sd1.safetensors", family="sd1", seed=0)
-    engine = create_engine(models_dir=root / "models", output_dir=root / "out", temp_dir=root / "temp",
-                           entry_points=False)
-    engine.registry.register(LatentProbe)
-    return engine
+    return probe_engine(tmp_path_factory, "model_sampling")
 
 
 def run_branches(engine, node: str, inputs: dict, sampler: str = "euler", scheduler: str = "normal"):
-    import json
-
-    graph = {
-        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd1.safetensors"}},
-        "pos": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "a red square"}},
-        "neg": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "blurry"}},
-        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 1}},
-        "patch": {"class_type": node, "inputs": {"model": ["ckpt", 0], **inputs}},
-    }
-    for name, source in (("plain", ["ckpt", 0]), ("patched", ["patch", 0])):
-        graph[name] = {"class_type": "KSampler", "inputs": {
-            "model": source, "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0],
-            "seed": 3, "steps": 3, "cfg": 5.0, "sampler_name": sampler, "scheduler": scheduler, "denoise": 1.0}}
-        graph[f"probe_{name}"] = {"class_type": "LatentProbe", "inputs": {"samples": [name, 0], "label": name}}
-    result = engine.run(graph)
-    assert result.status == "success" and not result.node_errors, (result.error, result.node_errors)
-    found = {}
-    for ui in result.outputs.values():
-        for text in ui.get("text", []):
-            entry = json.loads(text)
-            found[entry["label"]] = torch.tensor(entry["samples"])
+    patch = {"patch": {"class_type": node, "inputs": {"model": ["ckpt", 0], **inputs}}}
+    found = probed_latents(engine.run(branches_graph(patch, "patch", sampler=sampler, scheduler=scheduler)))
     return found["plain"], found["patched"]
 
 
