@@ -4,35 +4,21 @@ prompts), the GPU comparison's dry run, and the clean no-CUDA note."""
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from tool_support import load_tool, run_json
 
 pytestmark = pytest.mark.slow
 
-TOOLS = Path(__file__).resolve().parent.parent / "tools"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(TOOLS))
-    spec = importlib.util.spec_from_file_location("bench_compare", TOOLS / "bench_compare.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("bench_compare")
 
 
 def run(bench, capsys, *argv) -> dict:
-    threads = torch.get_num_threads()
-    try:
-        assert bench.main(list(argv)) == 0
-    finally:
-        torch.set_num_threads(threads)
-    return json.loads(capsys.readouterr().out)
+    return run_json(bench, capsys, *argv)
 
 
 def test_cpu_figures_at_tiny_size(bench, capsys):

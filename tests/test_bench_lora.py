@@ -1,19 +1,12 @@
 """tools/bench_lora.py reports a speedup only when both change costs stand out of the run-to-run noise."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-TOOL = Path(__file__).resolve().parent.parent / "tools" / "bench_lora.py"
+from tool_support import load_tool
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_lora", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("bench_lora")
 
 
 FLOOR = [1.00, 1.04, 0.97, 1.01, 1.03]  # seed-change runs: spread of a few hundredths of a second

@@ -2,33 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
-import json
-from pathlib import Path
-
 import pytest
 import torch
+from tool_support import load_tool, run_json
 
 pytestmark = pytest.mark.slow
 
-TOOL = Path(__file__).resolve().parent.parent / "tools" / "bench_sd.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_sd", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("bench_sd")
 
 
 def run(bench, capsys, *argv) -> dict:
-    threads = torch.get_num_threads()
-    try:
-        assert bench.main(list(argv)) == 0
-    finally:
-        torch.set_num_threads(threads)
-    return json.loads(capsys.readouterr().out)
+    return run_json(bench, capsys, *argv)
 
 
 def test_cpu_figures_and_the_engine_computes_what_the_plain_loop_computes(bench, capsys):
