@@ -104,11 +104,19 @@ def _check_choice(value: str, choices: tuple[str, ...], name: str) -> str:
 
 # --- the shared run ------------------------------------------------------------------------------------------
 
+def wants_previews(ctx: RunContext) -> bool:
+    """Whether the run asked for live previews: the server passes the prompt's preview method (ComfyUI's
+    --preview-method, default none) in extra_data; a headless run without one makes none, saving a JPEG a step."""
+    return ctx.extra_data.get("preview_method", "none") != "none"
+
+
 def _progress_callback(ctx: RunContext, model: DiffusionModel, x0_sink: dict | None = None) -> Callable:
+    previews = wants_previews(ctx)
+
     def report(step: int, denoised: torch.Tensor, x: torch.Tensor, total: int) -> None:
         if x0_sink is not None:
             x0_sink["x0"] = denoised
-        jpeg = preview_jpeg(denoised, model.latent_format)
+        jpeg = preview_jpeg(denoised, model.latent_format) if previews else None
         # dpm_adaptive takes as many steps as it needs: keep the bar within its total.
         ctx.progress(min(step + 1, total), total, ("image/jpeg", jpeg) if jpeg is not None else None)
     return report

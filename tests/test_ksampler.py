@@ -378,9 +378,12 @@ def test_ksampler_end_to_end(tiny_model, prompts):
     assert out["noise_mask"] is mask and out["batch_index"] == [0, 3]
     assert manager.used == [tiny_model.unet]
     assert [(v, m) for v, m, _ in ctx.reports] == [(1, 4), (2, 4), (3, 4), (4, 4)]
-    kind, jpeg = ctx.reports[-1][2]
+    assert all(preview is None for _, _, preview in ctx.reports)  # no preview method asked: no JPEGs made
+    previewing = stub()
+    previewing.extra_data["preview_method"] = "latent2rgb"
+    again = node.run(previewing)[0]
+    kind, jpeg = previewing.reports[-1][2]
     assert kind == "image/jpeg" and Image.open(io.BytesIO(jpeg)).size == (8, 8)
-    again = node.run(stub())[0]
     assert torch.equal(out["samples"], again["samples"])
     other = KSampler.model_construct(**{**dict(node), "seed": 8}).run(stub())[0]
     assert not torch.allclose(out["samples"], other["samples"])
