@@ -8,8 +8,9 @@ import importlib.metadata
 import importlib.util
 import logging
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from .inputs import ValueCheckers
@@ -66,13 +67,21 @@ class NodeRegistry:
                 self.load_errors[f"entry point {entry_point.name}"] = f"{type(exc).__name__}: {exc}"
                 log.warning("node plugin %s failed to load: %s", entry_point.name, exc)
 
-    def load_custom_nodes(self, folder: str | Path) -> None:
-        """Import each module or package in `folder`; each must define NODES (a list of Node classes)."""
+    def load_custom_nodes(self, folder: str | Path, module_nodes: ModuleNodes | None = None) -> None:
+        """Import each package (`<pack>/__init__.py`) or module (`<pack>.py`) in `folder` and register its nodes.
+
+        A pack is imported as the real package `latentloom_custom_nodes.<pack>` (its parent package is created
+        first), so its relative imports of sub-modules work. `module_nodes(module, pack)` says which node classes
+        a module provides; the default reads its `NODES` list. A node layer passes its own (e.g. one that also
+        adapts other protocols). A pack that fails is recorded in `load_errors` with its first error and never
+        stops the others; a class that fails to register is recorded as `<path>: <class type>`.
+        """
         folder = Path(folder)
         if not folder.is_dir():
             return
+        extract = module_nodes or nodes_list_of
         for path in sorted(folder.iterdir()):
-            if path.name.startswith((".", "_")):
+            if path.name.startswith((".", "_")) or path.name.endswith(".disabled"):
                 continue
             if path.is_dir() and (path / "__init__.py").exists():
                 source = path / "__init__.py"
@@ -80,20 +89,23 @@ class NodeRegistry:
                 source = path
             else:
                 continue
-            module_name = f"latentloom_custom_nodes.{path.stem}"
+            pack = path.name if path.is_dir() else path.stem
             try:
-                spec = importlib.util.spec_from_file_location(
-                    module_name, source, submodule_search_locations=[str(path)] if path.is_dir() else None)
-                if spec is None or spec.loader is None:
-                    raise ImportError(f"no module loader for {source}")
-                module = importlib.util.module_from_spec(spec)
-                sys.modules[module_name] = module
-                spec.loader.exec_module(module)
-                self.register_all(module.NODES, python_module=f"custom_nodes.{path.stem}")
+                module = import_pack(pack, path, source)
+                nodes = list(extract(module, pack))
             except Exception as exc:
-                sys.modules.pop(module_name, None)
                 self.load_errors[str(path)] = f"{type(exc).__name__}: {exc}"
-                log.warning("custom node %s failed to load: %s", path, exc)
+                log.warning("custom node pack %s failed to load: %s: %s", path, type(exc).__name__, exc)
+                continue
+            for node_cls in nodes:
+                try:
+                    node_cls.python_module = f"custom_nodes.{pack}"
+                    self.register(node_cls)
+                except Exception as exc:
+                    label = node_cls.class_type() if isinstance(node_cls, type) and issubclass(node_cls, Node) \
+                        else repr(node_cls)
+                    self.load_errors[f"{path}: {label}"] = f"{type(exc).__name__}: {exc}"
+                    log.warning("custom node %s of %s was not registered: %s", node_cls, path, exc)
 
     # Lookup ---------------------------------------------------------------------------------------------------
 
@@ -113,6 +125,57 @@ class NodeRegistry:
 
     def object_info(self, env: Any = None) -> dict[str, dict[str, Any]]:
         return {name: node_info(cls, env) for name, cls in self._nodes.items()}
+
+
+# Custom node packs ------------------------------------------------------------------------------------------------
+
+PACKS_PACKAGE = "latentloom_custom_nodes"
+# (module, pack name) -> the node classes the module provides.
+ModuleNodes = Callable[[ModuleType, str], Iterable[type[Node]]]
+
+
+def nodes_list_of(module: ModuleType, pack: str) -> list[type[Node]]:
+    """Our own convention: a module lists its node classes in NODES."""
+    if not hasattr(module, "NODES"):
+        raise RegistryError(f"custom node pack '{pack}' defines no NODES list")
+    return list(module.NODES)
+
+
+def import_pack(pack: str, path: Path, source: Path) -> ModuleType:
+    """Import a pack as `latentloom_custom_nodes.<name>`, a real package when it is a folder.
+
+    Names from an earlier import of a pack with the same name (another folder, another engine) are dropped first,
+    so its sub-modules are never mixed with this pack's. A failed import leaves nothing in sys.modules.
+    """
+    if PACKS_PACKAGE not in sys.modules:
+        parent = ModuleType(PACKS_PACKAGE, "The custom node packs loaded by latentloom engines.")
+        parent.__path__ = []  # a package (its children are found through their own specs)
+        sys.modules[PACKS_PACKAGE] = parent
+    module_name = f"{PACKS_PACKAGE}.{_identifier(pack)}"
+    _forget_modules(module_name)
+    spec = importlib.util.spec_from_file_location(
+        module_name, source, submodule_search_locations=[str(path)] if path.is_dir() else None)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"no module loader for {source}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        _forget_modules(module_name)
+        raise
+    return module
+
+
+def _identifier(name: str) -> str:
+    """A pack folder name as a module name part ('ComfyUI-KJNodes' -> 'ComfyUI_KJNodes')."""
+    cleaned = "".join(ch if ch.isalnum() or ch == "_" else "_" for ch in name)
+    return cleaned if cleaned and not cleaned[0].isdigit() else f"_{cleaned}"
+
+
+def _forget_modules(module_name: str) -> None:
+    for name in [n for n in sys.modules if n == module_name or n.startswith(module_name + ".")]:
+        del sys.modules[name]
 
 
 def input_spec_json(spec: InputSpec, default: Any, env: Any) -> list[Any]:

@@ -25,7 +25,7 @@ from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from latentloom.engine.files import remove_stale_parts
 from latentloom.nodes import bundled_graphs_dir
 
-from . import frontend, routes_files, routes_prompt, routes_system, routes_userdata
+from . import frontend, pack_routes, routes_files, routes_prompt, routes_system, routes_userdata
 from .queue_store import QueueStore
 from .security import SecurityMiddleware, SecurityPolicy
 from .state import PREVIEW_METHODS, LogBuffer, SafeJSONResponse, ServerConfig, ServerState
@@ -80,6 +80,9 @@ def create_app(engine, config: ServerConfig | None = None) -> Starlette:
                for r in routes_system.API_ONLY_ROUTES]
     routes.append(Mount("/internal", routes=routes_system.INTERNAL_ROUTES + routes_files.INTERNAL_ROUTES))
     routes += [WebSocketRoute("/ws", hub.endpoint), WebSocketRoute("/api/ws", hub.endpoint)]
+    routes += pack_routes.pack_routes(engine)  # after ours (ours win a clash), before the editor's files
+    routes += pack_routes.web_extension_routes(engine)
+    pack_routes.connect_pack_server(engine, hub)
     routes += frontend.static_routes(config.frontend_root or frontend.frontend_root())
 
     @contextlib.asynccontextmanager
@@ -94,6 +97,8 @@ def create_app(engine, config: ServerConfig | None = None) -> Starlette:
         server_logger.addHandler(logs)
         if server_logger.level == logging.NOTSET or server_logger.level > logging.INFO:
             server_logger.setLevel(logging.INFO)
+        for source, reason in engine.registry.load_errors.items():  # into the log the editor shows, too
+            log.warning("custom nodes %s failed to load: %s", source, reason)
         if config.start_worker:
             worker.start()
         try:

@@ -22,8 +22,8 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-dir", default="input")
     parser.add_argument("--output-dir", default="output")
     parser.add_argument("--temp-dir", default="temp")
-    parser.add_argument("--custom-nodes", help="folder of custom node modules (default: ./custom_nodes)",
-                        default="custom_nodes")
+    parser.add_argument("--custom-nodes", default="custom_nodes",
+                        help="folder of custom node packs, ComfyUI's (V1) or ours (default: ./custom_nodes)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,6 +84,14 @@ def make_engine(args: argparse.Namespace, cache_bytes: int | None = None):
     return create_engine(models_dir=args.models_dir, input_dir=args.input_dir, output_dir=args.output_dir,
                          temp_dir=args.temp_dir, extra_model_paths=args.extra_model_paths,
                          custom_nodes_dir=custom, cache_bytes=cache_bytes)
+
+
+def report_load_errors(engine, args: argparse.Namespace) -> None:
+    """Custom node packs that failed to load, one warning each on stderr (the run goes on without them)."""
+    if getattr(args, "json", False):
+        return
+    for source, reason in engine.registry.load_errors.items():
+        print(f"warning: custom nodes {source} failed to load: {reason}", file=sys.stderr)
 
 
 def format_node_errors(result, prompt: dict | None = None) -> str:
@@ -185,6 +193,7 @@ def command_run(args: argparse.Namespace) -> int:
     from .credentials import split_secrets
 
     engine = make_engine(args)
+    report_load_errors(engine, args)
     try:
         prompt, workflow, detected = load_prompt(engine, args.file)
         for override in args.overrides:
@@ -220,6 +229,8 @@ def command_run(args: argparse.Namespace) -> int:
         "seconds": round(result.seconds, 3), "warnings": result.warnings,
         "cache": engine.cache.stats().as_dict(),
     }
+    if engine.registry.load_errors:
+        summary["custom_node_errors"] = dict(engine.registry.load_errors)
     stats = engine.env.models.stats()  # a dataclass: as a JSON object, not its repr string
     summary["memory"] = stats.as_dict() if hasattr(stats, "as_dict") else stats
     if result.error:
@@ -261,6 +272,7 @@ def command_validate(args: argparse.Namespace) -> int:
         prompt, _, detected = load_prompt(engine, args.file)
     except WorkflowLoadError as exc:
         return _fail_invalid(args, str(exc))
+    report_load_errors(engine, args)
     checked = engine.validate(prompt)
     if args.json:
         body = {"valid": checked.ok, "format": detected, "outputs": checked.graph.outputs if checked.ok else [],

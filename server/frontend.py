@@ -52,7 +52,13 @@ export {};
 
 
 async def extensions(request: Request):
-    return JSONResponse([EXTENSION_URL])
+    """Our module, then the .js files of the custom node packs' web folders (the frontend imports each)."""
+    from starlette.concurrency import run_in_threadpool
+
+    from .pack_routes import extension_urls
+
+    pack_urls = await run_in_threadpool(extension_urls, request.app.state.server.engine)
+    return JSONResponse([EXTENSION_URL, *pack_urls])
 
 
 async def extension_script(request: Request):

@@ -169,6 +169,7 @@ def _devices(ram_total: int, ram_free: int) -> list[dict]:
 
 async def system_stats(request: Request):
     ram_total, ram_free = _memory()
+    load_errors = dict(server_state(request).engine.registry.load_errors)
     frontend = _version("comfyui-frontend-package")
     return json_response({
         "system": {"os": os.name, "ram_total": ram_total, "ram_free": ram_free,
@@ -177,7 +178,9 @@ async def system_stats(request: Request):
                    "required_templates_version": "", "python_version": sys.version,
                    "pytorch_version": _version("torch"), "embedded_python": False,
                    # ComfyUI shows the real argv; ours may hold an auth token, so only the command is shown.
-                   "argv": ["latentloom", "serve"], "platform": platform.platform()},
+                   "argv": ["latentloom", "serve"], "platform": platform.platform(),
+                   # Custom node packs (or single nodes) that failed to load, with their first error.
+                   "custom_node_errors": load_errors},
         "devices": _devices(ram_total, ram_free)})
 
 

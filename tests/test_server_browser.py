@@ -223,3 +223,35 @@ def test_graphs_folder_opens_and_runs_in_the_editor(tmp_path, browser):
                                        timeout=30_000)
                 screenshot(page, f"graph_{path.stem}_output")
         assert not page.errors, page.errors
+
+
+def test_custom_node_pack_web_extension_loads(tmp_path, browser):
+    """A pack's WEB_DIRECTORY script is imported by the real frontend, registers an extension that sees the pack's
+    node definition, and the node type is in the editor's node library."""
+    from latentloom.nodes import create_engine
+    from latentloom.server.app import create_app
+    from latentloom.server.state import ServerConfig
+
+    new_user_root(tmp_path)
+    engine = create_engine(models_dir=tmp_path / "models", input_dir=tmp_path / "input",
+                           output_dir=tmp_path / "output", temp_dir=tmp_path / "temp",
+                           custom_nodes_dir=REPO / "tests" / "custom_node_packs")
+    app = create_app(engine, ServerConfig(user_dir=tmp_path / "user", database=tmp_path / "queue.db"))
+    with live_server(app) as base:
+        page = open_editor(browser, base)
+        page.wait_for_function("() => window.__packWeb && window.__packWeb.definitions.length > 0",
+                               timeout=30_000)
+        assert page.evaluate("() => window.__packWeb.definitions") == ["seen: Web Greeting (pack)"]
+        registered = page.evaluate("""() => {
+            const type = window.LiteGraph.registered_node_types['PackWebGreeting'];
+            return type ? {title: type.title, category: type.category} : null;
+        }""")
+        assert registered == {"title": "Web Greeting (pack)", "category": "pack/web"}
+        node = page.evaluate("""() => {
+            const node = window.LiteGraph.createNode('PackWebGreeting');
+            window.app.graph.add(node);
+            return {type: node.type, widgets: node.widgets.map(w => [w.name, w.value])};
+        }""")
+        assert node == {"type": "PackWebGreeting", "widgets": [["name", "world"]]}
+        screenshot(page, "editor_pack_extension")
+        assert not page.errors, page.errors

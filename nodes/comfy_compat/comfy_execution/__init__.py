@@ -1,0 +1,1 @@
+"""ComfyUI's `comfy_execution` package: the graph helpers packs import (ExecutionBlocker, GraphBuilder)."""

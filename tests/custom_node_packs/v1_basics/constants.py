@@ -1,0 +1,2 @@
+SUFFIX = "!"
+CATEGORY = "pack/basics"

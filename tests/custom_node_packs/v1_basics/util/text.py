@@ -1,0 +1,5 @@
+from ..constants import SUFFIX
+
+
+def shout(text):
+    return text.upper() + SUFFIX

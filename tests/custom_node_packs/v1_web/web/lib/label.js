@@ -1,0 +1,3 @@
+export function greetingLabel(name) {
+  return `seen: ${name}`;
+}
