@@ -27,6 +27,12 @@ MODEL_FOLDERS: dict[str, tuple[str, ...]] = {
     "upscale_models": (".safetensors", ".pt", ".pth", ".ckpt"),
     "clip": (".safetensors", ".ckpt", ".pt", ".bin"),
     "unet": (".safetensors", ".ckpt", ".pt", ".bin"),
+    "gligen": (".safetensors", ".ckpt", ".pt", ".pth", ".bin"),
+    "clip_vision": (".safetensors", ".ckpt", ".pt", ".pth", ".bin"),
+    "style_models": (".safetensors", ".ckpt", ".pt", ".pth", ".bin"),
+    "photomaker": (".safetensors", ".ckpt", ".pt", ".pth", ".bin"),
+    "hypernetworks": (".pt", ".pth", ".ckpt", ".bin"),
+    "configs": (".yaml",),
     "diffusers": (),
 }
 # ComfyUI aliases: files in models/text_encoders count as clip, diffusion_models as unet.

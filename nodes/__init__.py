@@ -18,11 +18,18 @@ NODE_MODULES: tuple[str, ...] = (
     "latentloom.nodes.guidance",
     "latentloom.nodes.lora",
     "latentloom.nodes.controlnet",
+    "latentloom.nodes.control_extras",
     "latentloom.nodes.preprocessors",
     "latentloom.nodes.model_patches",
     "latentloom.nodes.model_sampling",
     "latentloom.nodes.upscale",
     "latentloom.nodes.attention_patches",
+    "latentloom.nodes.training",
+    "latentloom.nodes.merging",
+    "latentloom.nodes.model_saving",
+    "latentloom.nodes.gligen",
+    "latentloom.nodes.hooks",
+    "latentloom.nodes.image_prompting",
 )
 
 
@@ -56,14 +63,17 @@ def create_engine(models_dir=None, input_dir=None, output_dir=None, temp_dir=Non
     if entry_points:
         # The built-in entry point ("builtin") is registered above; only third-party plugins add nodes here.
         registry.load_entry_points(skip=("builtin",))
-    if custom_nodes_dir is not None:
-        registry.load_custom_nodes(custom_nodes_dir)
     if models_dir is None:
         models_dir = bundled_models_dir()
     env = Environment.create(models_dir=models_dir, input_dir=input_dir, output_dir=output_dir,
                              temp_dir=temp_dir, extra_model_paths=extra_model_paths)
     env.register(ModelManager())
     env.register(EmbeddingLibrary(env))  # resolves `embedding:NAME` in prompts (models/embeddings)
+    if custom_nodes_dir is not None:
+        # Packs in our NODES style or ComfyUI's (V1), with ComfyUI's module names (nodes/comfy_compat).
+        from .comfy_compat import load_packs
+
+        load_packs(registry, env, custom_nodes_dir)
     return Engine(registry, env, cache_bytes if cache_bytes is not None else DEFAULT_CACHE_BYTES)
 
 

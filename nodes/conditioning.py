@@ -30,6 +30,7 @@ from latentloom.engine.types import (
     Socket,
     String,
 )
+from latentloom.nodes.diffusion import hooks as hook_api
 from latentloom.nodes.diffusion.clip import ClipModel, pad_token_chunks
 from latentloom.nodes.diffusion.embeddings import EmbeddingLibrary
 from latentloom.nodes.diffusion.vae import VAEModel, crop_to_multiple
@@ -41,8 +42,13 @@ Conditioning = list[list[Any]]
 
 
 def _encode(ctx: RunContext, clip: ClipModel, tokens: dict, extra: dict[str, Any] | None = None) -> Conditioning:
-    cond, pooled = clip.encode_tokens(tokens, manager=ctx.models)
-    return [[cond, {"pooled_output": pooled, **(extra or {})}]]
+    hooks = clip.options.get(hook_api.CONDITIONING_HOOKS)  # SetClipHooks(apply_to_conds=True)
+    marks = {"hooks": hooks} if hooks is not None else {}
+    result = []
+    for variant, values in hook_api.clip_encodes(clip):  # several only for a scheduled SetClipHooks
+        cond, pooled = variant.encode_tokens(tokens, manager=ctx.models)
+        result.append([cond, {"pooled_output": pooled, **values, **marks, **(extra or {})}])
+    return result
 
 
 def _tokenize(ctx: RunContext, clip: ClipModel, text: str) -> dict:

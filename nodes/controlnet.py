@@ -1,8 +1,9 @@
 """ControlNet nodes with ComfyUI's class names, inputs and outputs.
 
-ControlNetLoader / DiffControlNetLoader load through the model memory manager (like every model). The apply nodes
-attach an AppliedControlNet (net + hint + strength + σ window + the ControlNet already on that conditioning) to
-copies of the conditioning options; the sampler's denoiser calls it at every step.
+ControlNetLoader / DiffControlNetLoader load ControlNet and T2I-Adapter files (nodes.diffusion.t2i_adapter) through
+the model memory manager (like every model). The apply nodes attach an AppliedControlNet (net + hint + strength +
+σ window + the ControlNet already on that conditioning) to copies of the conditioning options; the sampler's
+denoiser calls it at every step.
 """
 
 from __future__ import annotations

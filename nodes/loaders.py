@@ -7,6 +7,7 @@ same file share one set of networks, and a file replaced on disk is loaded afres
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -62,6 +63,50 @@ class CheckpointLoaderSimple(Node):
         if loaded.vae is None:
             ctx.warn(f"{self.ckpt_name} contains no VAE; its VAE output is empty")
         return (loaded.model, loaded.clip, loaded.vae)
+
+
+def read_ldm_config(path: Path) -> tuple[bool, int | None]:
+    """What CheckpointLoader takes from an original LDM .yaml config: whether `model.params.parameterization`
+    is "v", and the text encoder's `cond_stage_config.params.layer_idx` (clip skip) if set."""
+    import yaml
+
+    try:
+        config = yaml.safe_load(path.read_text(errors="replace"))
+        params = config["model"]["params"]
+        layer_idx = ((params.get("cond_stage_config") or {}).get("params") or {}).get("layer_idx")
+        return params.get("parameterization") == "v", None if layer_idx is None else int(layer_idx)
+    except (yaml.YAMLError, KeyError, TypeError, AttributeError, ValueError) as error:
+        raise InputError("config_name", f"{path.name}: not an LDM model config with model.params "
+                                        f"({type(error).__name__}: {error})") from None
+
+
+class CheckpointLoader(Node):
+    """Deprecated in ComfyUI: the checkpoint loaded as by CheckpointLoaderSimple, then the config's v
+    parameterization and clip layer applied on top."""
+
+    display_name = "Load Checkpoint With Config (DEPRECATED)"
+    category = "advanced/loaders"
+    deprecated = True
+    outputs = (Output(MODEL), Output(CLIP), Output(VAE))
+    config_name: Annotated[str, Combo(model_choices("configs"))]
+    ckpt_name: Annotated[str, Combo(model_choices("checkpoints"))]
+
+    @classmethod
+    def fingerprint(cls, env: Environment, constants: dict[str, Any]) -> Any:
+        return [model_fingerprint(env, "configs", constants.get("config_name"), "config"),
+                CheckpointLoaderSimple.fingerprint(env, constants)]
+
+    def run(self, ctx: RunContext):
+        v_prediction, layer_idx = read_ldm_config(locate_model(ctx, "config_name", "configs", self.config_name))
+        model, clip, vae = CheckpointLoaderSimple.model_construct(ckpt_name=self.ckpt_name).run(ctx)
+        if v_prediction:
+            model = model.with_sampling(dataclasses.replace(model.sampling, prediction="v", schedule="discrete"))
+        if layer_idx is not None and clip is not None:
+            if layer_idx >= 0:
+                raise InputError("config_name", f"{self.config_name}: layer_idx {layer_idx} must be negative "
+                                                f"(-1 = last layer)")
+            clip = clip.clone_with_layer(layer_idx)
+        return (model, clip, vae)
 
 
 def _vae_family(name: str) -> str:
@@ -194,4 +239,4 @@ class DiffusersLoader(Node):
         return (loaded.model, loaded.clip, loaded.vae)
 
 
-NODES = [CheckpointLoaderSimple, VAELoader, UNETLoader, CLIPLoader, DualCLIPLoader, DiffusersLoader]
+NODES = [CheckpointLoaderSimple, CheckpointLoader, VAELoader, UNETLoader, CLIPLoader, DualCLIPLoader, DiffusersLoader]

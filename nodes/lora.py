@@ -100,12 +100,17 @@ def apply_lora(ctx: RunContext, lora_name: str, lora_file: LoraTensors, model: D
     for owner, target, strength in (("model", model, strength_model), ("clip", clip, strength_clip)):
         entries = tuple((t.parameter, adapter, float(strength)) for t, adapter in parsed.adapters
                         if t.owner == owner)
-        if target is None or not entries or strength == 0:
+        module = None if target is None else target.unet if isinstance(target, DiffusionModel) else target.encoders
+        if module is not None:
+            # Bias offsets (diff_b) of layers that have no bias are dropped, as ComfyUI drops them.
+            present = {name for name, _ in module.named_parameters()}
+            entries = tuple(entry for entry in entries if entry[0] in present or not entry[0].endswith(".bias"))
+        if target is None or module is None or not entries or strength == 0:
             results.append(target)
             continue
         patch = lora_math.LoraPatch(entries)
         try:
-            patch.check(target.unet if isinstance(target, DiffusionModel) else target.encoders)
+            patch.check(module)
         except lora_math.LoraFormatError as error:
             raise InputError("lora_name", f"{lora_name}: does not fit this {target.family} model: {error}") \
                 from error

@@ -34,6 +34,7 @@ from .diffusion.denoiser import Guider
 from .diffusion.latent_operations import LATENT_OPERATION
 from .diffusion.models import DiffusionModel
 from .diffusion.samplers import Sampler
+from .diffusion.t2i_adapter import T2IAdapter
 from .diffusion.vae import VAEModel
 
 
@@ -95,7 +96,7 @@ def upscale_model(value: Any) -> str | None:
     return f"must be an UPSCALE_MODEL (a spandrel single-image model; {_got(value)})"
 
 
-def instance_of(kind: type, description: str, hint: str = "") -> Callable[[Any], str | None]:
+def instance_of(kind: type | tuple[type, ...], description: str, hint: str = "") -> Callable[[Any], str | None]:
     def check(value: Any) -> str | None:
         return None if isinstance(value, kind) else f"must be {description} ({_got(value)}){hint}"
 
@@ -114,7 +115,7 @@ def register_value_checks(checks: ValueCheckers) -> None:
                                       "checkpoint has no usable text encoder"))
     checks.register(VAE, instance_of(VAEModel, "a VAE", "; if it comes from a checkpoint loader, that checkpoint "
                                      "has no VAE"))
-    checks.register(CONTROL_NET, instance_of(ControlNet, "a ControlNet"))
+    checks.register(CONTROL_NET, instance_of((ControlNet, T2IAdapter), "a ControlNet"))
     checks.register(SAMPLER, instance_of(Sampler, "a SAMPLER"))
     checks.register(GUIDER, instance_of(Guider, "a GUIDER"))
     checks.register(LATENT_OPERATION, latent_operation)

@@ -39,6 +39,10 @@ SHIPPED = {
     "controlnet": "toy-shape-control.safetensors", "upscale_models": "toy-upscale-x2.safetensors",
 }
 FILES = [f"{name}{suffix}" for name in EXPECTED for suffix in (".json", ".ui.json")]
+# Graphs that train a LoRA: their files, layout and validation are checked here; their run (and the style it learns)
+# is tests/test_training.py's.
+TRAINING_GRAPHS = ("lora-training",)
+TRAINING_FILES = [f"{name}{suffix}" for name in TRAINING_GRAPHS for suffix in (".json", ".ui.json")]
 
 missing_models = [f"{folder}/{name}" for folder, name in SHIPPED.items() if not (MODELS / folder / name).is_file()]
 needs_models = pytest.mark.skipif(bool(missing_models), reason=f"toy model files not shipped: {missing_models}")
@@ -59,7 +63,7 @@ def catalogue() -> dict:
 
 
 def test_graphs_folder_holds_each_workflow_in_both_formats():
-    assert sorted(p.name for p in GRAPHS.glob("*.json")) == sorted(FILES)
+    assert sorted(p.name for p in GRAPHS.glob("*.json")) == sorted(FILES + TRAINING_FILES)
 
 
 def test_editor_default_graph_is_txt2img():
@@ -68,7 +72,7 @@ def test_editor_default_graph_is_txt2img():
     assert default_graph_file(GRAPHS) == GRAPHS / "txt2img.json"
 
 
-@pytest.mark.parametrize("name", list(EXPECTED))
+@pytest.mark.parametrize("name", [*EXPECTED, *TRAINING_GRAPHS])
 def test_ui_file_is_the_api_file_laid_out(name, catalogue):
     ui = json.loads((GRAPHS / f"{name}.ui.json").read_text())
     assert isinstance(ui.get("nodes"), list) and ui.get("links"), "not a UI-format workflow"
@@ -105,7 +109,7 @@ def run_cli(args: list[str], capsys) -> tuple[int, dict]:
     return code, json.loads(out) if out.strip() else {}
 
 
-@pytest.mark.parametrize("file_name", FILES)
+@pytest.mark.parametrize("file_name", FILES + TRAINING_FILES)
 def test_graph_validates(file_name, capsys):
     code, report = run_cli(["validate", str(GRAPHS / file_name), "--json", "--models-dir", str(MODELS)], capsys)
     if missing_models:  # without the model files the combos cannot match; the rest must still be fine

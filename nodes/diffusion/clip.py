@@ -170,8 +170,9 @@ def _first_eos_position(chunk: Chunk, eos_id: int) -> int:
 
 
 def encode_chunks(module: torch.nn.Module, chunks: list[Chunk], role: EncoderRole,
-                  layer: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cond [1, 77k, D] float32, pooled [1, P] float32) for one encoder, with prompt weights applied.
+                  layer: int | None, projected: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cond [1, 77k, D] float32, pooled [1, P] float32) for one encoder, with prompt weights applied; the pooled
+    output skips the text projection when `projected` is False (ComfyUI's return_pooled="unprojected").
 
     A token of weight w moves away from the empty prompt's state at its position: z' = (z - z_empty)·w + z_empty
     (ComfyUI's rule; tokens of weight 1 are untouched, there is no mean re-normalisation).
@@ -185,7 +186,7 @@ def encode_chunks(module: torch.nn.Module, chunks: list[Chunk], role: EncoderRol
         hidden, last = run_text_encoder(module, batch, layer, role.norm_hidden)
         pooled = last[0:1, _first_eos_position(chunks[0], role.chunks.eos_id)]
         projection = getattr(module, "text_projection", None)
-        if projection is not None:
+        if projection is not None and projected:
             pooled = in_float32(projection)(pooled)
     hidden = hidden.float().cpu()
     pooled = pooled.float().cpu()
@@ -269,12 +270,14 @@ class ClipModel:
     def empty_tokens(self) -> TokenChunks:
         return {key: [empty_chunk(role.chunks)] for key, role in self.roles.items()}
 
-    def encode_tokens(self, tokens: TokenChunks, manager: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cond [1, 77k, D], pooled [1, P]) on the CPU in float32."""
+    def encode_tokens(self, tokens: TokenChunks, manager: Any = None,
+                      projected_pooled: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cond [1, 77k, D], pooled [1, P]) on the CPU in float32 (pooled without the text projection when
+        `projected_pooled` is False)."""
         outputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         with self.prepared(manager) as modules:
             for key, role in self.roles.items():
-                outputs[key] = encode_chunks(modules[key], tokens[key], role, self.layer_for(key))
+                outputs[key] = encode_chunks(modules[key], tokens[key], role, self.layer_for(key), projected_pooled)
         pooled = outputs[POOLED_ENCODER[self.family]][1]
         if self.family == "sdxl":
             cond_l, cond_g = outputs["l"][0], outputs["g"][0]

@@ -128,7 +128,7 @@ def _unsupported_kind(state: Mapping[str, Any]) -> str | None:
     if any(k.startswith(("lora_", "lycoris_")) or ".lora_" in k or ".hada_" in k for k in keys):
         return "a LoRA or Control-LoRA file (Control-LoRAs are not supported; LoRAs go in models/loras)"
     if any(k.startswith(("adapter.", "body.0.")) for k in keys):
-        return "a T2I-Adapter (not supported)"
+        return "a T2I-Adapter of an unknown layout"
     if any(k.startswith(detect.UNET_PREFIXES) for k in keys):
         return "a model checkpoint, not a ControlNet"
     return None
@@ -160,6 +160,9 @@ class ControlNet:
     family: str                   # the UNet family its shapes match ("sd1" | "sd2" | "sdxl" | ...)
     source: str = ""
     manager: Any = None           # the model memory manager that owns the weights (moves them when used)
+    # SetUnionControlNetType's choice (ComfyUI's control_type extra argument): only union ControlNets read it, and
+    # their files do not load here, so it changes nothing for the nets this class holds (as in ComfyUI).
+    control_type: tuple[int, ...] = ()
 
     @property
     def context_dim(self) -> int:
@@ -187,15 +190,20 @@ class ControlNet:
 
 
 def load_controlnet(path: str | os.PathLike, manager: Any = None, dtype: torch.dtype | None = None,
-                    base_model: DiffusionModel | None = None) -> ControlNet:
-    """A ControlNet file as a ControlNet. `base_model` is required for "diff" ControlNets (their UNet-shaped
+                    base_model: DiffusionModel | None = None) -> Any:
+    """A ControlNet file as a ControlNet, or a T2I-Adapter file as a T2IAdapter (nodes.diffusion.t2i_adapter; both
+    load through ComfyUI's ControlNet loaders). `base_model` is required for "diff" ControlNets (their UNet-shaped
     weights are added to the base UNet's); `dtype` defaults to the manager's diffusion dtype (fp32 without one)."""
     ensure_offline()
     from diffusers import ControlNetModel
 
+    from .t2i_adapter import is_t2i_adapter, load_t2i_adapter
+
     path = Path(path)
     what = path.name
     state = read_state_dict(path)
+    if not any(key.startswith((LDM_PREFIX, "zero_convs.", "controlnet_")) for key in state) and is_t2i_adapter(state):
+        return load_t2i_adapter(state, path, manager)
     is_difference = "difference" in state
     state.pop("difference", None)
     ldm, file_format = ldm_weights(state, what)
@@ -313,6 +321,22 @@ class AppliedControlNet:
             else:
                 total = (tuple(a + b for a, b in zip(total[0], own[0], strict=False)), total[1] + own[1])
         return total
+
+    def intrablock_residuals(self, x_in: torch.Tensor, sigma: torch.Tensor, model: DiffusionModel,
+                             batched_number: int | None = None) -> list[torch.Tensor] | None:
+        """Summed T2I-Adapter features of the chain (diffusers' down_intrablock_additional_residuals: one per down
+        block, SDXL's last after the middle block), each scaled and σ-gated on its own; None when none is active."""
+        total: list[torch.Tensor] | None = None
+        for link in reversed(self.chain()):
+            own = link.own_intrablock(x_in, sigma, model, batched_number)
+            if own is None:
+                continue
+            total = own if total is None else [a + b for a, b in zip(total, own, strict=True)]
+        return total
+
+    def own_intrablock(self, x_in: torch.Tensor, sigma: torch.Tensor, model: DiffusionModel,
+                       batched_number: int | None = None) -> list[torch.Tensor] | None:
+        return None  # a ControlNet adds to the skip connections only (residuals)
 
     def own_residuals(self, x_in: torch.Tensor, sigma: torch.Tensor, timestep: torch.Tensor,
                       context: torch.Tensor, model: DiffusionModel,

@@ -19,6 +19,9 @@ batch, for broadcasting a hint batch as ComfyUI does). For SDXL models `added_co
 "time_ids"}` is also passed as a keyword. The object applies its own strength, σ-range gating (return None when
 inactive) and chain of previous ControlNets (summing their residuals). Entries batch together only when they share
 the very same control object. The residuals are cast to the UNet's dtype and handed to diffusers' UNet2DConditionModel.
+A control object may also have `intrablock_residuals(x_in, sigma, model, batched_number) -> list[Tensor] | None`
+(T2I-Adapters: diffusers' down_intrablock_additional_residuals). ControlNets read the entry's
+`cross_attn_controlnet` (CLIPTextEncodeControlnet) as their `context` when it has one, the prompt otherwise.
 
 Model patches (nodes.diffusion.patches; ComfyUI's model_options keys and argument dicts): every
 `sampler_pre_cfg_function` runs on [cond, uncond] before CFG, `sampler_cfg_function(args) -> noise` replaces the
@@ -38,12 +41,13 @@ from typing import Any
 import torch
 
 from . import compute, unet_hooks
+from . import hooks as hook_api
 from . import patches as patch_api
 from .models import DiffusionModel
 from .noise import seeded_randn
 from .predictions import prediction_for
 from .samplers import Sampler, is_max_denoise
-from .sampling_conds import CondEntry, inpaint_concat, prepare_conditioning, repeat_to_batch
+from .sampling_conds import CondEntry, inpaint_concat, ip2p_concat, prepare_conditioning, repeat_to_batch
 from .schedules import ModelSampling, schedule_for
 
 # Contexts of different token counts share a UNet call by repetition up to their LCM, if that is ≤ 4× the shorter.
@@ -61,18 +65,26 @@ def unet_device(unet: torch.nn.Module) -> torch.device:
 class ModelCall:
     """One UNet evaluation turned into a denoised prediction (ComfyUI's BaseModel.apply_model)."""
 
-    def __init__(self, model: DiffusionModel, unet: torch.nn.Module, schedule: ModelSampling):
+    def __init__(self, model: DiffusionModel, unet: torch.nn.Module, schedule: ModelSampling,
+                 hooks: hook_api.HookSession | None = None):
         self.model = model
         self.unet = unet
         self.schedule = schedule  # σ ↔ network timestep (ComfyUI's model_sampling)
         self.prediction = prediction_for(model.sampling.prediction, model.sampling.sigma_data)
         self.dtype = compute.compute_dtype(model.options, unet)
         self.network = compute.network_for(unet, model.options)  # the UNet, cast or compiled as the options say
+        self.hooks = hooks  # the run's hook weights (None when no conditioning carries hooks)
+
+    def use_hooks(self, hooks: hook_api.HookGroup | None, sigma: torch.Tensor) -> None:
+        """The UNet with the weights of the hooks of the entries about to run (nodes.diffusion.hooks)."""
+        if self.hooks is not None and self.hooks.use(hooks, float(sigma[0])) \
+                and isinstance(self.network, compute.CastNetwork):
+            self.network = compute.network_for(self.unet, self.model.options)  # re-cast the changed weights
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
                  added: dict[str, torch.Tensor] | None = None, control: Any = None,
                  concat: torch.Tensor | None = None, chunks: int = 1, cond_or_uncond: list[int] | None = None,
-                 options: dict[str, Any] | None = None) -> torch.Tensor:
+                 options: dict[str, Any] | None = None, control_context: torch.Tensor | None = None) -> torch.Tensor:
         """The denoised prediction for one batch; `options` (default: the model's) may carry a
         `model_function_wrapper` and UNet patches. `cond_or_uncond` says, per chunk, 0 = positive, 1 = negative."""
         options = self.model.options if options is None else options
@@ -81,6 +93,8 @@ class ModelCall:
         to["sigmas"] = sigma
         c = {"c_crossattn": context, "added": added, "control": control, "c_concat": concat,
              "batched_number": chunks, "transformer_options": to}
+        if control_context is not None:
+            c["crossattn_controlnet"] = control_context
         wrapper = options.get(patch_api.FUNCTION_WRAPPER)
         if wrapper is not None:
             return wrapper(self.apply_model, {"input": x, "timestep": sigma, "c": c,
@@ -90,24 +104,35 @@ class ModelCall:
     def apply_model(self, x: torch.Tensor, sigma: torch.Tensor, c_crossattn: torch.Tensor,
                     added: dict[str, torch.Tensor] | None = None, control: Any = None,
                     c_concat: torch.Tensor | None = None, batched_number: int = 1,
-                    transformer_options: dict[str, Any] | None = None, **_: Any) -> torch.Tensor:
+                    transformer_options: dict[str, Any] | None = None,
+                    crossattn_controlnet: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
         """The unwrapped call (ComfyUI's BaseModel.apply_model): x and sigma in, denoised x0 out."""
         context, chunks, concat = c_crossattn, batched_number, c_concat
         prediction = self.prediction
         x_in = prediction.calculate_input(sigma, x)
         timestep = self.schedule.timestep(sigma)
         kwargs: dict[str, Any] = {}
+        if added and "class_labels" in added:  # SD2.1-unCLIP's class embedding input (a UNet argument of its own)
+            kwargs["class_labels"] = added["class_labels"].to(self.dtype)
+            added = {k: v for k, v in added.items() if k != "class_labels"}
         if added:
             kwargs["added_cond_kwargs"] = added
         if control is not None:
             control_kwargs: dict[str, Any] = {"batched_number": chunks}
             if added:
                 control_kwargs["added_cond_kwargs"] = added
-            residuals = control.residuals(x_in, sigma, timestep, context, self.model, **control_kwargs)
+            control_text = context if crossattn_controlnet is None else crossattn_controlnet
+            residuals = control.residuals(x_in, sigma, timestep, control_text, self.model, **control_kwargs)
             if residuals is not None:
                 down, mid = residuals
                 kwargs["down_block_additional_residuals"] = tuple(r.to(self.dtype) for r in down)
                 kwargs["mid_block_additional_residual"] = mid.to(self.dtype) if mid is not None else None
+            # T2I-Adapters (nodes.diffusion.t2i_adapter): features added inside the down blocks. A fresh list per
+            # call: diffusers pops from it.
+            intrablock = getattr(control, "intrablock_residuals", None)
+            features = intrablock(x_in, sigma, self.model, chunks) if intrablock is not None else None
+            if features is not None:
+                kwargs["down_intrablock_additional_residuals"] = [f.to(self.dtype) for f in features]
         if concat is not None:  # inpainting UNets: mask + masked latent, not c_in-scaled
             x_in = torch.cat([x_in, concat], dim=1)
         hooks: Any = contextlib.nullcontext()
@@ -150,12 +175,15 @@ class _Chunk:
         self.mult = mult
         self.context = repeat_to_batch(entry.context, batch)
         self.added = {k: repeat_to_batch(v, batch) for k, v in entry.added.items()}
+        self.control_context = None if entry.control_context is None \
+            else repeat_to_batch(entry.control_context, batch)
         self.concat = entry.concat
         if self.concat is not None and area is not None:
             self.concat = self.concat[:, :, area[2]:area[2] + area[0], area[3]:area[3] + area[1]]
 
     def can_join(self, other: _Chunk) -> bool:
-        if self.input_x.shape != other.input_x.shape or self.entry.control is not other.entry.control:
+        if self.input_x.shape != other.input_x.shape or self.entry.control is not other.entry.control \
+                or self.entry.hooks != other.entry.hooks or self.entry.unet_patches is not other.entry.unet_patches:
             return False
         a, b = self.context.shape, other.context.shape
         if a[0] != b[0] or a[2] != b[2]:
@@ -163,6 +191,10 @@ class _Chunk:
         if math.lcm(a[1], b[1]) // min(a[1], b[1]) > _MAX_CONTEXT_REPEAT:
             return False
         if (self.concat is None) != (other.concat is None):
+            return False
+        if (self.control_context is None) != (other.control_context is None) or (
+                self.control_context is not None and other.control_context is not None
+                and self.control_context.shape != other.control_context.shape):
             return False
         return self.added.keys() == other.added.keys() and all(
             self.added[k].shape == other.added[k].shape for k in self.added)
@@ -238,7 +270,9 @@ class GuidedDenoiser:
         weights = [torch.ones_like(x) * 1e-37 for _ in groups]
         sigma_now = float(sigma[0])
         pending = [_Chunk(entry, x, owner) for owner, entries in enumerate(groups) if entries
-                   for entry in entries if entry.active_at(sigma_now)]
+                   for entry in entries if entry.active_at(sigma_now) and not entry.default]
+        if any(entry.default for entries in groups if entries for entry in entries):
+            pending += _default_chunks(x, sigma_now, groups, pending)
         while pending:
             first = pending[0]
             # Like ComfyUI, the joinable chunks run in reverse order: [negative..., positive...].
@@ -249,10 +283,13 @@ class GuidedDenoiser:
             # (can_join keeps chunks with and without concat channels apart)
             concat = torch.cat([c.concat for c in batch if c.concat is not None]) if batch[0].concat is not None \
                 else None
-            outputs = self.call(torch.cat([c.input_x for c in batch]), sigma[:1].repeat(n * len(batch)),
+            self.call.use_hooks(batch[0].entry.hooks, sigma)
+            x_batch = torch.cat([c.input_x for c in batch])
+            outputs = self.call(x_batch, sigma[:1].repeat(n * len(batch)),
                                 _concat_contexts([c.context for c in batch]), added or None,
                                 batch[0].entry.control, concat, len(batch), [c.owner for c in batch],
-                                options).chunk(len(batch))
+                                _with_entry_patches(options, batch[0].entry, x_batch, self.call),
+                                control_context=_control_contexts(batch)).chunk(len(batch))
             for chunk, output in zip(batch, outputs, strict=False):
                 total, weight = totals[chunk.owner], weights[chunk.owner]
                 if chunk.area is not None:
@@ -262,6 +299,53 @@ class GuidedDenoiser:
                 total += output * chunk.mult
                 weight += chunk.mult
         return [total / weight for total, weight in zip(totals, weights, strict=False)]
+
+
+def _with_entry_patches(options: dict[str, Any] | None, entry: CondEntry, x_batch: torch.Tensor,
+                        call: ModelCall) -> dict[str, Any] | None:
+    """The call's options with the entry's own UNet patches (GLIGEN's boxes) after the model's, as ComfyUI merges
+    a cond's patches into transformer_options."""
+    if entry.unet_patches is None:
+        return options
+    merged: Mapping[str, Any] = options if options is not None else call.model.options
+    for name, patches in entry.unet_patches.patches_for(x_batch.shape, x_batch.device).items():
+        for patch in patches:
+            merged = patch_api.with_transformer_patch(merged, name, patch)
+    return dict(merged)
+
+
+def _default_chunks(x: torch.Tensor, sigma: float, groups: list[list[CondEntry] | None],
+                    chunks: list[_Chunk]) -> list[_Chunk]:
+    """ComfyUI's default conds: per group, its "default" entries weighted by what the other entries leave
+    uncovered, relu(1 − Σ weights); none when nothing is left."""
+    found = []
+    for owner, entries in enumerate(groups):
+        defaults = [e for e in entries or () if e.default and e.active_at(sigma)]
+        if not defaults:
+            continue
+        left = torch.ones_like(x)
+        for chunk in chunks:
+            if chunk.owner == owner:
+                covered = left
+                if chunk.area is not None:
+                    h, w, y, x0 = chunk.area
+                    covered = left[:, :, y:y + h, x0:x0 + w]
+                covered -= chunk.mult
+        left = torch.relu(left)
+        if torch.max(left) == 0:
+            continue
+        for entry in defaults:
+            chunk = _Chunk(entry, x, owner)
+            chunk.mult = left
+            found.append(chunk)
+    return found
+
+
+def _control_contexts(batch: list[_Chunk]) -> torch.Tensor | None:
+    """The batch's CLIPTextEncodeControlnet texts (can_join keeps chunks with and without one apart)."""
+    if batch[0].control_context is None:
+        return None
+    return torch.cat([c.control_context for c in batch if c.control_context is not None])
 
 
 class HookModel:
@@ -362,7 +446,10 @@ class Guider:
             return latent
         schedule = schedule_for(self.model.sampling)
         fmt = self.model.latent_format
-        with torch.no_grad(), self.model.prepared(manager) as unet:
+        # (before prepared(): model-as-LoRA hooks read the UNet's own weights)
+        hooks = hook_api.HookSession.for_conds(self.conds, self.model.unet, manager, schedule.percent_to_sigma,
+                                               sigmas)
+        with torch.no_grad(), self.model.prepared(manager) as unet, hook_api.released_at_end(hooks):
             device = unet_device(unet)
             noise = noise.to(device)
             latent = latent.to(device=device, dtype=torch.float32)
@@ -372,8 +459,8 @@ class Guider:
             mask = prepare_mask(denoise_mask, noise.shape, device) if denoise_mask is not None else None
             concat_fn = self._inpaint_channels(unet, noise.shape, latent, mask)
             prepared = prepare_conditioning(self.conds, noise.shape, schedule, device, unet.config,
-                                            self.model.family, concat_fn)
-            denoiser: Callable = self.make_denoiser(ModelCall(self.model, unet, schedule), prepared)
+                                            self.model.family, concat_fn, seed)
+            denoiser: Callable = self.make_denoiser(ModelCall(self.model, unet, schedule, hooks), prepared)
             if mask is not None:  # (there is a mask exactly when a denoise_mask was given)
                 inpaint_noise = noise
                 if sampler.inpaint_random_noise:
@@ -397,8 +484,10 @@ class Guider:
         in_channels = getattr(unet.config, "in_channels", shape[1])
         if in_channels == shape[1]:
             return None
+        if in_channels == shape[1] * 2:  # InstructPix2Pix: the edited image's latent
+            return lambda options: ip2p_concat(options, shape, latent.device)
         if in_channels != shape[1] * 2 + 1:
             raise ValueError(f"the model takes {in_channels} input channels for {shape[1]}-channel latents; only "
-                             f"inpainting models (mask + masked image) are supported")
+                             f"inpainting (mask + masked image) and InstructPix2Pix (image) models are supported")
         process_in = self.model.latent_format.process_in
         return lambda options: inpaint_concat(options, shape, latent, mask, process_in)

@@ -146,7 +146,7 @@ def unet_family(shape: UNetShape, state: Mapping[str, Any] | None = None) -> str
     if not shape.linear_projection:
         raise UnknownArchitecture("UNet with class/size conditioning but conv projections (not SD1/SD2/SDXL)")
     if shape.context_dim == 1024 and shape.adm_in_channels in (1536, 2048):
-        raise UnknownArchitecture("SD2 unCLIP checkpoints are not supported")
+        return "sd2"  # SD2.1-unCLIP (L: 768-wide image embeds, H: 1024): its adm input is the class embedding
     if state is not None:
         if has_prefix(state, REFINER_CLIP_G_PREFIX):
             return "sdxl_refiner"
@@ -189,7 +189,9 @@ def unet_config(shape: UNetShape, family: str) -> dict[str, Any]:
     }
     if shape.time_embed_dim != shape.block_out_channels[0] * 4:
         config["time_embedding_dim"] = shape.time_embed_dim
-    if shape.adm_in_channels is not None:
+    if shape.adm_in_channels is not None and family == "sd2":  # SD2.1-unCLIP: image embeds + noise level
+        config.update(class_embed_type="projection", projection_class_embeddings_input_dim=shape.adm_in_channels)
+    elif shape.adm_in_channels is not None:
         config.update(addition_embed_type="text_time", addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
                       projection_class_embeddings_input_dim=shape.adm_in_channels)
     return config
@@ -210,6 +212,8 @@ def prediction_type(family: str, shape: UNetShape, unet: Mapping[str, torch.Tens
         if "ztsnr" in state:
             return "v", ("zero-terminal-SNR marker ignored: sampled with the standard schedule",)
         return "v", ()
+    if family == "sd2" and shape.adm_in_channels is not None:
+        return "v", ()  # SD2.1-unCLIP models are v-prediction (ComfyUI's SD21UNCLIP)
     if family == "sd2" and shape.in_channels == 4:
         blocks = _indices(unet, r"output_blocks\.(\d+)\.1\.transformer_blocks\.0\.norm1\.bias")
         if blocks:

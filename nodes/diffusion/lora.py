@@ -275,13 +275,18 @@ def parse_lora(tensors: Mapping[str, torch.Tensor], key_map: Mapping[str, Target
     skip = tuple(absent_owner_prefixes)
     for module, parts in groups.items():
         kind = _kind(parts)
-        if kind is None:
-            if set(parts) - {"alpha", "dora_scale", "diff_b"}:
+        if kind is None and "diff_b" not in parts:
+            if set(parts) - {"alpha", "dora_scale"}:
                 parsed.unusable.extend(f"{module}.{c}" for c in parts)
             continue
         target = key_map.get(module)
         if target is None:
             (parsed.ignored if skip and module.startswith(skip) else parsed.unmatched).append(module)
+            continue
+        if "diff_b" in parts:  # a bias offset (ComfyUI's LoraSave with bias_diff), added to <module>.bias
+            bias = Target(target.owner, target.parameter.removesuffix(".weight") + ".bias")
+            parsed.adapters.append((bias, Adapter(f"{module}.diff_b", "diff", {"diff": parts["diff_b"]})))
+        if kind is None:
             continue
         if "alpha" in parts and parts["alpha"].numel() != 1:
             raise LoraFormatError(f"'{module}.alpha' holds {parts['alpha'].numel()} values; an alpha is one number")

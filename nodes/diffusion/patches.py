@@ -58,7 +58,7 @@ TRANSFORMER_OPTIONS = "transformer_options"
 
 # transformer_options["patches"] lists and transformer_options["patches_replace"] tables that the UNet honours.
 LIST_PATCHES = ("attn1_patch", "attn2_patch", "attn1_output_patch", "attn2_output_patch", "input_block_patch",
-                "input_block_patch_after_skip", "output_block_patch")
+                "input_block_patch_after_skip", "output_block_patch", "middle_patch")
 REPLACE_PATCHES = ("attn1", "attn2")
 
 

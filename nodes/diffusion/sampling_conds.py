@@ -34,6 +34,12 @@ class CondEntry:
     control_apply_to_uncond: bool = False
     added: dict[str, torch.Tensor] = field(default_factory=dict)  # SDXL text_embeds / time_ids, [n, ...]
     concat: torch.Tensor | None = None      # inpainting models: [mask, masked latent] added to the UNet input
+    control_context: torch.Tensor | None = None  # CLIPTextEncodeControlnet's text: what the ControlNets read
+    hooks: Any = None                       # a HookGroup (nodes.diffusion.hooks): weights only this entry sees
+    default: bool = False                   # ComfyUI's "default" cond: fills where the other entries leave room
+    # UNet patches of this entry alone, built per model call: `unet_patches.patches_for(input_shape, device)` ->
+    # {transformer patch point: [patch, ...]} (GLIGEN's boxes: options["gligen"], nodes.diffusion.gligen)
+    unet_patches: Any = None
 
     def active_at(self, sigma: float) -> bool:
         if self.sigma_start is not None and sigma > self.sigma_start:
@@ -60,8 +66,9 @@ def _mask_bounds(mask: torch.Tensor) -> Area:
 
 
 def _sdxl_added(options: dict, latent_shape: torch.Size, unet_config: Any, refiner: bool, negative: bool,
-                device: torch.device) -> dict[str, torch.Tensor]:
-    """diffusers' added_cond_kwargs: text_embeds = pooled output, time_ids = ComfyUI's size conditioning."""
+                device: torch.device, seed: int | None = None) -> dict[str, torch.Tensor]:
+    """diffusers' added_cond_kwargs: text_embeds = pooled output (or, with unCLIP conditioning, the image
+    embedding: SDXL Revision), time_ids = ComfyUI's size conditioning."""
     width = options.get("width", latent_shape[3] * 8)
     height = options.get("height", latent_shape[2] * 8)
     crop_w, crop_h = options.get("crop_w", 0), options.get("crop_h", 0)
@@ -73,15 +80,20 @@ def _sdxl_added(options: dict, latent_shape: torch.Size, unet_config: Any, refin
                   options.get("target_width", width)]
     time_ids = torch.tensor([values], dtype=torch.float32, device=device)
     pooled = options.get("pooled_output")
-    if pooled is None:
-        size = unet_config.projection_class_embeddings_input_dim - len(values) * unet_config.addition_time_embed_dim
-        pooled = torch.zeros((1, size))
+    pooled_width = unet_config.projection_class_embeddings_input_dim - len(values) * unet_config.addition_time_embed_dim
+    if options.get("unclip_conditioning"):
+        from .clip_vision import revision_pooled
+
+        pooled = revision_pooled(options["unclip_conditioning"], seed, pooled_width, device)
+    elif pooled is None:
+        pooled = torch.zeros((1, pooled_width))
     return {"text_embeds": pooled.to(device=device, dtype=torch.float32).reshape(pooled.shape[0], -1),
             "time_ids": time_ids}
 
 
 def _prepare_entry(pair: Any, latent_shape: torch.Size, schedule: ModelSampling, device: torch.device,
-                   unet_config: Any, family: str, negative: bool, concat_fn: Any) -> CondEntry:
+                   unet_config: Any, family: str, negative: bool, concat_fn: Any, seed: int | None = None) \
+        -> CondEntry:
     if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not isinstance(pair[1], dict):
         raise ValueError("conditioning entries must be [tensor, dict] pairs")
     context, options = pair
@@ -90,7 +102,8 @@ def _prepare_entry(pair: Any, latent_shape: torch.Size, schedule: ModelSampling,
                       strength=float(options.get("strength", 1.0)),
                       mask_strength=float(options.get("mask_strength", 1.0)),
                       control=options.get("control"),
-                      control_apply_to_uncond=bool(options.get("control_apply_to_uncond", False)))
+                      control_apply_to_uncond=bool(options.get("control_apply_to_uncond", False)),
+                      hooks=options.get("hooks"), default="default" in options)
     if options.get("area") is not None:
         entry.area = _resolve_area(options["area"], height, width)
     if options.get("mask") is not None:
@@ -103,14 +116,34 @@ def _prepare_entry(pair: Any, latent_shape: torch.Size, schedule: ModelSampling,
         if options.get("set_area_to_bounds", False):
             entry.area = _mask_bounds(mask)
         entry.mask = mask
-    if "start_percent" in options:
-        entry.sigma_start = schedule.percent_to_sigma(float(options["start_percent"]))
-    if "end_percent" in options:
-        entry.sigma_end = schedule.percent_to_sigma(float(options["end_percent"]))
+    if "clip_start_percent" in options:  # one range of a scheduled CLIP hook encoding, within the cond's own
+        entry.sigma_start = schedule.percent_to_sigma(max(float(options["clip_start_percent"]),
+                                                          float(options.get("start_percent", 0.0))))
+        entry.sigma_end = schedule.percent_to_sigma(min(float(options["clip_end_percent"]),
+                                                        float(options.get("end_percent", 1.0))))
+    else:
+        if "start_percent" in options:
+            entry.sigma_start = schedule.percent_to_sigma(float(options["start_percent"]))
+        if "end_percent" in options:
+            entry.sigma_end = schedule.percent_to_sigma(float(options["end_percent"]))
     if getattr(unet_config, "addition_embed_type", None) == "text_time":
-        entry.added = _sdxl_added(options, latent_shape, unet_config, family == "sdxl_refiner", negative, device)
+        entry.added = _sdxl_added(options, latent_shape, unet_config, family == "sdxl_refiner", negative, device,
+                                  seed)
+    elif getattr(unet_config, "class_embed_type", None) == "projection":  # SD2.1-unCLIP
+        from .clip_vision import unclip_class_labels
+
+        entry.added = {"class_labels": unclip_class_labels(options.get("unclip_conditioning"), seed,
+                                                           unet_config.projection_class_embeddings_input_dim,
+                                                           float(options.get("unclip_noise_augment_merge", 0.05)),
+                                                           device)}
     if concat_fn is not None:
         entry.concat = concat_fn(options)
+    if options.get("cross_attn_controlnet") is not None:
+        entry.control_context = options["cross_attn_controlnet"].to(device=device, dtype=torch.float32)
+    if options.get("gligen") is not None:
+        from .gligen import boxes_from_option
+
+        entry.unet_patches = boxes_from_option(options["gligen"])
     return entry
 
 
@@ -153,13 +186,14 @@ def _copy_controls_to_uncond(positive: list[CondEntry], negative: list[CondEntry
 
 def prepare_conditioning(conds: dict[str, list | None], latent_shape: torch.Size, schedule: ModelSampling,
                          device: torch.device, unet_config: Any, family: str,
-                         concat_fn: Any = None) -> dict[str, list[CondEntry]]:
+                         concat_fn: Any = None, seed: int | None = None) -> dict[str, list[CondEntry]]:
     """All CONDITIONING lists of one sampling run ("positive", optionally "negative" and others) → CondEntry lists.
-    `concat_fn(options)`, for inpainting models, gives each entry its extra UNet input channels."""
+    `concat_fn(options)`, for inpainting models, gives each entry its extra UNet input channels; `seed` (the
+    sampling seed) seeds the noise augmentation of unCLIP image embeddings."""
     prepared = {
         # An entry may say which prompt it is ("prompt_type", as guiders with extra negatives set it).
         kind: [_prepare_entry(pair, latent_shape, schedule, device, unet_config, family,
-                              pair[1].get("prompt_type", kind) == "negative", concat_fn)
+                              pair[1].get("prompt_type", kind) == "negative", concat_fn, seed)
                for pair in pairs]
         for kind, pairs in conds.items() if pairs is not None
     }
@@ -173,7 +207,23 @@ def prepare_conditioning(conds: dict[str, list | None], latent_shape: torch.Size
         for kind in kinds:
             if kind != "positive":
                 _copy_controls_to_uncond(prepared["positive"], prepared[kind])
+                _copy_gligen_to_uncond(prepared["positive"], prepared[kind])
     return prepared
+
+
+def _copy_gligen_to_uncond(positive: list[CondEntry], negative: list[CondEntry]) -> None:
+    """ComfyUI gives the negative prompt the positive's GLIGEN boxes too (apply_empty_x_to_equal_area with
+    'gligen'): each area-less positive entry's boxes go, round robin, to the area-less negatives without boxes,
+    unless a negative has boxes of its own."""
+    boxes = [e.unet_patches for e in positive if e.area is None and e.unet_patches is not None]
+    if any(e.area is None and e.unet_patches is not None for e in negative):
+        return
+    plain = [(e, i) for i, e in enumerate(negative) if e.area is None and e.unet_patches is None]
+    if not plain:
+        return
+    for n, source in enumerate(boxes):
+        entry, index = plain[n % len(plain)]
+        negative[index] = dataclasses.replace(entry, unet_patches=source)
 
 
 # The SD inpainting UNet's "masked image" channels for an all-black picture (no image given), per latent channel.
@@ -221,6 +271,20 @@ def inpaint_concat(options: dict, noise_shape: torch.Size, latent: torch.Tensor,
     if mask.shape[-2:] != (height, width):
         mask = common_upscale(mask, width, height, "bilinear", "center")
     return torch.cat([resize_to_batch(mask.round(), batch), image], dim=1)
+
+
+def ip2p_concat(options: dict, noise_shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """The extra UNet input channels of InstructPix2Pix models (ComfyUI's IP2P.concat_cond): the conditioning's
+    concat_latent_image as the VAE gave it (not scaled), bilinear to the latent size; zeros without one."""
+    from .resize import common_upscale
+
+    image = options.get("concat_latent_image")
+    if image is None:
+        return torch.zeros(tuple(noise_shape), device=device)
+    image = image.to(device=device, dtype=torch.float32)
+    if image.shape[1:] != noise_shape[1:]:
+        image = common_upscale(image, noise_shape[3], noise_shape[2], "bilinear", "center")
+    return resize_to_batch(image, noise_shape[0])
 
 
 def repeat_to_batch(tensor: torch.Tensor, batch: int) -> torch.Tensor:

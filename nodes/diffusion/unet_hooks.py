@@ -14,11 +14,20 @@ Semantics (ComfyUI's BasicTransformerBlock and UNetModel._forward):
   input_block_patch(h, transformer_options) -> h                         on an input block's output (skip too)
   input_block_patch_after_skip(h, transformer_options) -> h              on what goes on, not on the skip
   output_block_patch(h, hsp, transformer_options) -> (h, hsp)            before h and the skip are concatenated
+  middle_patch(x, extra_options) -> x                                     in each transformer block, on the hidden
+                                                                          states after self-attention, before
+                                                                          cross-attention (GLIGEN)
 
 The output-block patch runs where h is produced (a forward pre-hook on the up block for its first resnet, a
 forward hook on the module before each later resnet), because diffusers concatenates h with the skip inside the
 up block's forward: a patch that resizes h (PatchModelAddDownscale) must act before that. A skip the patch
 changes (FreeU) is put into the concatenation by a pre-hook on the resnet that receives it.
+
+The middle patch uses diffusers' GLIGEN slot: a BasicTransformerBlock given cross_attention_kwargs["gligen"] runs
+`hidden_states = self.fuser(hidden_states, objs)` exactly there. For the call, each block gets a `fuser` that
+runs the patches (set in its instance dict, so a real fuser module stays untouched) and each transformer a
+pre-hook that adds the "gligen" entry. `transformer_options["transformer_index"]` counts the transformers in the
+order they run, as ComfyUI's does.
 """
 
 from __future__ import annotations
@@ -157,13 +166,22 @@ def installed(unet: Any, options: dict[str, Any]) -> Iterator[None]:
     patches = options.get("patches", {})
     handles: list[Any] = []
     processors: list[tuple[Any, Any]] = []
+    middle_patches = patches.get("middle_patch", ())
+    with_fuser: list[torch.nn.Module] = []
     try:
-        for transformer, block in layout.transformers:
-            def record_shape(_module: Any, args: tuple, kwargs: dict, block: tuple[str, int] = block) -> None:
+        for transformer_index, (transformer, block) in enumerate(layout.transformers):
+            def record_shape(_module: Any, args: tuple, kwargs: dict, block: tuple[str, int] = block,
+                             transformer_index: int = transformer_index) -> None:
                 hidden = args[0] if args else kwargs["hidden_states"]
                 options["activations_shape"] = list(hidden.shape)
                 options["block"] = block
+                options["transformer_index"] = transformer_index
             handles.append(transformer.register_forward_pre_hook(record_shape, with_kwargs=True))
+            if middle_patches:
+                handles.append(transformer.register_forward_pre_hook(_ask_for_fuser, with_kwargs=True))
+                for index, basic in enumerate(transformer.transformer_blocks):
+                    vars(basic)["fuser"] = _MiddlePatches(middle_patches, block, index, basic.attn1, options)
+                    with_fuser.append(basic)
             for index, basic in enumerate(transformer.transformer_blocks):
                 for kind in ("attn1", "attn2"):
                     attn = getattr(basic, kind, None)
@@ -190,6 +208,31 @@ def installed(unet: Any, options: dict[str, Any]) -> Iterator[None]:
             handle.remove()
         for attn, original in reversed(processors):
             attn.set_processor(original)
+        for basic in with_fuser:
+            vars(basic).pop("fuser", None)
+
+
+def _ask_for_fuser(_module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Transformer2DModel pre-hook: diffusers' GLIGEN entry, so that each block calls its `fuser`."""
+    extra = dict(kwargs.get("cross_attention_kwargs") or {})
+    extra["gligen"] = {"objs": None}
+    return args, {**kwargs, "cross_attention_kwargs": extra}
+
+
+class _MiddlePatches:
+    """A BasicTransformerBlock's `fuser` for one call: ComfyUI's middle_patch list on its hidden states."""
+
+    def __init__(self, patches: list[Callable], block: tuple[str, int], block_index: int, attn: Any,
+                 options: dict[str, Any]):
+        self.patches = patches
+        self.extra = PatchedAttentionProcessor(None, "attn1", block, block_index, options).extra_options
+        self.attn = attn
+
+    def __call__(self, hidden_states: torch.Tensor, _objs: Any) -> torch.Tensor:
+        extra = self.extra(self.attn)
+        for patch in self.patches:
+            hidden_states = patch(hidden_states, extra)
+        return hidden_states
 
 
 def _input_hook(block_id: int, patches: list[Callable], options: dict[str, Any]) -> Callable:
