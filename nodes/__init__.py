@@ -22,6 +22,7 @@ NODE_MODULES: tuple[str, ...] = (
     "latentloom.nodes.preprocessors",
     "latentloom.nodes.model_patches",
     "latentloom.nodes.model_sampling",
+    "latentloom.nodes.model_families",
     "latentloom.nodes.upscale",
     "latentloom.nodes.attention_patches",
     "latentloom.nodes.training",

@@ -30,11 +30,11 @@ from .model_files import (
 )
 
 UNET_WEIGHT_DTYPES = ["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"]
-# ComfyUI's CLIPLoader / DualCLIPLoader types (kept so workflows validate); the SD ones are supported.
+# ComfyUI's CLIPLoader / DualCLIPLoader types (kept so workflows validate); the SD, SD3 and Flux ones are supported.
 CLIP_TYPES = ["stable_diffusion", "stable_cascade", "sd3", "stable_audio", "mochi", "ltxv", "pixart", "cosmos",
               "lumina2", "wan", "hidream", "chroma", "ace", "omnigen2", "qwen_image", "hunyuan_image"]
 DUAL_CLIP_TYPES = ["sdxl", "sd3", "flux", "hunyuan_video", "hidream", "hunyuan_image"]
-SUPPORTED_CLIP_TYPES = {"stable_diffusion", "sdxl"}
+SUPPORTED_CLIP_TYPES = {"stable_diffusion", "sdxl", "sd3", "flux"}
 
 
 class CheckpointLoaderSimple(Node):
@@ -150,8 +150,8 @@ class UNETLoader(Node):
         path = locate_model(ctx, "unet_name", "unet", self.unet_name)
         manager = ctx.models
         if self.weight_dtype != "default":
-            ctx.warn(f"weight_dtype {self.weight_dtype} (fp8 storage) is not supported; "
-                     f"loading in {manager.dtype_for('diffusion')}")
+            ctx.warn(f"weight_dtype {self.weight_dtype} (fp8 storage) is not supported yet; the weights are "
+                     f"loaded and computed in {manager.dtype_for('diffusion')}")
         model = load_model(ctx, "unet_name", self.unet_name, model_key("unet", file_identity(path)),
                            lambda: checkpoint.load_unet_file(path, manager))
         return (model,)
@@ -167,7 +167,7 @@ class CLIPLoader(Node):
     display_name = "Load CLIP"
     category = "advanced/loaders"
     description = ("stable_diffusion: a CLIP-L file (SD1.x), a CLIP-H file (SD2.x) or a CLIP-G file "
-                   "(SDXL refiner).")
+                   "(SDXL refiner). sd3 / flux: a CLIP-L, CLIP-G (sd3) or T5-XXL file.")
     outputs = (Output(CLIP),)
     clip_name: Annotated[str, Combo(model_choices("clip"))]
     type: Annotated[str, Combo(CLIP_TYPES)] = "stable_diffusion"
@@ -189,7 +189,8 @@ class CLIPLoader(Node):
 class DualCLIPLoader(Node):
     display_name = "DualCLIPLoader"
     category = "advanced/loaders"
-    description = "sdxl: a CLIP-L file and a CLIP-G file, in either order."
+    description = ("sdxl: a CLIP-L file and a CLIP-G file, in either order. sd3: two of CLIP-L, CLIP-G, T5-XXL; "
+                   "flux: CLIP-L and T5-XXL.")
     outputs = (Output(CLIP),)
     clip_name1: Annotated[str, Combo(model_choices("clip"))]
     clip_name2: Annotated[str, Combo(model_choices("clip"))]
@@ -217,6 +218,35 @@ class DualCLIPLoader(Node):
         return (clip,)
 
 
+class TripleCLIPLoader(Node):
+    """SD3 / SD3.5: a CLIP-L, a CLIP-G and a T5-XXL file, in any order."""
+
+    display_name = "TripleCLIPLoader"
+    category = "advanced/loaders"
+    description = "sd3: a CLIP-L, a CLIP-G and a T5-XXL file, in any order."
+    outputs = (Output(CLIP),)
+    clip_name1: Annotated[str, Combo(model_choices("clip"))]
+    clip_name2: Annotated[str, Combo(model_choices("clip"))]
+    clip_name3: Annotated[str, Combo(model_choices("clip"))]
+
+    @classmethod
+    def fingerprint(cls, env: Environment, constants: dict[str, Any]) -> Any:
+        found = [find_model_file(env, "clip", constants.get(f"clip_name{n}")) for n in (1, 2, 3)]
+        if any(path is None for path in found):
+            return None
+        identity = tuple(part for path in found if path is not None for part in file_identity(path))
+        return [identity, times_dropped(env, model_key("triple_clip", identity))]
+
+    def run(self, ctx: RunContext):
+        names = (self.clip_name1, self.clip_name2, self.clip_name3)
+        paths = [locate_model(ctx, f"clip_name{n}", "clip", name) for n, name in zip((1, 2, 3), names, strict=True)]
+        manager = ctx.models
+        key = model_key("triple_clip", tuple(part for path in paths for part in file_identity(path)))
+        clip = load_model(ctx, "clip_name1/clip_name2/clip_name3", ", ".join(names), key,
+                          lambda: checkpoint.load_clip_files(list(paths), "sd3", manager))
+        return (clip,)
+
+
 class DiffusersLoader(Node):
     display_name = "DiffusersLoader"
     category = "advanced/loaders/deprecated"
@@ -239,4 +269,5 @@ class DiffusersLoader(Node):
         return (loaded.model, loaded.clip, loaded.vae)
 
 
-NODES = [CheckpointLoaderSimple, CheckpointLoader, VAELoader, UNETLoader, CLIPLoader, DualCLIPLoader, DiffusersLoader]
+NODES = [CheckpointLoaderSimple, CheckpointLoader, VAELoader, UNETLoader, CLIPLoader, DualCLIPLoader, TripleCLIPLoader,
+         DiffusersLoader]

@@ -229,8 +229,9 @@ def test_unet_vae_and_clip_loaders_on_component_files(env, ctx):
                                              type="sdxl").run(ctx)
     assert dual.family == "sdxl"
     assert_same_weights(original_xl.text_encoders["g"], dual.encoders["g"])
-    with pytest.raises(ValueError, match=r"DualCLIPLoader \(#1\): input 'type': 'flux' text encoders are not"):
-        run_node(DualCLIPLoader, ctx, clip_name1="clip_g.safetensors", clip_name2="clip_l.safetensors", type="flux")
+    with pytest.raises(ValueError, match=r"DualCLIPLoader \(#1\): input 'type': 'hidream' text encoders are not"):
+        run_node(DualCLIPLoader, ctx, clip_name1="clip_g.safetensors", clip_name2="clip_l.safetensors",
+                 type="hidream")
     (_,) = UNETLoader.model_construct(unet_name="unet.safetensors", weight_dtype="fp8_e4m3fn").run(ctx)
     assert any("fp8" in warning for warning in ctx.warnings)
 

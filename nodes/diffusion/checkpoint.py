@@ -9,18 +9,21 @@ tensors directly, so no time is spent on random initialisation. Nothing here tou
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
-from . import convert, detect, model_code
+from . import convert, detect, families, family_clip, model_code
 from .clip import ClipModel
+from .family_clip import FamilyClip
+from .latent_formats import FAMILY_LATENT_FORMATS, latent_format_for_family, sixteen_channel_format
 from .models import SD15_LATENT, SDXL_LATENT, DiffusionModel, LatentFormat, SamplingConfig
 from .offline import ensure_offline
 from .vae import VAEModel
@@ -39,6 +42,8 @@ class ModelFileError(ValueError):
 
 
 def latent_format_for(family: str) -> LatentFormat:
+    if family in FAMILY_LATENT_FORMATS:
+        return FAMILY_LATENT_FORMATS[family]
     return SDXL_LATENT if family.startswith("sdxl") else SD15_LATENT
 
 
@@ -148,6 +153,28 @@ def build_vae(state: Mapping[str, torch.Tensor], family: str, dtype: torch.dtype
     return _materialize(vae, weights, dtype, what)
 
 
+def build_transformer(state: Mapping[str, torch.Tensor], found: families.DetectedTransformer, dtype: torch.dtype,
+                      what: str = "diffusion transformer") -> torch.nn.Module:
+    """SD3Transformer2DModel / FluxTransformer2DModel from the original single-file names."""
+    transformer_class = families.transformer_class(found.family)
+    weights = families.diffusers_weights(state, found)
+    with torch.device("meta"):
+        transformer = transformer_class(**found.config)
+    families.rebuild_rotary_tables(transformer, found)
+    return _materialize(transformer, weights, dtype, what)
+
+
+def transformer_model(state: Mapping[str, torch.Tensor], found: families.DetectedTransformer, dtype: torch.dtype,
+                      path: Path) -> DiffusionModel:
+    """The MODEL of a diffusion-transformer family: the diffusers transformer in `unet`, the family's latent
+    format and ComfyUI's default flow sampling; options["variant"] names the variant (sd3.5, flux_dev, ...)."""
+    transformer = build_transformer(state, found, dtype, what=f"{path.name} ({found.family} transformer)")
+    return DiffusionModel(unet=transformer, family=found.family,
+                          sampling=SamplingConfig(**families.default_sampling(found)),
+                          latent_format=latent_format_for_family(found.family), source=str(path),
+                          options={"variant": found.variant})
+
+
 def build_text_encoder(state: Mapping[str, torch.Tensor], shape: detect.TextEncoderShape, slot: str,
                        dtype: torch.dtype, what: str = "text encoder") -> torch.nn.Module:
     """A transformers CLIP text model for a CLIP slot: "l" plain, "h"/"g" with their text projection."""
@@ -173,9 +200,9 @@ def build_text_encoder(state: Mapping[str, torch.Tensor], shape: detect.TextEnco
 @dataclass(frozen=True)
 class LoadedCheckpoint:
     model: DiffusionModel
-    clip: ClipModel | None
+    clip: ClipModel | FamilyClip | None
     vae: VAEModel | None
-    detected: detect.Detected
+    detected: detect.Detected | families.DetectedTransformer
 
 
 def _release(state: StateDict, prefix: str) -> None:
@@ -198,10 +225,13 @@ def load_checkpoint(path: str | os.PathLike, manager: Any = None, unet_dtype: to
     when the file does not carry them."""
     path = Path(path)
     state = read_state_dict(path)
+    if families.find_transformer_prefix(state) is not None:
+        return load_transformer_checkpoint(state, path, manager, unet_dtype)
     try:
         found = detect.detect_checkpoint(state, sidecar_yaml(path))
     except detect.UnknownArchitecture as error:
-        raise ModelFileError(f"{path.name}: unknown or unsupported model architecture: {error}") from error
+        raise ModelFileError(f"{path.name}: unknown or unsupported model architecture: {error}; "
+                             f"found {families.describe_keys(state)}") from error
     diffusion_dtype, text_dtype, vae_dtype = _dtypes(manager)
     family = found.family
     unet = build_unet(state, found.unet, family, unet_dtype or diffusion_dtype, prefix=found.unet_prefix,
@@ -226,6 +256,34 @@ def load_checkpoint(path: str | os.PathLike, manager: Any = None, unet_dtype: to
     return LoadedCheckpoint(model, clip, vae, found)
 
 
+def load_transformer_checkpoint(state: StateDict, path: Path, manager: Any = None,
+                                unet_dtype: torch.dtype | None = None) -> LoadedCheckpoint:
+    """An all-in-one SD3 / SD3.5 / Flux file: the transformer under model.diffusion_model., its VAE under
+    first_stage_model. (or vae.), its text encoders under text_encoders.* when present."""
+    try:
+        found = families.detect_transformer(state)
+    except families.UnknownTransformer as error:
+        raise ModelFileError(f"{path.name}: unsupported diffusion transformer: {error}") from error
+    diffusion_dtype, text_dtype, vae_dtype = _dtypes(manager)
+    model = transformer_model(state, found, unet_dtype or diffusion_dtype, path)
+    _release(state, found.prefix)
+    clip = family_clip.checkpoint_family_clip(state, found.family, text_dtype, path)
+    vae = None
+    vae_prefix = next((p for p in (convert.VAE_PREFIX, "vae.") if has_vae_under(state, p)), None)
+    if vae_prefix is not None and found.family == "qwen_image":
+        found = dataclasses.replace(found, notes=found.notes + (
+            "its Wan 2.1 VAE (a video autoencoder) is not supported yet; the VAE output is empty",))
+    elif vae_prefix is not None:
+        vae_state = convert.strip_prefix(state, vae_prefix)
+        vae = VAEModel(autoencoder=build_vae(vae_state, found.family, vae_dtype, what=f"{path.name} (VAE)"),
+                       latent_format=latent_format_for_family(found.family), source=str(path))
+    return LoadedCheckpoint(model, clip, vae, found)
+
+
+def has_vae_under(state: Mapping[str, Any], prefix: str) -> bool:
+    return f"{prefix}decoder.conv_in.weight" in state
+
+
 # Stand-alone component files ---------------------------------------------------------------------------------
 
 def _diffusers_unet_to_ldm(state: StateDict) -> StateDict:
@@ -239,12 +297,20 @@ def load_unet_file(path: str | os.PathLike, manager: Any = None, dtype: torch.dt
     model.diffusion_model. prefix, or diffusers names."""
     path = Path(path)
     state = read_state_dict(path)
+    if families.find_transformer_prefix(state) is not None:
+        try:
+            found = families.detect_transformer(state)
+        except families.UnknownTransformer as error:
+            raise ModelFileError(f"{path.name}: unsupported diffusion transformer: {error}") from error
+        return transformer_model(state, found, dtype or _dtypes(manager)[0], path)
     if "conv_in.weight" in state and any(key.startswith("down_blocks.") for key in state):
         state = _diffusers_unet_to_ldm(state)
     prefix = detect.find_unet_prefix(state)
     try:
         if prefix is None:
-            raise detect.UnknownArchitecture("no SD-style UNet weights found")
+            raise detect.UnknownArchitecture(
+                f"neither an SD-style UNet (input_blocks.*) nor an SD3 (joint_blocks.*) or Flux (double_blocks.*) "
+                f"transformer; found {families.describe_keys(state)}")
         shape = detect.read_unet_shape(state, prefix)
         family = detect.unet_family(shape)
         prediction, _ = detect.prediction_type(family, shape, convert.strip_prefix(state, prefix), state,
@@ -268,7 +334,14 @@ def load_vae_file(path: str | os.PathLike, manager: Any = None, family: str = "s
         autoencoder = build_vae(state, family, _dtypes(manager)[2], what=path.name)
     except detect.UnknownArchitecture as error:
         raise ModelFileError(f"{path.name}: not a VAE this engine can load: {error}") from error
-    return VAEModel(autoencoder=autoencoder, latent_format=latent_format_for(family), source=str(path))
+    latent_format = latent_format_for(family)
+    channels = int(cast(Any, autoencoder).config.latent_channels)
+    if channels == 16:  # SD3 / Flux
+        latent_format = sixteen_channel_format(path.name)
+    elif channels != latent_format.channels:
+        raise ModelFileError(f"{path.name}: a VAE with {channels} latent channels is not supported "
+                             f"(4: SD1/SD2/SDXL, 16: SD3/Flux)")
+    return VAEModel(autoencoder=autoencoder, latent_format=latent_format, source=str(path))
 
 
 def _text_encoder_in_file(state: StateDict, name: str) -> detect.TextEncoderShape:
@@ -294,10 +367,13 @@ def text_encoder_slot(shape: detect.TextEncoderShape) -> str:
     return "g" if shape.projection_dim is not None else "l"
 
 
-def load_clip_files(paths: list[str | os.PathLike], clip_type: str, manager: Any = None) -> ClipModel:
-    """CLIPLoader / DualCLIPLoader: text encoders from their own files. clip_type "stable_diffusion" takes one
-    file (CLIP-L → SD1, CLIP-H → SD2, CLIP-G → SDXL refiner); "sdxl" takes CLIP-L and CLIP-G in any order."""
+def load_clip_files(paths: list[str | os.PathLike], clip_type: str, manager: Any = None) -> ClipModel | FamilyClip:
+    """CLIPLoader / DualCLIPLoader / TripleCLIPLoader: text encoders from their own files. clip_type
+    "stable_diffusion" takes one file (CLIP-L → SD1, CLIP-H → SD2, CLIP-G → SDXL refiner); "sdxl" takes CLIP-L and
+    CLIP-G in any order; "sd3" / "flux" take CLIP-L, CLIP-G (sd3) and T5-XXL files (nodes.diffusion.family_clip)."""
     text_dtype = _dtypes(manager)[1]
+    if clip_type in family_clip.ALLOWED:
+        return family_clip.load_family_clip([Path(p) for p in paths], clip_type, text_dtype)
     encoders: dict[str, torch.nn.Module] = {}
     for raw in paths:
         path = Path(raw)

@@ -397,8 +397,11 @@ class InpaintDenoiser:
             view = _GuiderView(_ScheduleView(self.schedule))
             mask = self.mask_function(sigma, self.mask, extra_options={"model": view, "sigmas": self.sigmas})
             keep = 1.0 - mask
-        sigma_b = sigma.reshape((-1,) + (1,) * (x.ndim - 1))
-        x = x * mask + (self.noise * sigma_b + self.latent) * keep
+        if self.schedule is not None:  # the model's noise_scaling (flow models interpolate: σ·ε + (1 − σ)·x0)
+            noised = self.schedule.noise_scaling(sigma, self.noise, self.latent)
+        else:
+            noised = self.noise * sigma.reshape((-1,) + (1,) * (x.ndim - 1)) + self.latent
+        x = x * mask + noised * keep
         result = self.inner(x, sigma, return_uncond=return_uncond, **kwargs)
         denoised, uncond = result if return_uncond else (result, None)
         denoised = denoised * mask + self.latent * keep
@@ -422,6 +425,14 @@ class _GuiderView:
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor, int], None]
 
 
+# The families whose networks ModelCall can run (the transformer families of families.py load but cannot sample).
+UNET_FAMILIES = frozenset({"sd1", "sd2", "sdxl", "sdxl_refiner"})
+
+
+class UnsupportedModelError(ValueError):
+    """A model this engine can load but not sample."""
+
+
 class Guider:
     """What a GUIDER link carries: model + conditioning + cfg; `sample` runs one whole sampling pass.
 
@@ -442,6 +453,10 @@ class Guider:
                denoise_mask: torch.Tensor | None = None, callback: StepCallback | None = None,
                seed: int | None = None, manager: Any = None) -> torch.Tensor:
         """Returns the sampled latent, unscaled, float32 on CPU (`latent` itself when sigmas is empty)."""
+        if self.model.family not in UNET_FAMILIES:
+            raise UnsupportedModelError(
+                f"sampling {self.model.family} models is not built yet: their files load, but the model call runs "
+                f"the SD1/SD2/SDXL UNets only")
         if sigmas.numel() == 0:
             return latent
         schedule = schedule_for(self.model.sampling)

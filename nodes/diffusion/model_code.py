@@ -77,6 +77,11 @@ def autoencoder_class() -> Any:
     return _import_model_module("diffusers.models.autoencoders.autoencoder_kl").AutoencoderKL
 
 
+def transformer_class(module: str, name: str) -> Any:
+    """A diffusers diffusion-transformer class from its own module ("transformer_flux", "FluxTransformer2DModel")."""
+    return getattr(_import_model_module(f"diffusers.models.transformers.{module}"), name)
+
+
 def clip_text_classes() -> tuple[Any, Any, Any]:
     """transformers' (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection)."""
     ensure_offline()

@@ -87,17 +87,24 @@ class SamplingConfig:
 
     SD1/SD2/SDXL: the discrete scaled-linear-beta schedule with eps or v prediction. The ModelSampling* nodes
     choose other kinds: "discrete_distilled" (LCM's 50-step grid), "continuous_edm", "continuous_v" and
-    "cosmos_rflow" (log-uniform tables between sigma_min and sigma_max)."""
+    "cosmos_rflow" (log-uniform tables between sigma_min and sigma_max), and the flow-matching kinds with the
+    "const" prediction: "discrete_flow" (SD3 / AuraFlow: σ(t) shifted by `shift`, network timestep σ·multiplier)
+    and "flux" (σ(t) shifted by exp(shift), `shift` being Flux's μ); "stable_cascade" is Stable Cascade's
+    cosine schedule with its SNR shift."""
 
     beta_start: float = 0.00085
     beta_end: float = 0.012
     timesteps: int = 1000
-    prediction: str = "eps"  # "eps" | "v" | "edm" | "x0" | "img_to_img" | "lcm" | "cosmos_rflow"
-    schedule: str = "discrete"  # "discrete" | "discrete_distilled" | "continuous_edm" | "continuous_v" | "cosmos_rflow"
+    prediction: str = "eps"  # "eps" | "v" | "edm" | "x0" | "img_to_img" | "lcm" | "cosmos_rflow" | "const"
+    # "discrete" | "discrete_distilled" | "continuous_edm" | "continuous_v" | "cosmos_rflow" | "discrete_flow" |
+    # "flux" | "stable_cascade"
+    schedule: str = "discrete"
     zsnr: bool = False  # discrete kinds: rescale the betas to zero terminal SNR
     sigma_min: float = 0.002  # continuous kinds only
     sigma_max: float = 120.0
     sigma_data: float = 1.0
+    shift: float = 1.0  # flow and Stable Cascade kinds only (for "flux": μ)
+    multiplier: float = 1000.0  # "discrete_flow" only: network timestep = σ·multiplier
 
 
 @dataclass(frozen=True)

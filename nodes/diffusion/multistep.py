@@ -6,7 +6,18 @@ from __future__ import annotations
 import torch
 
 from .noise import DeviceNoise
-from .sampler_steps import ancestral_step, batch_ones, lambda_of, report, seed_of, sigma_of, to_d
+from .sampler_steps import (
+    ancestral_step,
+    batch_ones,
+    half_log_snr,
+    is_flow,
+    lambda_of,
+    report,
+    seed_of,
+    sigma_of,
+    snr_safe_sigmas,
+    to_d,
+)
 
 
 def _lms_coefficient(order: int, sigmas, i: int, j: int) -> float:
@@ -186,7 +197,9 @@ def er_sde(model, x, sigmas, extra_args=None, callback=None, s_noise=1.0, noise=
     noise = noise or DeviceNoise(x, seed_of(extra_args))
     points = 200.0
     offsets = torch.arange(0, points, dtype=torch.float32, device=x.device)
-    er_lambdas = lambda_of(sigmas).neg().exp()  # = σ for eps models, via the same rounding path as ComfyUI
+    sigmas = snr_safe_sigmas(sigmas, model)
+    # σ/α: σ itself for eps models (via the same rounding path as ComfyUI), σ/(1 − σ) for flow models
+    er_lambdas = half_log_snr(sigmas, is_flow(model)).neg().exp()
     old_denoised = old_denoised_d = None
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * batch_ones(x), **extra_args)

@@ -1,5 +1,5 @@
 """What a network's output means: the prediction types of ComfyUI's model_sampling (EPS, V_PREDICTION, EDM, X0,
-IMG_TO_IMG, the LCM boundary condition, COSMOS_RFLOW), as small typed classes.
+IMG_TO_IMG, the LCM boundary condition, COSMOS_RFLOW, CONST for flow matching), as small typed classes.
 
 Samplers work in the variance-exploding space: x = x0 + σ·ε. Each type says how that x is scaled before the
 network sees it (`calculate_input`), how the network's output becomes the denoised estimate x0
@@ -143,11 +143,30 @@ class CosmosRFlowPrediction(EpsPrediction):
         return noise * broadcast_sigma(sigma, noise) + latent  # never the √(1 + σ²) start
 
 
+@dataclass(frozen=True)
+class ConstPrediction(EpsPrediction):
+    """Flow matching (rectified flow: SD3, Flux, AuraFlow, ...): x = (1 − σ)·x0 + σ·ε with σ in [0, 1]; the
+    network sees x as it is and predicts the velocity v = ε − x0, so x0 = x − σ·v."""
+
+    name: ClassVar[str] = "const"
+
+    def calculate_input(self, sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def noise_scaling(self, sigma: torch.Tensor, noise: torch.Tensor, latent: torch.Tensor,
+                      max_denoise: bool = False) -> torch.Tensor:
+        sigma = broadcast_sigma(sigma, noise)
+        return sigma * noise + (1.0 - sigma) * latent  # an interpolation: never the √(1 + σ²) start
+
+    def inverse_noise_scaling(self, sigma: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        return latent / (1.0 - broadcast_sigma(sigma, latent))
+
+
 Prediction = EpsPrediction  # the base type every prediction derives from
 
 PREDICTIONS: dict[str, type[EpsPrediction]] = {
     cls.name: cls for cls in (EpsPrediction, VPrediction, EDMPrediction, X0Prediction, ImgToImgPrediction,
-                              LCMPrediction, CosmosRFlowPrediction)
+                              LCMPrediction, CosmosRFlowPrediction, ConstPrediction)
 }
 
 

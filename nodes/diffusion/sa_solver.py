@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 
 from .noise import DeviceNoise
-from .sampler_steps import batch_ones, lambda_of, report, seed_of
+from .sampler_steps import batch_ones, half_log_snr, is_flow, report, seed_of, snr_safe_sigmas
 
 
 def _exponential_moments(s: torch.Tensor, t: torch.Tensor, order: int, tau: float) -> torch.Tensor:
@@ -77,7 +77,8 @@ def sa_solver(model, x, sigmas, extra_args=None, callback=None, tau_func=None, s
         return x
     extra_args = extra_args or {}
     noise_source = noise or DeviceNoise(x, seed_of(extra_args))
-    lambdas = lambda_of(sigmas)
+    sigmas = snr_safe_sigmas(sigmas, model)
+    lambdas = half_log_snr(sigmas, is_flow(model))  # flow models: log((1 − σ)/σ)
     if tau_func is None:
         from .schedules import DiscreteSchedule
 

@@ -10,6 +10,10 @@ Every sampler is a pure function `(model, x, sigmas, extra_args, callback, **opt
 
 Notation: d = (x − D)/σ is the ODE derivative in σ; λ = −log σ (half log-SNR for eps models).
 
+Flow-matching models (the CONST prediction, read from the denoiser's `.schedule`) change a few samplers as
+ComfyUI does: the ancestral ones take rectified-flow steps, and the SDE / exponential ones use λ = log((1 − σ)/σ)
+with a first σ of 1 moved just below it.
+
 This module holds the one- and two-stage samplers and the registry (SAMPLER_NAMES in ComfyUI's order);
 multistep.py (LMS, iPNDM, RES, gradient estimation, ER-SDE), solvers.py (UniPC, DEIS), dpm_solver.py
 (dpm_fast, dpm_adaptive) and sa_solver.py hold the rest.
@@ -25,8 +29,23 @@ from typing import Any
 
 import torch
 
+from . import flow
 from .noise import DeviceNoise, brownian_noise_for
-from .sampler_steps import Callback, ancestral_step, batch_ones, lambda_of, report, seed_of, sigma_of, to_d  # noqa: F401
+from .sampler_steps import (  # noqa: F401
+    Callback,
+    ancestral_step,
+    batch_ones,
+    flow_ancestral_step,
+    half_log_snr,
+    is_flow,
+    lambda_of,
+    report,
+    seed_of,
+    sigma_at_half_log_snr,
+    sigma_of,
+    snr_safe_sigmas,
+    to_d,
+)
 
 # --- first-order and Runge-Kutta samplers --------------------------------------------------------------------
 
@@ -42,6 +61,8 @@ def euler(model, x, sigmas, extra_args=None, callback=None):
 def euler_ancestral(model, x, sigmas, extra_args=None, callback=None, eta=1.0, s_noise=1.0, noise=None):
     extra_args = extra_args or {}
     noise = noise or DeviceNoise(x, seed_of(extra_args))
+    if is_flow(model):
+        return flow.euler_ancestral_flow(model, x, sigmas, extra_args, callback, eta, s_noise, noise)
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * batch_ones(x), **extra_args)
         sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
@@ -54,18 +75,20 @@ def euler_ancestral(model, x, sigmas, extra_args=None, callback=None, eta=1.0, s
     return x
 
 
+
 def euler_ancestral_cfg_pp(model, x, sigmas, extra_args=None, callback=None, eta=1.0, s_noise=1.0, noise=None):
     """CFG++: step from the guided x0 along the *unguided* noise direction (α = σ·e^λ kept for rounding)."""
     extra_args = extra_args or {}
     noise = noise or DeviceNoise(x, seed_of(extra_args))
+    flow = is_flow(model)
     for i in range(len(sigmas) - 1):
         denoised, uncond = model(x, sigmas[i] * batch_ones(x), return_uncond=True, **extra_args)
         report(callback, i, denoised, x)
         if sigmas[i + 1] == 0:
             x = denoised
             continue
-        alpha_s = sigmas[i] * lambda_of(sigmas[i]).exp()
-        alpha_t = sigmas[i + 1] * lambda_of(sigmas[i + 1]).exp()
+        alpha_s = sigmas[i] * half_log_snr(sigmas[i], flow).exp()
+        alpha_t = sigmas[i + 1] * half_log_snr(sigmas[i + 1], flow).exp()
         d = to_d(x, sigmas[i], alpha_s * uncond)
         sigma_down, sigma_up = ancestral_step(sigmas[i] / alpha_s, sigmas[i + 1] / alpha_t, eta)
         x = alpha_t * denoised + (alpha_t * sigma_down) * d
@@ -140,9 +163,13 @@ def dpm_2(model, x, sigmas, extra_args=None, callback=None):
 def dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, eta=1.0, s_noise=1.0, noise=None):
     extra_args = extra_args or {}
     noise = noise or DeviceNoise(x, seed_of(extra_args))
+    flow = is_flow(model)
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * batch_ones(x), **extra_args)
-        sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        if flow:
+            sigma_down, rescale, sigma_up = flow_ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        else:
+            sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
         report(callback, i, denoised, x)
         d = to_d(x, sigmas[i], denoised)
         if sigma_down == 0:
@@ -152,6 +179,8 @@ def dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, eta=1.0, s
             x_2 = x + d * (sigma_mid - sigmas[i])
             d_2 = to_d(x_2, sigma_mid, model(x_2, sigma_mid * batch_ones(x), **extra_args))
             x = x + d_2 * (sigma_down - sigmas[i])
+            if flow:
+                x = rescale * x
             x = x + noise(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
     return x
 
@@ -161,6 +190,8 @@ def dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, eta=1.0, s
 def dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, eta=1.0, s_noise=1.0, noise=None):
     extra_args = extra_args or {}
     noise = noise or DeviceNoise(x, seed_of(extra_args))
+    if is_flow(model):
+        return flow.dpmpp_2s_ancestral_flow(model, x, sigmas, extra_args, callback, eta, s_noise, noise)
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * batch_ones(x), **extra_args)
         sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
@@ -177,6 +208,7 @@ def dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, eta=1.0
         if sigmas[i + 1] > 0:
             x = x + noise(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
     return x
+
 
 
 def dpmpp_2s_ancestral_cfg_pp(model, x, sigmas, extra_args=None, callback=None, eta=1.0, s_noise=1.0, noise=None):
@@ -212,6 +244,8 @@ def dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, eta=1.0, s_noise
         return x
     extra_args = extra_args or {}
     noise = noise or brownian_noise_for(x, sigmas, seed_of(extra_args), on_cpu=noise_on_cpu)
+    flow = is_flow(model)
+    sigmas = snr_safe_sigmas(sigmas, model)
     inject = eta > 0 and s_noise > 0
     fac = 1 / (2 * r)
     for i in range(len(sigmas) - 1):
@@ -220,10 +254,10 @@ def dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, eta=1.0, s_noise
         if sigmas[i + 1] == 0:
             x = denoised
             continue
-        lambda_s, lambda_t = lambda_of(sigmas[i]), lambda_of(sigmas[i + 1])
+        lambda_s, lambda_t = half_log_snr(sigmas[i], flow), half_log_snr(sigmas[i + 1], flow)
         h = lambda_t - lambda_s
         lambda_s_1 = lambda_s + r * h
-        sigma_s_1 = sigma_of(lambda_s_1)
+        sigma_s_1 = sigma_at_half_log_snr(lambda_s_1, flow)
         alpha_s = sigmas[i] * lambda_s.exp()
         alpha_s_1 = sigma_s_1 * lambda_s_1.exp()
         alpha_t = sigmas[i + 1] * lambda_t.exp()
@@ -289,6 +323,8 @@ def dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, eta=1.0, s_no
         raise ValueError("solver_type must be 'heun' or 'midpoint'")
     extra_args = extra_args or {}
     noise = noise or brownian_noise_for(x, sigmas, seed_of(extra_args), on_cpu=noise_on_cpu)
+    flow = is_flow(model)
+    sigmas = snr_safe_sigmas(sigmas, model)
     old_denoised: torch.Tensor | None = None
     h: torch.Tensor | None = None
     h_last: torch.Tensor | None = None
@@ -298,7 +334,7 @@ def dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, eta=1.0, s_no
         if sigmas[i + 1] == 0:
             x = denoised
         else:
-            lambda_s, lambda_t = lambda_of(sigmas[i]), lambda_of(sigmas[i + 1])
+            lambda_s, lambda_t = half_log_snr(sigmas[i], flow), half_log_snr(sigmas[i + 1], flow)
             h = lambda_t - lambda_s
             h_eta = h * (eta + 1)
             alpha_t = sigmas[i + 1] * lambda_t.exp()
@@ -322,6 +358,8 @@ def dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, eta=1.0, s_no
         return x
     extra_args = extra_args or {}
     noise = noise or brownian_noise_for(x, sigmas, seed_of(extra_args), on_cpu=noise_on_cpu)
+    flow = is_flow(model)
+    sigmas = snr_safe_sigmas(sigmas, model)
     denoised_1: torch.Tensor | None = None
     denoised_2: torch.Tensor | None = None
     h: torch.Tensor | None = None
@@ -333,7 +371,7 @@ def dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, eta=1.0, s_no
         if sigmas[i + 1] == 0:
             x = denoised
         else:
-            lambda_s, lambda_t = lambda_of(sigmas[i]), lambda_of(sigmas[i + 1])
+            lambda_s, lambda_t = half_log_snr(sigmas[i], flow), half_log_snr(sigmas[i + 1], flow)
             h = lambda_t - lambda_s
             h_eta = h * (eta + 1)
             alpha_t = sigmas[i + 1] * lambda_t.exp()
@@ -374,6 +412,8 @@ def seeds_2(model, x, sigmas, extra_args=None, callback=None, eta=1.0, s_noise=1
         raise ValueError("solver_type must be 'phi_1' or 'phi_2'")
     extra_args = extra_args or {}
     noise = noise or DeviceNoise(x, seed_of(extra_args))
+    flow = is_flow(model)
+    sigmas = snr_safe_sigmas(sigmas, model)
     inject = eta > 0 and s_noise > 0
     fac = 1 / (2 * r)
     for i in range(len(sigmas) - 1):
@@ -382,11 +422,11 @@ def seeds_2(model, x, sigmas, extra_args=None, callback=None, eta=1.0, s_noise=1
         if sigmas[i + 1] == 0:
             x = denoised
             continue
-        lambda_s, lambda_t = lambda_of(sigmas[i]), lambda_of(sigmas[i + 1])
+        lambda_s, lambda_t = half_log_snr(sigmas[i], flow), half_log_snr(sigmas[i + 1], flow)
         h = lambda_t - lambda_s
         h_eta = h * (eta + 1)
         lambda_s_1 = torch.lerp(lambda_s, lambda_t, r)
-        sigma_s_1 = sigma_of(lambda_s_1)
+        sigma_s_1 = sigma_at_half_log_snr(lambda_s_1, flow)
         alpha_s_1 = sigma_s_1 * lambda_s_1.exp()
         alpha_t = sigmas[i + 1] * lambda_t.exp()
 
@@ -415,6 +455,8 @@ def seeds_3(model, x, sigmas, extra_args=None, callback=None, eta=1.0, s_noise=1
             r_2=2.0 / 3):
     extra_args = extra_args or {}
     noise = noise or DeviceNoise(x, seed_of(extra_args))
+    flow = is_flow(model)
+    sigmas = snr_safe_sigmas(sigmas, model)
     inject = eta > 0 and s_noise > 0
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * batch_ones(x), **extra_args)
@@ -422,11 +464,12 @@ def seeds_3(model, x, sigmas, extra_args=None, callback=None, eta=1.0, s_noise=1
         if sigmas[i + 1] == 0:
             x = denoised
             continue
-        lambda_s, lambda_t = lambda_of(sigmas[i]), lambda_of(sigmas[i + 1])
+        lambda_s, lambda_t = half_log_snr(sigmas[i], flow), half_log_snr(sigmas[i + 1], flow)
         h = lambda_t - lambda_s
         h_eta = h * (eta + 1)
         lambda_s_1, lambda_s_2 = torch.lerp(lambda_s, lambda_t, r_1), torch.lerp(lambda_s, lambda_t, r_2)
-        sigma_s_1, sigma_s_2 = sigma_of(lambda_s_1), sigma_of(lambda_s_2)
+        sigma_s_1 = sigma_at_half_log_snr(lambda_s_1, flow)
+        sigma_s_2 = sigma_at_half_log_snr(lambda_s_2, flow)
         alpha_s_1 = sigma_s_1 * lambda_s_1.exp()
         alpha_s_2 = sigma_s_2 * lambda_s_2.exp()
         alpha_t = sigmas[i + 1] * lambda_t.exp()
@@ -486,12 +529,14 @@ def ddpm(model, x, sigmas, extra_args=None, callback=None, noise=None):
 def lcm(model, x, sigmas, extra_args=None, callback=None, noise=None):
     extra_args = extra_args or {}
     noise = noise or DeviceNoise(x, seed_of(extra_args))
+    schedule = getattr(model, "schedule", None)  # the model's own noise_scaling (flow: an interpolation)
+    renoise = schedule.noise_scaling if schedule is not None else lambda sigma, fresh, latent: fresh * sigma + latent
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * batch_ones(x), **extra_args)
         report(callback, i, denoised, x)
         x = denoised
         if sigmas[i + 1] > 0:
-            x = noise(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] + x
+            x = renoise(sigmas[i + 1], noise(sigmas[i], sigmas[i + 1]), x)
     return x
 
 

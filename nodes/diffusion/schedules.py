@@ -4,13 +4,16 @@ Discrete schedules follow ComfyUI's `ModelSamplingDiscrete` exactly: the sigma t
 stored as float32, sigma(t) interpolates linearly in log-sigma, and the UNet only ever sees the nearest integer
 timestep. Continuous schedules (`ModelSamplingContinuousEDM` / `ContinuousV` / `CosmosRFlow`) map σ to a real
 timestep by a formula and keep a log-uniform table of 1000 sigmas between σ_min and σ_max for the schedulers
-that read a table. Every schedule carries its prediction type (nodes.diffusion.predictions) and offers ComfyUI's
+that read a table. The flow-matching schedules (`ModelSamplingDiscreteFlow` for SD3 / AuraFlow,
+`ModelSamplingFlux`) keep σ in (0, 1] on a grid of shifted timesteps; `StableCascadeSampling` is a cosine
+schedule on t in [0, 1]. Every schedule carries its prediction type (nodes.diffusion.predictions) and offers ComfyUI's
 model_sampling methods (calculate_input, calculate_denoised, noise_scaling, ...), so hooks that receive it as
 `args["model"].model_sampling` work unchanged.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -208,12 +211,127 @@ class CosmosRFlowSchedule(ContinuousEDMSchedule):
         return torch.where(timestep >= top, sigma_max, timestep / (1 - timestep))
 
 
+def time_snr_shift(shift: float, t: torch.Tensor | float) -> torch.Tensor | float:
+    """SD3's timestep shift (Esser et al. 2024): t ↦ shift·t / (1 + (shift − 1)·t); the identity for shift 1."""
+    if shift == 1.0:
+        return t
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def flux_time_shift(mu: float, t: torch.Tensor | float) -> torch.Tensor | float:
+    """Flux's resolution-dependent shift: t ↦ e^μ / (e^μ + 1/t − 1) (SD3's shift with shift = e^μ)."""
+    return math.exp(mu) / (math.exp(mu) + (1 / t - 1))
+
+
+def flux_mu(max_shift: float, base_shift: float, width: int, height: int) -> float:
+    """μ for an image of width × height pixels: linear in its 2×2-patch token count (width·height / 256), from
+    base_shift at 256 tokens to max_shift at 4096 (ModelSamplingFlux)."""
+    slope = (max_shift - base_shift) / (4096 - 256)
+    return (width * height / (8 * 8 * 2 * 2)) * slope + (base_shift - slope * 256)
+
+
+class FlowSchedule(ModelSampling):
+    """Flow matching on a grid of `timesteps` levels (ComfyUI's ModelSamplingDiscreteFlow): σ(t) is the shifted
+    t/multiplier, the network sees σ·multiplier (1000 for SD3, 1 for AuraFlow), and σ runs up to exactly 1."""
+
+    grid = 1000
+
+    def __init__(self, config: SamplingConfig):
+        super().__init__(prediction_for(config.prediction, config.sigma_data))
+        self.config = config
+        self.shift = config.shift
+        self.multiplier = config.multiplier
+        table = self.sigma((torch.arange(1, self.grid + 1, 1) / self.grid) * self.multiplier)
+        self.sigmas = table
+        self.log_sigmas = table.log()  # (only for the interface: no flow scheduler reads it)
+
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        return sigma * self.multiplier
+
+    def sigma(self, timestep: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(time_snr_shift(self.shift, timestep / self.multiplier))
+
+    def percent_to_sigma(self, percent: float) -> float:
+        if percent <= 0.0:
+            return 1.0
+        if percent >= 1.0:
+            return 0.0
+        return float(time_snr_shift(self.shift, 1.0 - percent))
+
+
+class FluxSchedule(FlowSchedule):
+    """Flux's flow schedule (ModelSamplingFlux): 10000 grid levels, σ(t) = flux_time_shift(μ, t) with μ the
+    config's shift, and the network timestep is σ itself (the model scales it)."""
+
+    grid = 10000
+
+    def __init__(self, config: SamplingConfig):
+        super().__init__(dataclasses.replace(config, multiplier=1.0))
+
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        return sigma
+
+    def sigma(self, timestep: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(flux_time_shift(self.shift, timestep))
+
+    def percent_to_sigma(self, percent: float) -> float:
+        if percent <= 0.0:
+            return 1.0
+        if percent >= 1.0:
+            return 0.0
+        return float(flux_time_shift(self.shift, 1.0 - percent))
+
+
+class StableCascadeSchedule(ModelSampling):
+    """Stable Cascade's continuous cosine schedule on t in [0, 1] (ComfyUI's StableCascadeSampling):
+    ᾱ(t) = cos²((t + s)/(1 + s)·π/2) / cos²(s/(1 + s)·π/2) with s = 0.008, its log-SNR lowered by 2·log(shift),
+    ᾱ clamped to [1e-4, 0.9999]; a table of 10000 sigmas at t = 1/10000 … 1 for the schedulers."""
+
+    grid = 10000
+    cosine_s = 8e-3
+
+    def __init__(self, config: SamplingConfig):
+        super().__init__(prediction_for(config.prediction, config.sigma_data))
+        self.config = config
+        self.shift = config.shift
+        self._s = torch.tensor(self.cosine_s)
+        self._alpha_bar_0 = torch.cos(self._s / (1 + self._s) * torch.pi * 0.5) ** 2
+        t = torch.tensor([(i + 1) / self.grid for i in range(self.grid)], dtype=torch.float64).float()
+        self.sigmas = self.sigma(t).float()
+        self.log_sigmas = self.sigmas.log()
+
+    def sigma(self, timestep: torch.Tensor) -> torch.Tensor:
+        timestep = torch.as_tensor(timestep)
+        s = self._s.to(timestep.device)
+        alpha_bar = torch.cos((timestep + s) / (1 + s) * torch.pi * 0.5) ** 2 / self._alpha_bar_0.to(timestep.device)
+        if self.shift != 1.0:
+            log_snr = (alpha_bar / (1 - alpha_bar)).log() + 2 * torch.log(1.0 / torch.tensor(self.shift))
+            alpha_bar = log_snr.sigmoid()
+        alpha_bar = alpha_bar.clamp(0.0001, 0.9999)
+        return ((1 - alpha_bar) / alpha_bar) ** 0.5
+
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        alpha_bar = (1 / (sigma * sigma + 1)).clamp(0, 1.0)
+        s, alpha_bar_0 = self._s.to(sigma.device), self._alpha_bar_0.to(sigma.device)
+        return ((alpha_bar * alpha_bar_0) ** 0.5).acos() / (torch.pi * 0.5) * (1 + s) - s
+
+    def percent_to_sigma(self, percent: float) -> float:
+        if percent <= 0.0:
+            return 999999999.9
+        if percent >= 1.0:
+            return 0.0
+        return float(self.sigma(torch.tensor(1.0 - percent)))
+
+
 _SCHEDULE_KINDS: dict[str, Callable[[SamplingConfig], ModelSampling]] = {
     "discrete": DiscreteSchedule,
     "discrete_distilled": DistilledDiscreteSchedule,
     "continuous_edm": ContinuousEDMSchedule,
     "continuous_v": ContinuousVSchedule,
     "cosmos_rflow": CosmosRFlowSchedule,
+    "discrete_flow": FlowSchedule,
+    "flux": FluxSchedule,
+    "stable_cascade": StableCascadeSchedule,
 }
 SCHEDULE_KINDS: tuple[str, ...] = tuple(_SCHEDULE_KINDS)
 
