@@ -80,6 +80,11 @@ def test_wheel_holds_only_the_latentloom_namespace(installed):
                      "latentloom/graphs/txt2img.json", "latentloom/models/checkpoints/toy-shapes.safetensors"):
         assert expected in names
     assert not any("__pycache__" in n or n.startswith("latentloom/tests/") for n in names)
+    # Every source package is in the wheel (pyproject lists them one by one for the package-dir mapping).
+    sources = {str(init.parent.relative_to(REPO)) for folder in ("engine", "nodes", "server")
+               for init in (REPO / folder).rglob("__init__.py") if "__pycache__" not in init.parts}
+    assert sorted(f"latentloom/{source}/__init__.py" for source in sources if
+                  f"latentloom/{source}/__init__.py" not in names) == []
 
 
 def test_installed_wheel_runs_the_default_graph_from_an_empty_folder(installed, tmp_path):
