@@ -6,12 +6,15 @@ classes from `NODE_CLASS_MAPPINGS` / `NODE_DISPLAY_NAME_MAPPINGS` (v1.py), or V3
 `ComfyExtension` its `comfy_entrypoint()` returns (v3.py); its `WEB_DIRECTORY` is recorded on the engine's
 PackServer for the HTTP layer to serve. Before the first pack is imported, a meta path finder is put at the front
 of sys.meta_path (finder.py) so that ComfyUI's module names (`folder_paths`, `nodes`, `comfy.*`, `server`,
-`node_helpers`, `comfy_execution.*`, `comfy_api.*`) resolve to the modules of this package, never to anything
-else of the same name on sys.path (the repository root holds a `nodes/` and a `server/` folder).
+`node_helpers`, `execution`, `latent_preview`, `comfy_execution.*`, `comfy_api.*`, `comfy_extras.*`) resolve to
+the modules of this package, never to anything else of the same name on sys.path (the repository root holds a
+`nodes/` and a `server/` folder). V3 classes a pack lists in NODE_CLASS_MAPPINGS are adapted by v3.py.
 """
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -21,9 +24,10 @@ from latentloom.engine.registry import NodeRegistry
 
 from .context import acting_for
 from .finder import install_finder
+from .folder_paths import add_custom_nodes_folder
 from .prompt_server import pack_server
 from .v1 import adapt_mappings
-from .v3 import adapt_extension
+from .v3 import adapt_extension, adapt_v3, is_v3_class
 
 
 def pack_nodes(module: ModuleType, pack: str) -> list[type[Node]]:
@@ -33,7 +37,12 @@ def pack_nodes(module: ModuleType, pack: str) -> list[type[Node]]:
     mappings = getattr(module, "NODE_CLASS_MAPPINGS", None)
     if isinstance(mappings, dict):
         display_names = getattr(module, "NODE_DISPLAY_NAME_MAPPINGS", None)
-        return own + list(adapt_mappings(mappings, display_names))
+        names = display_names if isinstance(display_names, dict) else {}
+        # V3 classes may sit in NODE_CLASS_MAPPINGS beside V1 ones (ComfyUI registers them under the key).
+        v1 = {key: cls for key, cls in mappings.items() if not is_v3_class(cls)}
+        v3 = [adapt_v3(cls, str(key), str(names[key]) if names.get(key) else None)
+              for key, cls in mappings.items() if is_v3_class(cls)]
+        return own + list(adapt_mappings(v1, display_names)) + v3
     entrypoint = getattr(module, "comfy_entrypoint", None)
     if entrypoint is not None:
         return own + list(adapt_extension(entrypoint, pack))
@@ -57,6 +66,7 @@ def web_directory(module: ModuleType) -> Path | None:
 def load_packs(registry: NodeRegistry, env: Environment, folder: str | Path) -> None:
     """Load every pack in `folder` for the engine of `env` (errors end up in registry.load_errors)."""
     install_finder()
+    add_custom_nodes_folder(env, Path(folder).resolve())  # folder_paths' "custom_nodes" entry
     server = pack_server(env)  # PromptServer.instance of this engine, before packs decorate its routes
 
     def read_pack(module: ModuleType, pack: str) -> list[type[Node]]:
@@ -65,7 +75,8 @@ def load_packs(registry: NodeRegistry, env: Environment, folder: str | Path) -> 
             server.web_directories[pack] = web
         return pack_nodes(module, pack)
 
-    with acting_for(env):
+    # Packs print banners at import; they go to stderr so that stdout stays the CLI's (`nodes --json`).
+    with acting_for(env), contextlib.redirect_stdout(sys.stderr):
         registry.load_custom_nodes(folder, module_nodes=read_pack)
 
 

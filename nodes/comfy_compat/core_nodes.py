@@ -69,6 +69,27 @@ V1_CALLS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
+# Class attributes ComfyUI's core node classes carry and packs read (`nodes.ImageScale.upscale_methods`): the
+# attribute name -> the input whose (static) choices it lists.
+CLASS_LISTS: dict[str, dict[str, str]] = {
+    "ImageScale": {"upscale_methods": "upscale_method", "crop_methods": "crop"},
+    "ImageScaleBy": {"upscale_methods": "upscale_method"},
+    "ImageScaleToTotalPixels": {"upscale_methods": "upscale_method"},
+    "LatentUpscale": {"upscale_methods": "upscale_method", "crop_methods": "crop"},
+    "LatentUpscaleBy": {"upscale_methods": "upscale_method"},
+}
+
+
+def _class_lists(node_cls: type[Node]) -> dict[str, list[str]]:
+    specs = node_cls.input_specs()
+    lists: dict[str, list[str]] = {}
+    for attribute, input_name in CLASS_LISTS.get(node_cls.class_type(), {}).items():
+        choices = specs[input_name].choices if input_name in specs else None
+        if isinstance(choices, (list, tuple)):
+            lists[attribute] = list(choices)
+    return lists
+
+
 def call_core(node_cls: type[Node], positional: tuple[str, ...], args: tuple[Any, ...],
               kwargs: dict[str, Any]) -> Any:
     """Run a built-in node inside the running pack node; ComfyUI's return shape."""
@@ -127,7 +148,7 @@ def v1_class(node_cls: type[Node]) -> type:
         "RETURN_NAMES": tuple(out.display_name for out in node_cls.outputs),
         "OUTPUT_IS_LIST": tuple(out.is_list for out in node_cls.outputs),
         "OUTPUT_NODE": node_cls.output_node, "CATEGORY": node_cls.category, "DESCRIPTION": node_cls.description,
-        "INPUT_IS_LIST": node_cls.input_is_list,
+        "INPUT_IS_LIST": node_cls.input_is_list, **_class_lists(node_cls),
     })
 
 

@@ -2,8 +2,10 @@
 
 It answers only for the names below (and their sub-modules), each an alias of a module of this package: the
 same module object under two names, so `import folder_paths` and `latentloom.nodes.comfy_compat.folder_paths`
-are one module. `aiohttp` is answered only when aiohttp itself is not installed. Nothing under `latentloom.*` is
-ever answered for, and a name already in sys.modules (a real ComfyUI in the same process) is left alone.
+are one module. `aiohttp` is answered only when aiohttp itself is not installed. A module under one of ComfyUI's
+model-internal modules that this package does not have (internals.INTERNAL_MODULES) is answered by a stand-in
+whose names fail when used. Nothing under `latentloom.*` is ever answered for, and a name already in
+sys.modules (a real ComfyUI in the same process) is left alone.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
+from .internals import InternalsModule, is_internal
+
 COMPAT = "latentloom.nodes.comfy_compat"
 ALIASES: dict[str, str] = {
     "folder_paths": f"{COMPAT}.folder_paths",
@@ -25,6 +29,9 @@ ALIASES: dict[str, str] = {
     "comfy_api": f"{COMPAT}.comfy_api",
     "node_helpers": f"{COMPAT}.node_helpers",
     "server": f"{COMPAT}.prompt_server",
+    "execution": f"{COMPAT}.execution",
+    "latent_preview": f"{COMPAT}.latent_preview",
+    "comfy_extras": f"{COMPAT}.comfy_extras",
 }
 FALLBACKS: dict[str, str] = {"aiohttp": f"{COMPAT}.web_shim"}  # only when not installed
 
@@ -54,9 +61,13 @@ class ComfyModuleFinder(importlib.abc.MetaPathFinder):
         try:
             module = importlib.import_module(real_name)
         except ModuleNotFoundError as exc:
-            if exc.name == real_name:
+            if exc.name is None or not (real_name == exc.name or real_name.startswith(exc.name + ".")):
+                raise  # a module of ours failed on an import of its own
+            if not is_internal(fullname):
                 return None  # not provided: the import fails as it would in a bare environment
-            raise
+            # ComfyUI's model internals: a stand-in whose names fail only when used (internals.py).
+            return importlib.util.spec_from_loader(fullname, _AliasLoader(InternalsModule(fullname)),
+                                                   is_package=True)
         return importlib.util.spec_from_loader(fullname, _AliasLoader(module), is_package=hasattr(module, "__path__"))
 
 

@@ -31,6 +31,23 @@ class FolderExtensions:
         self.by_folder: dict[str, set[str]] = {}
 
 
+class PackFolders:
+    """The custom_nodes folders an engine loaded packs from (ComfyUI's "custom_nodes" folder entry)."""
+
+    def __init__(self) -> None:
+        self.folders: list[Path] = []
+
+
+def add_custom_nodes_folder(env: Environment, folder: Path) -> None:
+    """Record a custom_nodes folder of this engine (called before its packs are imported)."""
+    packs = env.find_service(PackFolders)
+    if packs is None:
+        packs = PackFolders()
+        env.register(packs)
+    if folder not in packs.folders:
+        packs.folders.append(folder)
+
+
 def _folder(name: str) -> str:
     return FOLDER_ALIASES.get(name, name)
 
@@ -59,6 +76,9 @@ def _model_roots(env: Environment) -> list[Path]:
 
 def _dirs(env: Environment, folder_name: str) -> list[Path]:
     folder = _folder(folder_name)
+    if folder == "custom_nodes":
+        packs = env.find_service(PackFolders)
+        return list(packs.folders) if packs is not None else []
     if folder in env.model_dirs:
         return env.model_dirs[folder]
     # A ComfyUI folder we do not use ourselves (clip_vision, style_models, ...): the same name under each root.
@@ -133,16 +153,23 @@ def add_model_folder_path(folder_name: str, full_folder_path: str, is_default: b
         dirs.append(path)
 
 
+def _existing(folder: Path) -> str:
+    """ComfyUI creates its input / output / temp folders at start, and packs list them at import: ours exist once
+    asked for."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return str(folder)
+
+
 def get_output_directory() -> str:
-    return str(current_env().output_dir)
+    return _existing(current_env().output_dir)
 
 
 def get_input_directory() -> str:
-    return str(current_env().input_dir)
+    return _existing(current_env().input_dir)
 
 
 def get_temp_directory() -> str:
-    return str(current_env().temp_dir)
+    return _existing(current_env().temp_dir)
 
 
 def get_user_directory() -> str:
@@ -189,6 +216,8 @@ class FolderTable(MutableMapping[str, tuple[list[str], set[str]]]):
 
     def __getitem__(self, name: str) -> tuple[list[str], set[str]]:
         folder = _folder(name)
+        if folder == "custom_nodes":
+            return [str(d) for d in _dirs(self.env, folder)], set()
         if folder not in self.env.model_dirs:
             raise KeyError(name)
         return [str(d) for d in self.env.model_dirs[folder]], _extensions(self.env, folder)

@@ -25,11 +25,53 @@ JsonSender = Callable[[str, Any, "str | None"], None]
 TextSender = Callable[[str, str, "str | None"], None]
 
 
+class PackRouter:
+    """`PromptServer.instance.app.router`: routes added to it are recorded in the pack route table."""
+
+    frozen = False
+
+    def __init__(self, table: RouteTableDef):
+        self.table = table
+
+    def add_route(self, method: str, path: str, handler: Any, **kwargs: Any) -> None:
+        self.table.route(method, path, **kwargs)(handler)
+
+    def add_get(self, path: str, handler: Any, **kwargs: Any) -> None:
+        self.add_route("GET", path, handler, **kwargs)
+
+    def add_post(self, path: str, handler: Any, **kwargs: Any) -> None:
+        self.add_route("POST", path, handler, **kwargs)
+
+    def add_static(self, prefix: str, path: Any, **kwargs: Any) -> None:
+        self.table.static(prefix, str(path), **kwargs)
+
+
+class PackApp:
+    """`PromptServer.instance.app` as packs use it before the server starts: `add_routes([web.get(...),
+    web.static(...)])` and `router.add_*` record into the same route table as the `routes` decorators (aiohttp's
+    own route definitions too: anything with method / path / handler, or prefix / path for static folders)."""
+
+    def __init__(self, table: RouteTableDef):
+        self.router = PackRouter(table)
+
+    def add_routes(self, definitions: Any) -> None:
+        for definition in definitions:
+            if hasattr(definition, "handler") and hasattr(definition, "method"):
+                self.router.add_route(definition.method, definition.path, definition.handler,
+                                      **dict(getattr(definition, "kwargs", {}) or {}))
+            elif hasattr(definition, "prefix"):
+                self.router.add_static(definition.prefix, definition.path, **dict(getattr(definition, "kwargs", {})
+                                                                                   or {}))
+            else:
+                raise TypeError(f"PromptServer.instance.app.add_routes: not a route definition: {definition!r}")
+
+
 class PackServer:
     """The state behind `PromptServer.instance` for one engine."""
 
     def __init__(self) -> None:
         self.routes = RouteTableDef()
+        self.app = PackApp(self.routes)
         self.json_sender: JsonSender | None = None
         self.text_sender: TextSender | None = None
         self.supports = {"custom_nodes_from_web"}
@@ -94,3 +136,4 @@ class BinaryEventTypes:
     PREVIEW_IMAGE = 1
     UNENCODED_PREVIEW_IMAGE = 2
     TEXT = 3
+    PREVIEW_IMAGE_WITH_METADATA = 4

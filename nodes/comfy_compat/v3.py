@@ -43,16 +43,23 @@ def adapt_extension(entrypoint: Any, pack: str) -> list[type[Node]]:
     return [adapt_v3(node_cls) for node_cls in node_list]
 
 
-def adapt_v3(node_cls: Any) -> type[Node]:
-    """A Node class for a V3 class. Never raises: a broken schema is reported when the registry reads the inputs
-    (as v1.py does), under the class name when even the node id is unknown."""
+def is_v3_class(value: Any) -> bool:
+    return isinstance(value, type) and issubclass(value, ComfyNode)
+
+
+def adapt_v3(node_cls: Any, type_name: str | None = None, display_name: str | None = None) -> type[Node]:
+    """A Node class for a V3 class, named by its schema's node id, or by `type_name` when a pack lists the class
+    in NODE_CLASS_MAPPINGS (ComfyUI accepts V3 classes there, under the mapping key). Never raises: a broken
+    schema is reported when the registry reads the inputs (as v1.py does), under the class name when even the
+    node id is unknown."""
     try:
-        if not (isinstance(node_cls, type) and issubclass(node_cls, ComfyNode)):
+        if not is_v3_class(node_cls):
             raise TypeError(f"{node_cls!r} is not an io.ComfyNode subclass")
         schema = node_cls.GET_SCHEMA()
-        return adapt_v1(schema.node_id, v1_facade(node_cls, schema), schema.display_name)
+        return adapt_v1(type_name or schema.node_id, v1_facade(node_cls, schema),
+                        display_name or schema.display_name)
     except Exception as exc:
-        name = getattr(node_cls, "__name__", repr(node_cls))
+        name = type_name or str(getattr(node_cls, "__name__", repr(node_cls)))
         return adapt_v1(name, _broken_facade(name, exc))
 
 

@@ -150,4 +150,21 @@ class HTTPFound(HTTPException):
 
 
 # `from aiohttp import web` and `import aiohttp.web` both give this module.
+def route(method: str, path: str, handler: Handler, **kwargs: Any) -> RouteDef:
+    """A route definition for `app.add_routes([...])`."""
+    return RouteDef(method.upper(), path, handler, kwargs)
+
+
+def get(path: str, handler: Handler, **kwargs: Any) -> RouteDef:
+    return route("GET", path, handler, **kwargs)
+
+
+def post(path: str, handler: Handler, **kwargs: Any) -> RouteDef:
+    return route("POST", path, handler, **kwargs)
+
+
+def static(prefix: str, path: str, **kwargs: Any) -> StaticDef:
+    return StaticDef(prefix, str(path), kwargs)
+
+
 web = sys.modules[__name__]

@@ -122,3 +122,31 @@ def throw_exception_if_processing_interrupted() -> None:
     ctx = current_node()
     if ctx is not None:
         ctx.check_interrupt()
+
+
+def intermediate_dtype() -> torch.dtype:
+    return torch.float32
+
+
+def get_torch_device_name(device: Any = None) -> str:
+    device = torch.device(device) if device is not None else get_torch_device()
+    if device.type == "cuda":
+        return f"{device} {torch.cuda.get_device_name(device)}"
+    return str(device.type)
+
+
+def is_intel_xpu() -> bool:
+    return False
+
+
+def is_directml_enabled() -> bool:
+    return False
+
+
+OOM_EXCEPTION = torch.cuda.OutOfMemoryError
+
+
+def raise_non_oom(exc: BaseException) -> None:
+    """Re-raise anything but an out-of-memory error (packs that retry with smaller tiles)."""
+    if not isinstance(exc, torch.cuda.OutOfMemoryError):
+        raise exc

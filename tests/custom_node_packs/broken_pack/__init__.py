@@ -1,5 +1,5 @@
 """A pack whose import fails: it is reported with this error and the other packs still load."""
 
-import comfy.ldm.not_provided_here  # noqa: F401
+import comfy.not_provided_here  # noqa: F401
 
 NODE_CLASS_MAPPINGS = {}

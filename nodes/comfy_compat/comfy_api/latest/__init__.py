@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from . import _io as io
 from . import _ui as ui
+from ._types import InputImpl, Types
 
 
 class ComfyExtension:
@@ -19,4 +20,4 @@ class ComfyExtension:
 
 comfy_io = io
 
-__all__ = ["ComfyExtension", "comfy_io", "io", "ui"]
+__all__ = ["ComfyExtension", "InputImpl", "Types", "comfy_io", "io", "ui"]

@@ -68,8 +68,9 @@ class Input:
     Parent: ClassVar[type[_ComfyType]] = _ComfyType
 
     def __init__(self, id: str, display_name: str | None = None, optional: bool = False, tooltip: str | None = None,
-                 lazy: bool | None = None, extra_dict: dict[str, Any] | None = None):
+                 lazy: bool | None = None, extra_dict: dict[str, Any] | None = None, advanced: bool | None = None):
         self.id = id
+        self.advanced = advanced
         self.display_name = display_name
         self.optional = optional
         self.tooltip = tooltip
@@ -85,7 +86,7 @@ class Input:
 
     def as_dict(self) -> dict[str, Any]:
         return _pruned({"display_name": self.display_name, "optional": self.optional, "tooltip": self.tooltip,
-                        "lazy": self.lazy}) | _pruned(self.extra_dict)
+                        "lazy": self.lazy, "advanced": self.advanced}) | _pruned(self.extra_dict)
 
 
 class WidgetInput(Input):
@@ -175,8 +176,9 @@ class Boolean(ComfyTypeIO):
         def __init__(self, id: str, display_name: str | None = None, optional: bool = False,
                      tooltip: str | None = None, lazy: bool | None = None, default: bool | None = None,
                      label_on: str | None = None, label_off: str | None = None, socketless: bool | None = None,
-                     force_input: bool | None = None):
+                     force_input: bool | None = None, advanced: bool | None = None):
             super().__init__(id, display_name, optional, tooltip, lazy, default, socketless, None, force_input)
+            self.advanced = advanced
             self.label_on = label_on
             self.label_off = label_off
 
@@ -188,8 +190,10 @@ class _NumberInput(WidgetInput):
     def __init__(self, id: str, display_name: str | None = None, optional: bool = False, tooltip: str | None = None,
                  lazy: bool | None = None, default: Any = None, min: Any = None, max: Any = None, step: Any = None,
                  control_after_generate: bool | None = None, display_mode: NumberDisplay | None = None,
-                 socketless: bool | None = None, force_input: bool | None = None, round: Any = None):
+                 socketless: bool | None = None, force_input: bool | None = None, round: Any = None,
+                 advanced: bool | None = None):
         super().__init__(id, display_name, optional, tooltip, lazy, default, socketless, None, force_input)
+        self.advanced = advanced
         self.min, self.max, self.step, self.round = min, max, step, round
         self.control_after_generate = control_after_generate
         self.display_mode = display_mode
@@ -225,8 +229,10 @@ class String(ComfyTypeIO):
         def __init__(self, id: str, display_name: str | None = None, optional: bool = False,
                      tooltip: str | None = None, lazy: bool | None = None, multiline: bool = False,
                      placeholder: str | None = None, default: str | None = None, dynamic_prompts: bool | None = None,
-                     socketless: bool | None = None, force_input: bool | None = None):
+                     socketless: bool | None = None, force_input: bool | None = None,
+                     advanced: bool | None = None):
             super().__init__(id, display_name, optional, tooltip, lazy, default, socketless, None, force_input)
+            self.advanced = advanced
             self.multiline = multiline
             self.placeholder = placeholder
             self.dynamic_prompts = dynamic_prompts
@@ -245,12 +251,13 @@ class Combo(ComfyTypeIO):
                      tooltip: str | None = None, lazy: bool | None = None, default: Any = None,
                      control_after_generate: bool | None = None, upload: UploadType | None = None,
                      image_folder: FolderType | None = None, remote: RemoteOptions | None = None,
-                     socketless: bool | None = None):
+                     socketless: bool | None = None, advanced: bool | None = None):
             if isinstance(options, type) and issubclass(options, Enum):
                 options = [member.value for member in options]
             super().__init__(id, display_name, optional, tooltip, lazy,
                              default.value if isinstance(default, Enum) else default, socketless)
             self.options = list(options) if options is not None else None
+            self.advanced = advanced
             self.multiselect = False
             self.control_after_generate = control_after_generate
             self.upload = upload
@@ -308,6 +315,23 @@ Photomaker = _socket("Photomaker", "PHOTOMAKER")
 LoraModel = _socket("LoraModel", "LORA_MODEL")
 ModelPatch = MODEL_PATCH = _socket("MODEL_PATCH", "MODEL_PATCH")
 AnyType = _socket("AnyType", "*")
+# Types of ComfyUI's newer models and of other packs: sockets only here (no node of ours makes these values).
+WanCameraEmbedding = _socket("WanCameraEmbedding", "WAN_CAMERA_EMBEDDING")
+SVG = _socket("SVG", "SVG")
+LossMap = _socket("LossMap", "LOSS_MAP")
+Voxel = _socket("Voxel", "VOXEL")
+Mesh = _socket("Mesh", "MESH")
+FlowControl = _socket("FlowControl", "FLOW_CONTROL")
+Accumulation = _socket("Accumulation", "ACCUMULATION")
+Load3DCamera = _socket("Load3DCamera", "LOAD3D_CAMERA")
+Point = _socket("Point", "POINT")
+FaceAnalysis = _socket("FaceAnalysis", "FACE_ANALYSIS")
+BBOX = _socket("BBOX", "BBOX")
+SEGS = _socket("SEGS", "SEGS")
+AudioEncoder = _socket("AudioEncoder", "AUDIO_ENCODER")
+AudioEncoderOutput = _socket("AudioEncoderOutput", "AUDIO_ENCODER_OUTPUT")
+Tracks = _socket("Tracks", "TRACKS")
+LatentUpscaleModel = _socket("LatentUpscaleModel", "LATENT_UPSCALE_MODEL")
 
 
 class MultiType:
@@ -386,6 +410,8 @@ class Schema:
     not_idempotent: bool = False
     enable_expand: bool = False
     search_aliases: list[str] | None = None
+    # Inputs the editor adds beyond the declared ones (image_3 ... image_N) reach execute; linked inputs do anyway.
+    accept_all_inputs: bool = False
 
     def finalize(self) -> Schema:
         """Hidden values output / API nodes always get, and ids for outputs declared without one."""
@@ -470,10 +496,49 @@ class ComfyNode:
         return schema
 
 
+class MatchType:
+    """Inputs and outputs that share one type, chosen by what is linked (a `Template` with the allowed types).
+    The editor narrows the sockets; here each is the union of the template's allowed types ("*" for any), so
+    validation accepts what ComfyUI's backend accepts."""
+
+    io_type: ClassVar[str] = "COMFY_MATCHTYPE_V3"
+
+    class Template:
+        def __init__(self, template_id: str, allowed_types: Any = None):
+            self.template_id = template_id
+            allowed = allowed_types if allowed_types is not None else AnyType
+            self.allowed_types = list(allowed) if isinstance(allowed, (list, tuple)) else [allowed]
+
+        def io_type(self) -> str:
+            names = [str(t.io_type) for t in self.allowed_types]
+            return "*" if "*" in names else ",".join(dict.fromkeys(names))
+
+    class Input(Input):
+        def __init__(self, id: str, template: MatchType.Template, display_name: str | None = None,
+                     optional: bool = False, tooltip: str | None = None, lazy: bool | None = None,
+                     extra_dict: dict[str, Any] | None = None, advanced: bool | None = None):
+            super().__init__(id, display_name, optional, tooltip, lazy, extra_dict, advanced)
+            self.template = template
+
+        def get_io_type(self) -> str:
+            return self.template.io_type()
+
+    class Output(Output):
+        def __init__(self, template: MatchType.Template, id: str | None = None, display_name: str | None = None,
+                     tooltip: str | None = None, is_output_list: bool = False):
+            super().__init__(id, display_name, tooltip, is_output_list)
+            self.template = template
+
+        @property
+        def io_type(self) -> str:
+            return self.template.io_type()
+
+
 __all__ = ["AnyType", "Audio", "Boolean", "Clip", "ClipVision", "ClipVisionOutput", "Combo", "ComfyNode",
            "ComfyTypeI", "ComfyTypeIO", "Conditioning", "ControlNet", "Custom", "Float", "FolderType", "Gligen",
            "Guider", "Hidden", "HiddenHolder", "HookKeyframes", "Hooks", "Image", "Input", "Int", "Latent",
-           "LatentOperation", "LoraModel", "MODEL_PATCH", "Mask", "Model", "MultiType", "Noise", "NodeOutput",
+           "LatentOperation", "LoraModel", "MODEL_PATCH", "Mask", "MatchType", "Model", "MultiType", "Noise",
+           "NodeOutput",
            "NumberDisplay", "Output", "Photomaker", "RemoteOptions", "Sampler", "Schema", "Sigmas", "String",
            "StyleModel", "TimestepsRange", "UploadType", "UpscaleModel", "Vae", "Video", "WidgetInput",
            "comfytype"]
