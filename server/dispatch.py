@@ -460,7 +460,7 @@ def engine_factory_from_args(args) -> EngineFactory:
     def absolute(value):
         return str(Path(value).resolve()) if value else None
 
-    return EngineFactory("nodes:create_engine", {
+    return EngineFactory("latentloom.nodes:create_engine", {
         "models_dir": absolute(args.models_dir), "input_dir": absolute(args.input_dir),
         "output_dir": absolute(args.output_dir), "temp_dir": absolute(args.temp_dir),
         "extra_model_paths": absolute(args.extra_model_paths), "custom_nodes_dir": absolute(custom),

@@ -41,7 +41,7 @@ FileKey = tuple[str, str, str]  # (type, subfolder, filename)
 @dataclass(frozen=True)
 class EngineFactory:
     """How a worker builds its engine, by import path, so it pickles to any node of the cluster:
-    `EngineFactory("nodes:create_engine", {"models_dir": "models"})`."""
+    `EngineFactory("latentloom.nodes:create_engine", {"models_dir": "models"})`."""
 
     target: str
     kwargs: dict[str, Any] = field(default_factory=dict)

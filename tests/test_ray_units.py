@@ -174,7 +174,7 @@ def test_local_mode_does_not_import_ray():
     assert report == {"workers": "local", "status": "success", "worker": "Worker", "ray": False}
 
 
-def test_serve_flags_select_the_ray_pool():
+def test_serve_flags_select_the_ray_pool(tmp_path):
     pytest.importorskip("ray", reason="Ray is an optional extra (pip install 'latentloom[ray]')")
     from latentloom.server.app import config_from_args
     from latentloom.server.cli import build_parser
@@ -185,7 +185,19 @@ def test_serve_flags_select_the_ray_pool():
     assert config.workers == "ray"
     options = config.worker_options
     assert (options.address, options.num_workers) == ("auto", 3)
-    assert options.engine.target == "nodes:create_engine"
+    # The workers import the factory by name: it must be the installed package's (a bare "nodes" would find
+    # nothing in a worker, or a pack's / the source folder's module of that name).
+    import importlib
+
+    from latentloom.nodes import create_engine
+
+    module, _, attribute = options.engine.target.partition(":")
+    assert getattr(importlib.import_module(module), attribute) is create_engine
+    # What a worker does with it: build the engine the flags describe.
+    flags = ["serve", "--workers", "ray", "--models-dir", str(tmp_path / "models"),
+             "--output-dir", str(tmp_path / "out"), "--input-dir", str(tmp_path / "in")]
+    worker_engine = config_from_args(build_parser().parse_args(flags)).worker_options.engine()
+    assert "KSampler" in worker_engine.catalogue()
     assert options.engine.kwargs["output_dir"] == str(Path("out").resolve())
     assert options.engine.kwargs["models_dir"] == str(Path("models").resolve())
 
