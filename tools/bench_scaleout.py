@@ -80,7 +80,7 @@ class Setup:
             from latentloom.server.dispatch import PoolOptions, RayWorkerPool
             from latentloom.server.ray_pool import EngineFactory
 
-            options = PoolOptions(EngineFactory("nodes:create_engine", self.paths), num_workers=workers)
+            options = PoolOptions(EngineFactory("latentloom.nodes:create_engine", self.paths), num_workers=workers)
             self.worker = RayWorkerPool(self.engine, self.store, hub, options)
         self.worker.start()
         if workers is not None:
