@@ -208,8 +208,11 @@ def node_info(cls: type[Node], env: Any = None) -> dict[str, Any]:
     required: dict[str, list[Any]] = {}
     optional: dict[str, list[Any]] = {}
     for name, spec in cls.input_specs().items():
-        target = optional if spec.optional else required
-        target[name] = input_spec_json(spec, cls.input_default(name), env)
+        if spec.listed_as is not None:
+            (optional if spec.listed_as.optional else required)[name] = spec.listed_as.entry
+        elif spec.listed:
+            target = optional if spec.optional else required
+            target[name] = input_spec_json(spec, cls.input_default(name), env)
     inputs: dict[str, Any] = {"required": required}
     order: dict[str, list[str]] = {"required": list(required)}
     if optional:

@@ -56,6 +56,14 @@ Choices = Sequence[str] | Callable[[Any], Sequence[str]]
 
 
 @dataclass(frozen=True)
+class ListedAs:
+    """A catalogue entry given as is ([TYPE, {options}]), in the required or optional section."""
+
+    entry: list[Any]
+    optional: bool = False
+
+
+@dataclass(frozen=True)
 class InputSpec:
     """What one input accepts. `type` is a port type name, a comma-separated union, or COMBO."""
 
@@ -78,6 +86,10 @@ class InputSpec:
     check_value: bool = True
     # Extra keys passed through verbatim into the catalogue (control_after_generate, image_upload, display, ...).
     extra: dict[str, Any] = field(default_factory=dict)
+    # How the catalogue lists the input when not derived from the fields above: an input that stands for several
+    # the node receives (ComfyUI's dynamic inputs: the parts are declared with listed=False, validated as usual).
+    listed_as: ListedAs | None = None
+    listed: bool = True
 
     @property
     def is_widget(self) -> bool:

@@ -396,6 +396,9 @@ class RayWorkerPool:
                              "dispatch": max(0.0, total - float(result.get("seconds", 0.0)))})
 
     def _forward(self, slot: WorkerSlot, item: QueueItem, attempt: _Attempt, message: tuple) -> None:
+        if message[0] in ("pack_json", "pack_text"):
+            self._relay_pack_message(message[0], message[1])
+            return
         event = message[1]
         if message[0] == "executed":
             output = self.committer.commit(slot.worker_id, item.prompt_id, event.display_node, event.output,
@@ -407,6 +410,19 @@ class RayWorkerPool:
             slot.last_node = event.node
         previews = preview_method(item.extra_data, self.hub.preview_method) != "none"
         self.hub.post_event(event, item.client_id, previews)
+
+    def _relay_pack_message(self, kind: str, payload: tuple) -> None:
+        """A pack's send_sync / send_progress_text made in a worker, sent as the server's own PromptServer sends
+        (server.pack_routes connects it to the hub)."""
+        from latentloom.nodes.comfy_compat.prompt_server import PackServer
+
+        server = self.engine.env.find_service(PackServer)
+        if server is None:
+            return
+        if kind == "pack_json":
+            server.send_sync(*payload)
+        elif server.text_sender is not None:
+            server.text_sender(*payload)
 
     def _worker_lost(self, slot: WorkerSlot, item: QueueItem, attempt: _Attempt, exc: BaseException) -> None:
         log.warning("ray worker %s lost while running prompt %s: %s", slot.worker_id, item.prompt_id,

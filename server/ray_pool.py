@@ -6,7 +6,13 @@ server while the prompt runs, in the order the engine emitted them:
 
     ("event", Event)                         any engine event except `executed`
     ("executed", Executed, {file: bytes})    an `executed` event and the bytes of the files its UI data names
+    ("pack_json", (type, data, client id))   a custom node pack's `PromptServer.instance.send_sync` (client id
+                                             None: every client), relayed to the server's websocket hub
+    ("pack_text", (node id, text, client id)) a pack's `send_progress_text`, relayed the same way
     ("result", {...})                        always last: status, outputs, error, the models this worker holds
+
+Custom node packs are loaded by each actor's engine (from the same `--custom-nodes` folder as the server's) and
+by the server's: nodes run here, while their HTTP routes and web extensions are served by the server process only.
 
 Output files: the actor's engine writes into a private staging folder (its env.output_dir / temp_dir), never into
 the server's folders. The bytes of each new file travel with the `executed` event that names it, and the server
@@ -101,6 +107,25 @@ class EngineWorker:
         self._current: tuple[str, Any] | None = None   # (prompt_id, InterruptToken)
         self._early_interrupts: set[str] = set()       # interrupts that arrived before their prompt started
         self._shipped: set[Path] = set()
+        self._messages: queue.Queue | None = None      # the running prompt's messages (pack messages go there)
+        self._relay_pack_messages()
+
+    def _relay_pack_messages(self) -> None:
+        """Point the engine's PromptServer (when packs were loaded) at the running prompt's message stream."""
+        from latentloom.nodes.comfy_compat.prompt_server import PackServer
+
+        server = self.engine.env.find_service(PackServer)
+        if server is None:
+            return
+
+        def relay(kind: str, *payload: Any) -> None:
+            with self._state_lock:
+                messages = self._messages
+            if messages is not None:  # outside a prompt (a pack's import) there is nobody to tell
+                messages.put((kind, payload))
+
+        server.json_sender = lambda event, data, client_id: relay("pack_json", event, data, client_id)
+        server.text_sender = lambda node_id, text, client_id: relay("pack_text", node_id, text, client_id)
 
     # Control (any thread) -----------------------------------------------------------------------------------
 
@@ -154,6 +179,8 @@ class EngineWorker:
                     self._early_interrupts.discard(prompt_id)
                     token.request()
             messages: queue.Queue = queue.Queue()
+            with self._state_lock:
+                self._messages = messages
             thread = threading.Thread(target=self._execute, name=f"prompt-{prompt_id[:8]}",
                                       args=(prompt_id, prompt, targets, extra_data, token, messages), daemon=True)
             thread.start()
@@ -172,6 +199,7 @@ class EngineWorker:
                 thread.join()
                 with self._state_lock:
                     self._current = None
+                    self._messages = None
 
     def _execute(self, prompt_id: str, prompt: dict, targets: list[str], extra_data: dict, token,
                  messages: queue.Queue) -> None:

@@ -49,7 +49,7 @@ def test_catalogue_entries_follow_the_schema(engine):
     blend = catalogue["V3Blend"]
     assert blend["input"]["required"]["factor"][1]["display"] == "slider"
     assert blend["input"]["optional"]["mask"] == ["MASK"] and blend["output_name"] == ["blended", "MASK"]
-    assert catalogue["V3LazyPick"]["input"]["required"]["first"] == ["FLOAT,INT", {"lazy": True}]
+    assert catalogue["V3LazyPick"]["input"]["required"]["first"] == ["FLOAT,INT", {"lazy": True, "forceInput": True}]
 
 
 def test_v3_nodes_run_with_hidden_values_and_ui(engine, root):

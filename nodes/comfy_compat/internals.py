@@ -8,7 +8,10 @@ Linear`), but calling or instantiating it raises MissingInternals naming what wa
 nodes load and run, and the nodes that need ComfyUI's internals fail with that error when they run.
 
 Under `comfy_extras.*`, a name that is one of our built-in node types (`LatentBatch`, `CLIPTextEncodeSDXL`) is
-that node's V1-style class from the `nodes` module instead of a placeholder.
+that node's V1-style class from the `nodes` module instead of a placeholder. The other names there are
+placeholders that are also `io.ComfyNode` subclasses, since ComfyUI's nodes there are V3 nodes: a pack's node
+that subclasses one (KJNodes' `LTXVAddGuideMulti(LTXVAddGuide)`) and defines its own schema registers as a V3 node,
+and fails with MissingInternals only when it runs into the parent's helpers (`cls.encode`, ...).
 """
 
 from __future__ import annotations
@@ -54,7 +57,17 @@ class _PlaceholderMeta(type):
 
 def placeholder(fullname: str) -> type:
     module, _, name = fullname.rpartition(".")
-    return _PlaceholderMeta(name, (), {"latentloom_missing": fullname, "__module__": module})
+    bases: tuple[type, ...] = ()
+    if fullname.startswith("comfy_extras."):
+        from .comfy_api.latest._io import ComfyNode
+
+        bases = (ComfyNode,)
+    return _PlaceholderMeta(name, bases, {"latentloom_missing": fullname, "__module__": module})
+
+
+def is_placeholder(value: Any) -> bool:
+    """A stand-in itself (not a pack's subclass of one)."""
+    return isinstance(value, _PlaceholderMeta) and "latentloom_missing" in vars(value)
 
 
 def _core_node_class(name: str) -> Any:

@@ -23,15 +23,19 @@ from typing import Any, ClassVar
 
 from latentloom.engine.environment import Environment
 from latentloom.engine.node import ExecutionBlocker, Node, NodeOutput, RunContext
-from latentloom.engine.types import BOOLEAN, COMBO, FLOAT, INT, STRING, InputSpec, Output
+from latentloom.engine.types import BOOLEAN, COMBO, FLOAT, INT, STRING, InputSpec, ListedAs, Output
 
 from .context import acting_for
 from .model_objects import engine_value, pack_view
 
 HIDDEN_KINDS = ("PROMPT", "DYNPROMPT", "EXTRA_PNGINFO", "UNIQUE_ID", "AUTH_TOKEN_COMFY_ORG", "API_KEY_COMFY_ORG")
+# Options the V3 adapter puts on the flat inputs of dynamic inputs (v3_dynamic.py): the catalogue entry an input
+# is listed as, (entry, optional), and "not listed" for the parts it stands for.
+LISTED_AS_OPTION = "latentloom_listed_as"
+UNLISTED_OPTION = "latentloom_unlisted"
 # Input options with a field of their own in InputSpec; any other option passes through to the catalogue.
 CONSUMED_OPTIONS = frozenset({"default", "min", "max", "step", "round", "multiline", "tooltip", "forceInput", "lazy",
-                              "rawLink"})
+                              "rawLink", LISTED_AS_OPTION, UNLISTED_OPTION})
 
 
 class DynamicPromptView:
@@ -92,6 +96,9 @@ class ComfyV1Node(Node):
     comfy_hidden: ClassVar[dict[str, str]] = {}
     # The parameters of VALIDATE_INPUTS (None: it takes **kwargs, so it gets everything).
     comfy_validator_params: ClassVar[tuple[str, ...] | None] = ()
+    # The inputs VALIDATE_INPUTS checks itself, so the engine does not (None: all). Its parameters, unless the
+    # class says otherwise (`comfy_unchecked_inputs`, set by the V3 adapter).
+    comfy_unchecked_params: ClassVar[tuple[str, ...] | None] = ()
 
     # Declaration ----------------------------------------------------------------------------------------------
 
@@ -235,8 +242,10 @@ def adapt_v1(type_name: str, comfy_cls: Any, display_name: str | None = None) ->
         namespace.update(_describe(comfy_cls, function))
         if callable(getattr(comfy_cls, "VALIDATE_INPUTS", None)):
             params = _validator_params(comfy_cls)
+            unchecked = getattr(comfy_cls, "comfy_unchecked_inputs", params)
             namespace["comfy_validator_params"] = params
-            namespace["checks_input_types"] = params is None or "input_types" in params
+            namespace["comfy_unchecked_params"] = unchecked
+            namespace["checks_input_types"] = unchecked is None or "input_types" in unchecked
             namespace["validate_inputs"] = classmethod(_call_validate)
         if callable(getattr(comfy_cls, "IS_CHANGED", None)):
             namespace["fingerprint"] = classmethod(_call_fingerprint)
@@ -292,7 +301,7 @@ def _input_types(comfy_cls: Any) -> dict[str, Any]:
 def parse_input_types(cls: type[ComfyV1Node]) -> tuple[dict[str, InputSpec], dict[str, Any]]:
     """InputSpecs and widget defaults from INPUT_TYPES (read once; combo choices are re-read on each use)."""
     declared = _input_types(cls.comfy_class)
-    params = cls.comfy_validator_params
+    params = cls.comfy_unchecked_params
     unchecked_all = params is None
     specs: dict[str, InputSpec] = {}
     defaults: dict[str, Any] = {}
@@ -327,9 +336,11 @@ def input_spec(comfy_cls: Any, section: str, name: str, entry: Any, unchecked: b
     kind = entry[0]
     options: dict[str, Any] = entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
     extra = {key: value for key, value in options.items() if key not in CONSUMED_OPTIONS}
+    listed_as = options.get(LISTED_AS_OPTION)
     common: dict[str, Any] = {"optional": section == "optional", "tooltip": options.get("tooltip"),
                               "lazy": bool(options.get("lazy")), "raw_link": bool(options.get("rawLink")),
-                              "extra": extra}
+                              "extra": extra, "listed": not options.get(UNLISTED_OPTION),
+                              "listed_as": ListedAs(*listed_as) if listed_as is not None else None}
     default = options.get("default")
     if isinstance(kind, (list, tuple)):
         loaded = list(kind)
@@ -351,7 +362,7 @@ def input_spec(comfy_cls: Any, section: str, name: str, entry: Any, unchecked: b
                          **common), default
     if kind == BOOLEAN:
         return InputSpec(BOOLEAN, force_input=force_input, **common), default
-    return InputSpec(kind, **common), default
+    return InputSpec(kind, force_input=force_input, **common), default  # forceInput kept for the editor
 
 
 def adapt_mappings(mappings: dict[str, Any], display_names: dict[str, Any] | None) -> Iterable[type[Node]]:

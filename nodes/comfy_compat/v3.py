@@ -20,7 +20,9 @@ from latentloom.engine.node import ExecutionBlocker, Node
 
 from .comfy_api.latest import ComfyExtension
 from .comfy_api.latest._io import ComfyNode, Hidden, HiddenHolder, NodeOutput, Schema
+from .internals import is_placeholder
 from .v1 import adapt_v1, run_awaitable
+from .v3_dynamic import dynamic_problems, flatten, has_dynamic_parts, nest_inputs
 
 
 def _resolved(value: Any) -> Any:
@@ -44,7 +46,11 @@ def adapt_extension(entrypoint: Any, pack: str) -> list[type[Node]]:
 
 
 def is_v3_class(value: Any) -> bool:
-    return isinstance(value, type) and issubclass(value, ComfyNode)
+    """An io.ComfyNode subclass with a schema of its own: a stand-in for one of ComfyUI's nodes (internals.py)
+    is not, and neither is a V1 class derived from one."""
+    if not (isinstance(value, type) and issubclass(value, ComfyNode)) or is_placeholder(value):
+        return False
+    return not hasattr(value, "latentloom_missing") or _overrides(value, "define_schema")
 
 
 def adapt_v3(node_cls: Any, type_name: str | None = None, display_name: str | None = None) -> type[Node]:
@@ -69,15 +75,8 @@ def _overrides(node_cls: type[ComfyNode], name: str) -> bool:
 
 
 def v1_inputs(schema: Schema) -> dict[str, dict[str, Any]]:
-    """INPUT_TYPES for a finalized schema."""
-    declared: dict[str, dict[str, Any]] = {"required": {}}
-    for item in schema.inputs:
-        options = item.as_dict()
-        options.pop("optional", None)
-        kind = item.get_io_type()
-        if kind == "COMBO" and options.get("options") is not None:
-            kind = list(options.pop("options"))  # the legacy form: choices checked, listed in the catalogue
-        declared.setdefault("optional" if item.optional else "required", {})[item.id] = (kind, options)
+    """INPUT_TYPES for a finalized schema (dynamic inputs as their flat parts: v3_dynamic.py)."""
+    declared = flatten(schema.inputs).sections
     if schema.hidden:
         declared["hidden"] = {kind.name: (kind.value,) for kind in schema.hidden}
     return declared
@@ -117,17 +116,24 @@ def v1_result(node_cls: type[ComfyNode], schema: Schema, result: Any) -> Any:
 
 def _hook(node_cls: type[ComfyNode], schema: Schema, name: str, convert: Callable[[Any], Any] | None = None) -> Any:
     """A V1-side function calling the V3 classmethod `name` on a class with `hidden` set, keeping its signature
-    (v1.py reads it: the inputs VALIDATE_INPUTS names) and whether it is async."""
+    (v1.py reads it: the inputs VALIDATE_INPUTS names) and whether it is async. The flat parts of dynamic inputs
+    are gathered into their dicts first."""
     method = getattr(node_cls, name)
     finish = convert or (lambda value: value)
+    dynamic = has_dynamic_parts(schema.inputs)
+
+    def arguments(kwargs: dict[str, Any]) -> dict[str, Any]:
+        return nest_inputs(schema.inputs, kwargs) if dynamic else kwargs
 
     if inspect.iscoroutinefunction(method):
         async def call_async(*args: Any, **kwargs: Any) -> Any:
-            return finish(await getattr(_with_hidden(node_cls, schema, kwargs), name)(*args, **kwargs))
+            v3_cls = _with_hidden(node_cls, schema, kwargs)
+            return finish(await getattr(v3_cls, name)(*args, **arguments(kwargs)))
         call: Callable[..., Any] = call_async
     else:
         def call_sync(*args: Any, **kwargs: Any) -> Any:
-            return finish(getattr(_with_hidden(node_cls, schema, kwargs), name)(*args, **kwargs))
+            v3_cls = _with_hidden(node_cls, schema, kwargs)
+            return finish(getattr(v3_cls, name)(*args, **arguments(kwargs)))
         call = call_sync
     call.__signature__ = inspect.signature(method)  # type: ignore[attr-defined]
     return staticmethod(call)
@@ -156,7 +162,41 @@ def v1_facade(node_cls: type[ComfyNode], schema: Schema) -> type:
                              ("check_lazy_status", "check_lazy_status")):
         if _overrides(node_cls, v3_name):
             namespace[v1_name] = _hook(node_cls, schema, v3_name)
+    if has_dynamic_parts(schema.inputs):
+        namespace.update(_dynamic_validation(node_cls, schema, namespace.get("VALIDATE_INPUTS")))
     return type(node_cls.__name__, (), namespace)
+
+
+def _dynamic_validation(node_cls: type[ComfyNode], schema: Schema, own: Any) -> dict[str, Any]:
+    """VALIDATE_INPUTS for a schema with dynamic inputs: what depends on the selected options first
+    (v3_dynamic.dynamic_problems), then the node's own validate_inputs with the inputs it names (a dynamic input
+    as its dict). `comfy_unchecked_inputs` tells v1.py which inputs the engine leaves to it."""
+    flat = flatten(schema.inputs)
+    own_params: tuple[str, ...] | None = ()
+    if own is not None:
+        parameters = inspect.signature(own.__func__).parameters.values()
+        takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+        own_params = None if takes_all else tuple(p.name for p in parameters)
+    # The parts of a dynamic input keep the engine's checks even when validate_inputs names the input.
+    unchecked = None if own_params is None else (*own_params, *sorted(flat.varying))
+
+    def validate(**kwargs: Any) -> Any:
+        input_types = kwargs.pop("input_types", None) or {}
+        linked = set(input_types)
+        constants = {key: value for key, value in kwargs.items() if key not in linked}
+        problems = dynamic_problems(schema.inputs, constants, linked, flat.varying)
+        if problems:
+            return problems
+        if own is None:
+            return True
+        arguments = kwargs if own_params is None else \
+            {key: value for key, value in kwargs.items() if key.split(".")[0] in own_params}
+        if own_params is None or "input_types" in own_params:
+            arguments["input_types"] = input_types
+        verdict = own.__func__(**arguments)
+        return run_awaitable(verdict) if inspect.isawaitable(verdict) else verdict
+
+    return {"VALIDATE_INPUTS": staticmethod(validate), "comfy_unchecked_inputs": unchecked}
 
 
 def _broken_facade(name: str, problem: Exception) -> type:

@@ -534,7 +534,11 @@ class MatchType:
             return self.template.io_type()
 
 
-__all__ = ["AnyType", "Audio", "Boolean", "Clip", "ClipVision", "ClipVisionOutput", "Combo", "ComfyNode",
+# The dynamic inputs and the bounding box widget live in a module of their own (they build on the classes above).
+from ._dynamic import Autogrow, BoundingBox, DynamicCombo, DynamicInput, create_input_dict_v1  # noqa: E402
+
+__all__ = ["AnyType", "Audio", "Autogrow", "Boolean", "BoundingBox", "DynamicCombo", "DynamicInput",
+           "create_input_dict_v1", "Clip", "ClipVision", "ClipVisionOutput", "Combo", "ComfyNode",
            "ComfyTypeI", "ComfyTypeIO", "Conditioning", "ControlNet", "Custom", "Float", "FolderType", "Gligen",
            "Guider", "Hidden", "HiddenHolder", "HookKeyframes", "Hooks", "Image", "Input", "Int", "Latent",
            "LatentOperation", "LoraModel", "MODEL_PATCH", "Mask", "MatchType", "Model", "MultiType", "Noise",
