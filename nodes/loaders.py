@@ -34,7 +34,7 @@ UNET_WEIGHT_DTYPES = ["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"]
 CLIP_TYPES = ["stable_diffusion", "stable_cascade", "sd3", "stable_audio", "mochi", "ltxv", "pixart", "cosmos",
               "lumina2", "wan", "hidream", "chroma", "ace", "omnigen2", "qwen_image", "hunyuan_image"]
 DUAL_CLIP_TYPES = ["sdxl", "sd3", "flux", "hunyuan_video", "hidream", "hunyuan_image"]
-SUPPORTED_CLIP_TYPES = {"stable_diffusion", "sdxl", "sd3", "flux"}
+SUPPORTED_CLIP_TYPES = {"stable_diffusion", "sdxl", "sd3", "flux", "chroma", "qwen_image", "lumina2"}
 
 
 class CheckpointLoaderSimple(Node):

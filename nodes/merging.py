@@ -36,7 +36,7 @@ def _shown(names: tuple[str, ...]) -> str:
     return ", ".join(names[:SHOWN]) + (f" (+{len(names) - SHOWN} more)" if len(names) > SHOWN else "")
 
 
-def _report(ctx: RunContext, plan: merge.MergePlan, other: str, first: str) -> None:
+def report_merge(ctx: RunContext, plan: merge.MergePlan, other: str, first: str) -> None:
     if not plan.entries:
         raise InputError(other, f"shares no weight of the same name and shape with {first}: the two are "
                                 f"different architectures")
@@ -58,7 +58,7 @@ def merge_models(ctx: RunContext, model1: DiffusionModel, model2: DiffusionModel
                                    f"two models of one architecture")
     names = merge.ldm_names(model2.unet)
     plan = merge.plan_merge(model1.unet, model2.unet, lambda name: strengths(names.get(name, name)))
-    _report(ctx, plan, "model2", "model1")
+    report_merge(ctx, plan, "model2", "model1")
     patch = merge.MergePatch(model1.patches, model2.unet, model2.patches, plan.entries, ctx.models)
     return model1.clone(patches=(patch,))
 
@@ -66,7 +66,7 @@ def merge_models(ctx: RunContext, model1: DiffusionModel, model2: DiffusionModel
 def merge_clips(ctx: RunContext, clip1: ClipModel, clip2: ClipModel, strengths: Strengths) -> ClipModel:
     plan = merge.plan_merge(clip1.encoders, clip2.encoders, strengths,
                             skip=lambda name: name.endswith(merge.CLIP_SKIPPED_SUFFIXES))
-    _report(ctx, plan, "clip2", "clip1")
+    report_merge(ctx, plan, "clip2", "clip1")
     patch = merge.MergePatch(clip1.patches, clip2.encoders, clip2.patches, plan.entries, ctx.models)
     return dataclasses.replace(clip1, patches=(patch,), options=dict(clip1.options))
 
@@ -134,15 +134,15 @@ class ModelMergeBlocks(_BlockMerge):
     out: Annotated[float, RATIO] = 1.0
 
 
-class _ModelSpecificMerge(_BlockMerge):
+class ModelSpecificMerge(_BlockMerge):
     """Base of the per-block nodes built below: their ratio inputs are named by LDM prefixes."""
 
     category = "advanced/model_merging/model_specific"
 
 
-def _block_merge_node(name: str, prefixes: list[str]) -> type[_BlockMerge]:
+def block_merge_node(name: str, prefixes: list[str]) -> type[_BlockMerge]:
     fields: dict[str, Any] = {prefix: (Annotated[float, RATIO], 1.0) for prefix in prefixes}
-    return create_model(name, __base__=_ModelSpecificMerge, __module__=__name__, **fields)
+    return create_model(name, __base__=ModelSpecificMerge, __module__=__name__, **fields)
 
 
 def _unet_prefixes(inputs: int, middle: int, outputs: int, dot: str) -> list[str]:
@@ -151,10 +151,10 @@ def _unet_prefixes(inputs: int, middle: int, outputs: int, dot: str) -> list[str
             + ["out."])
 
 
-ModelMergeSD1 = _block_merge_node("ModelMergeSD1", _unet_prefixes(12, 3, 12, "."))
-ModelMergeSD2 = _block_merge_node("ModelMergeSD2", _unet_prefixes(12, 3, 12, "."))
+ModelMergeSD1 = block_merge_node("ModelMergeSD1", _unet_prefixes(12, 3, 12, "."))
+ModelMergeSD2 = block_merge_node("ModelMergeSD2", _unet_prefixes(12, 3, 12, "."))
 # ComfyUI's SDXL prefixes have no trailing dot.
-ModelMergeSDXL = _block_merge_node("ModelMergeSDXL", _unet_prefixes(9, 3, 9, ""))
+ModelMergeSDXL = block_merge_node("ModelMergeSDXL", _unet_prefixes(9, 3, 9, ""))
 
 
 class CLIPMergeSimple(Node):

@@ -32,8 +32,10 @@ from .diffusion.clip import ClipModel
 from .diffusion.controlnet import ControlNet
 from .diffusion.denoiser import Guider
 from .diffusion.family_clip import FamilyClip
+from .diffusion.gemma_text import Lumina2Clip
 from .diffusion.latent_operations import LATENT_OPERATION
 from .diffusion.models import DiffusionModel
+from .diffusion.qwen_text import QwenImageClip
 from .diffusion.samplers import Sampler
 from .diffusion.t2i_adapter import T2IAdapter
 from .diffusion.vae import VAEModel
@@ -112,8 +114,9 @@ def register_value_checks(checks: ValueCheckers) -> None:
     checks.register(SIGMAS, sigmas)
     checks.register(NOISE, noise)
     checks.register(MODEL, instance_of(DiffusionModel, "a MODEL"))
-    checks.register(CLIP, instance_of((ClipModel, FamilyClip), "a CLIP model", "; if it comes from a checkpoint "
-                                      "loader, that checkpoint has no usable text encoder"))
+    checks.register(CLIP, instance_of((ClipModel, FamilyClip, QwenImageClip, Lumina2Clip), "a CLIP model",
+                                      "; if it comes from a checkpoint loader, that checkpoint has no usable text "
+                                      "encoder"))
     checks.register(VAE, instance_of(VAEModel, "a VAE", "; if it comes from a checkpoint loader, that checkpoint "
                                      "has no VAE"))
     checks.register(CONTROL_NET, instance_of((ControlNet, T2IAdapter), "a ControlNet"))

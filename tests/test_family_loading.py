@@ -269,16 +269,20 @@ def test_sd3_and_sd35_unet_files_build_the_same_transformer(env, ctx):
             ("const", "discrete_flow", 3.0)
         assert type(model.unet).__name__ == "SD3Transformer2DModel"
         _assert_same_sd3_output(original, model.unet)
-    # Loading works, sampling does not yet: a KSampler says so instead of failing inside the network call.
-    from latentloom.nodes.diffusion.denoiser import UnsupportedModelError
+    # The loaded model samples (tests/test_sd3_sampling.py compares whole runs with diffusers' pipeline): one euler
+    # step from σ = 1 to 0 is x = noise − v(noise, t = 1000), in the network's latent space.
     from latentloom.nodes.sampling import KSampler
 
-    cond = [[torch.zeros(1, 7, 40), {"pooled_output": torch.zeros(1, 48)}]]
-    sampler = KSampler.model_construct(model=model, seed=1, steps=2, cfg=1.0, sampler_name="euler",
+    generator = torch.Generator().manual_seed(25)
+    cond = [[torch.randn(1, 7, 40, generator=generator), {"pooled_output": torch.randn(1, 48, generator=generator)}]]
+    sampler = KSampler.model_construct(model=model, seed=1, steps=1, cfg=1.0, sampler_name="euler",
                                        scheduler="simple", positive=cond, negative=cond,
                                        latent_image={"samples": torch.zeros(1, 16, 8, 8)}, denoise=1.0)
-    with pytest.raises(UnsupportedModelError, match="sampling sd3 models is not built yet"):
-        sampler.run(ctx)
+    (out,) = sampler.run(ctx)
+    noise = torch.randn((1, 16, 8, 8), generator=torch.manual_seed(1))
+    with torch.no_grad():
+        velocity = original(noise, cond[0][0], cond[0][1]["pooled_output"], torch.tensor([1000.0])).sample
+    torch.testing.assert_close(SD3_LATENT.process_in(out["samples"]), noise - velocity, rtol=0, atol=1e-5)
 
 
 def _flux_inputs(guidance: bool):

@@ -20,10 +20,15 @@ from typing import Any, cast
 
 import torch
 
-from . import convert, detect, families, family_clip, model_code
+from . import convert, detect, families, family_clip, model_code, wan_vae
 from .clip import ClipModel
 from .family_clip import FamilyClip
-from .latent_formats import FAMILY_LATENT_FORMATS, latent_format_for_family, sixteen_channel_format
+from .latent_formats import (
+    FAMILY_LATENT_FORMATS,
+    WAN21_LATENT,
+    latent_format_for_family,
+    sixteen_channel_format,
+)
 from .models import SD15_LATENT, SDXL_LATENT, DiffusionModel, LatentFormat, SamplingConfig
 from .offline import ensure_offline
 from .vae import VAEModel
@@ -268,9 +273,16 @@ def load_transformer_checkpoint(state: StateDict, path: Path, manager: Any = Non
     model = transformer_model(state, found, unet_dtype or diffusion_dtype, path)
     _release(state, found.prefix)
     clip = family_clip.checkpoint_family_clip(state, found.family, text_dtype, path)
+    if clip is None and found.family == "qwen_image":
+        from .qwen_text import checkpoint_qwen_clip
+
+        clip = checkpoint_qwen_clip(state, text_dtype, path)
     vae = None
     vae_prefix = next((p for p in (convert.VAE_PREFIX, "vae.") if has_vae_under(state, p)), None)
-    if vae_prefix is not None and found.family == "qwen_image":
+    if wan_vae.find_wan_vae_prefix(state) is not None:  # Qwen-Image's Wan 2.1 VAE under vae.
+        vae = VAEModel(autoencoder=wan_vae.build_wan21_vae(state, vae_dtype, f"{path.name} (VAE)"),
+                       latent_format=WAN21_LATENT, source=str(path))
+    elif vae_prefix is not None and found.family == "qwen_image":
         found = dataclasses.replace(found, notes=found.notes + (
             "its Wan 2.1 VAE (a video autoencoder) is not supported yet; the VAE output is empty",))
     elif vae_prefix is not None:
@@ -330,6 +342,12 @@ def load_vae_file(path: str | os.PathLike, manager: Any = None, family: str = "s
     """A stand-alone VAE (LDM names, with or without first_stage_model., or diffusers names)."""
     path = Path(path)
     state = read_state_dict(path)
+    if wan_vae.find_wan_vae_prefix(state) is not None:  # Qwen-Image's Wan 2.1 VAE (ComfyUI's Wan names)
+        try:
+            return VAEModel(autoencoder=wan_vae.build_wan21_vae(state, _dtypes(manager)[2], path.name),
+                            latent_format=WAN21_LATENT, source=str(path))
+        except wan_vae.NotAWanVAE as error:
+            raise ModelFileError(f"{path.name}: not a VAE this engine can load: {error}") from error
     try:
         autoencoder = build_vae(state, family, _dtypes(manager)[2], what=path.name)
     except detect.UnknownArchitecture as error:
@@ -372,6 +390,18 @@ def load_clip_files(paths: list[str | os.PathLike], clip_type: str, manager: Any
     "stable_diffusion" takes one file (CLIP-L → SD1, CLIP-H → SD2, CLIP-G → SDXL refiner); "sdxl" takes CLIP-L and
     CLIP-G in any order; "sd3" / "flux" take CLIP-L, CLIP-G (sd3) and T5-XXL files (nodes.diffusion.family_clip)."""
     text_dtype = _dtypes(manager)[1]
+    if clip_type == "lumina2":
+        from .gemma_text import load_lumina2_clip
+
+        return load_lumina2_clip([Path(p) for p in paths], text_dtype)
+    if clip_type == "qwen_image":
+        from .qwen_text import load_qwen_clip
+
+        return load_qwen_clip([Path(p) for p in paths], text_dtype)
+    from . import t5_families
+
+    if clip_type == "chroma" or (len(paths) == 1 and t5_families.file_holds_pile_t5(Path(paths[0]))):
+        return t5_families.load_t5_family_clip([Path(p) for p in paths], clip_type, text_dtype)
     if clip_type in family_clip.ALLOWED:
         return family_clip.load_family_clip([Path(p) for p in paths], clip_type, text_dtype)
     encoders: dict[str, torch.nn.Module] = {}

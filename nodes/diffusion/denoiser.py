@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from . import compute, unet_hooks
+from . import compute, dit_calls, unet_hooks
 from . import hooks as hook_api
 from . import patches as patch_api
 from .models import DiffusionModel
@@ -74,6 +74,7 @@ class ModelCall:
         self.dtype = compute.compute_dtype(model.options, unet)
         self.network = compute.network_for(unet, model.options)  # the UNet, cast or compiled as the options say
         self.hooks = hooks  # the run's hook weights (None when no conditioning carries hooks)
+        self.dit = dit_calls.module_for(model.family)  # a transformer family's call (None: a UNet)
 
     def use_hooks(self, hooks: hook_api.HookGroup | None, sigma: torch.Tensor) -> None:
         """The UNet with the weights of the hooks of the entries about to run (nodes.diffusion.hooks)."""
@@ -111,6 +112,11 @@ class ModelCall:
         prediction = self.prediction
         x_in = prediction.calculate_input(sigma, x)
         timestep = self.schedule.timestep(sigma)
+        if self.dit is not None:
+            options_ = transformer_options if transformer_options is not None else {}
+            output = self.dit.forward(self.network, x_in.to(self.dtype), timestep, context.to(self.dtype),
+                                      added or {}, options_).float()
+            return prediction.calculate_denoised(sigma, output, x, timestep)
         kwargs: dict[str, Any] = {}
         if added and "class_labels" in added:  # SD2.1-unCLIP's class embedding input (a UNet argument of its own)
             kwargs["class_labels"] = added["class_labels"].to(self.dtype)
@@ -181,14 +187,14 @@ class _Chunk:
         if self.concat is not None and area is not None:
             self.concat = self.concat[:, :, area[2]:area[2] + area[0], area[3]:area[3] + area[1]]
 
-    def can_join(self, other: _Chunk) -> bool:
+    def can_join(self, other: _Chunk, context_repeat: int = _MAX_CONTEXT_REPEAT) -> bool:
         if self.input_x.shape != other.input_x.shape or self.entry.control is not other.entry.control \
                 or self.entry.hooks != other.entry.hooks or self.entry.unet_patches is not other.entry.unet_patches:
             return False
         a, b = self.context.shape, other.context.shape
         if a[0] != b[0] or a[2] != b[2]:
             return False
-        if math.lcm(a[1], b[1]) // min(a[1], b[1]) > _MAX_CONTEXT_REPEAT:
+        if math.lcm(a[1], b[1]) // min(a[1], b[1]) > context_repeat:
             return False
         if (self.concat is None) != (other.concat is None):
             return False
@@ -273,10 +279,12 @@ class GuidedDenoiser:
                    for entry in entries if entry.active_at(sigma_now) and not entry.default]
         if any(entry.default for entries in groups if entries for entry in entries):
             pending += _default_chunks(x, sigma_now, groups, pending)
+        # Transformers attend jointly over text and image tokens: repeating a context would change the result.
+        context_repeat = 1 if self.call.dit is not None else _MAX_CONTEXT_REPEAT
         while pending:
             first = pending[0]
             # Like ComfyUI, the joinable chunks run in reverse order: [negative..., positive...].
-            batch = [c for c in pending if c is first or first.can_join(c)][::-1]
+            batch = [c for c in pending if c is first or first.can_join(c, context_repeat)][::-1]
             pending = [c for c in pending if all(c is not b for b in batch)]
             n = batch[0].input_x.shape[0]
             added = {k: torch.cat([c.added[k] for c in batch]) for k in batch[0].added}
@@ -425,7 +433,7 @@ class _GuiderView:
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor, int], None]
 
 
-# The families whose networks ModelCall can run (the transformer families of families.py load but cannot sample).
+# The UNet families ModelCall runs directly; transformer families run through their nodes.diffusion.dit_* module.
 UNET_FAMILIES = frozenset({"sd1", "sd2", "sdxl", "sdxl_refiner"})
 
 
@@ -453,10 +461,10 @@ class Guider:
                denoise_mask: torch.Tensor | None = None, callback: StepCallback | None = None,
                seed: int | None = None, manager: Any = None) -> torch.Tensor:
         """Returns the sampled latent, unscaled, float32 on CPU (`latent` itself when sigmas is empty)."""
-        if self.model.family not in UNET_FAMILIES:
+        if self.model.family not in UNET_FAMILIES and dit_calls.module_for(self.model.family) is None:
             raise UnsupportedModelError(
-                f"sampling {self.model.family} models is not built yet: their files load, but the model call runs "
-                f"the SD1/SD2/SDXL UNets only")
+                f"sampling {self.model.family} models is not built yet: their files load, but there is no model "
+                f"call for them")
         if sigmas.numel() == 0:
             return latent
         schedule = schedule_for(self.model.sampling)
@@ -472,7 +480,9 @@ class Guider:
             if torch.count_nonzero(latent) > 0:  # an empty latent stays exactly 0
                 latent = fmt.process_in(latent)
             mask = prepare_mask(denoise_mask, noise.shape, device) if denoise_mask is not None else None
-            concat_fn = self._inpaint_channels(unet, noise.shape, latent, mask)
+            # (A transformer's in_channels count packed patches, not latent channels: no UNet concat inputs.)
+            concat_fn = None if dit_calls.is_transformer_family(self.model.family) \
+                else self._inpaint_channels(unet, noise.shape, latent, mask)
             prepared = prepare_conditioning(self.conds, noise.shape, schedule, device, unet.config,
                                             self.model.family, concat_fn, seed)
             denoiser: Callable = self.make_denoiser(ModelCall(self.model, unet, schedule, hooks), prepared)

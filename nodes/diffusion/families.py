@@ -28,13 +28,14 @@ from typing import Any
 
 import torch
 
+from . import families_extra, families_lumina
 from .offline import ensure_offline
 
 TRANSFORMER_PREFIXES = ("model.diffusion_model.", "model.", "")
 SD3_MARKER = "joint_blocks.0.context_block.attn.qkv.weight"
 FLUX_MARKER = "double_blocks.0.img_attn.norm.key_norm.scale"
 QWEN_IMAGE_MARKER = "txt_norm.weight"
-MARKERS = (SD3_MARKER, FLUX_MARKER, QWEN_IMAGE_MARKER)
+MARKERS = (SD3_MARKER, FLUX_MARKER, QWEN_IMAGE_MARKER, families_extra.AURAFLOW_MARKER, families_lumina.LUMINA2_MARKER)
 FLUX_ROPE_AXES = (16, 56, 56)  # Flux's rotary split of a 128-wide head (time/index, height, width)
 
 
@@ -153,6 +154,12 @@ def detect_transformer(state: Mapping[str, torch.Tensor]) -> DetectedTransformer
                                  "transformer in the weights")
     if prefix + QWEN_IMAGE_MARKER in state:
         return DetectedTransformer("qwen_image", "qwen_image", prefix, _qwen_image_config(state, prefix))
+    if families_lumina.is_lumina2(state, prefix):
+        return DetectedTransformer("lumina2", "lumina2", prefix,
+                                   families_lumina.lumina2_config(state, prefix, UnknownTransformer))
+    if families_extra.is_auraflow(state, prefix):
+        return DetectedTransformer("auraflow", "auraflow", prefix,
+                                   families_extra.auraflow_config(state, prefix, UnknownTransformer))
     if prefix + SD3_MARKER in state:
         config = _sd3_config(state, prefix)
         variant = "sd3.5" if config["qk_norm"] else "sd3"
@@ -160,8 +167,9 @@ def detect_transformer(state: Mapping[str, torch.Tensor]) -> DetectedTransformer
     if prefix + "img_in.weight" not in state:
         raise UnknownTransformer("Flux-style double blocks without img_in (Chroma / Chroma Radiance are not "
                                  "supported yet)")
-    if any(key.startswith(prefix + "distilled_guidance_layer.") for key in state):
-        raise UnknownTransformer("Chroma (distilled_guidance_layer) is not supported yet")
+    if families_extra.is_chroma(state, prefix):
+        return DetectedTransformer("chroma", "chroma", prefix,
+                                   families_extra.chroma_config(state, prefix, UnknownTransformer, FLUX_ROPE_AXES))
     config = _flux_config(state, prefix)
     return DetectedTransformer("flux", "flux_dev" if config["guidance_embeds"] else "flux_schnell", prefix, config)
 
@@ -259,12 +267,23 @@ def transformer_class(family: str) -> Any:
         return model_code.transformer_class("transformer_sd3", "SD3Transformer2DModel")
     if family == "qwen_image":
         return model_code.transformer_class("transformer_qwenimage", "QwenImageTransformer2DModel")
+    if family in ("auraflow", "chroma"):
+        return families_extra.transformer_class(family)
+    if family == "lumina2":
+        return families_lumina.transformer_class()
     return model_code.transformer_class("transformer_flux", "FluxTransformer2DModel")
 
 
 def diffusers_weights(state: Mapping[str, torch.Tensor], found: DetectedTransformer) -> dict[str, torch.Tensor]:
     if found.family == "sd3":
         return sd3_to_diffusers(state, found.prefix)
+    if found.family == "auraflow":
+        return families_extra.auraflow_to_diffusers(state, found.prefix)
+    if found.family == "lumina2":
+        return families_lumina.lumina2_to_diffusers(state, found.prefix, found.config, UnknownTransformer)
+    if found.family == "chroma":
+        width = found.config["num_attention_heads"] * found.config["attention_head_dim"]
+        return families_extra.chroma_to_diffusers(state, found.prefix, width, flux_to_diffusers)
     if found.family == "qwen_image":  # ComfyUI's Qwen-Image files use diffusers' own names
         return {key[len(found.prefix):]: value for key, value in state.items() if key.startswith(found.prefix)}
     config = found.config
@@ -275,6 +294,10 @@ def default_sampling(found: DetectedTransformer) -> dict[str, Any]:
     """SamplingConfig fields of ComfyUI's default model sampling for the family: SD3 / SD3.5 flow with shift 3,
     Flux dev and Qwen-Image Flux's schedule with its default μ 1.15; Flux schnell the plain flow schedule (ComfyUI's
     FLOW type, shift 1 and multiplier 1: σ = t)."""
+    if found.family in ("auraflow", "chroma"):
+        return families_extra.default_sampling(found.family)
+    if found.family == "lumina2":
+        return families_lumina.default_sampling()
     if found.family == "sd3":
         return {"prediction": "const", "schedule": "discrete_flow", "shift": 3.0, "multiplier": 1000.0}
     if found.family == "flux" and found.variant != "flux_dev":
@@ -285,6 +308,11 @@ def default_sampling(found: DetectedTransformer) -> dict[str, Any]:
 def rebuild_rotary_tables(transformer: torch.nn.Module, found: DetectedTransformer) -> None:
     """Qwen-Image keeps its rotary frequency tables as plain tensors (neither weights nor buffers), which a
     network built on the meta device leaves without data: rebuild that embedder on the CPU."""
+    if found.family == "lumina2":
+        families_lumina.rebuild_rotary_tables(transformer, found.config)
+        return
+    if found.family == "chroma":
+        families_extra.rebuild_chroma_tables(transformer)
     if found.family != "qwen_image":
         return
     rope = transformer.get_submodule("pos_embed")

@@ -6,9 +6,10 @@ T5's 4096 width, then T5's tokens appended along the sequence; pooled = [CLIP-L 
 pooled (projected)], zeros when no CLIP is loaded. Flux: the conditioning is T5's output, the pooled vector
 CLIP-L's final-LayerNorm EOS state (unprojected).
 
-Tokens: {"l": chunks, "g": chunks} as the SD CLIPs make them, plus "t5xxl": T5 token ids (a list of ints or a
-[1, T] tensor). The T5 SentencePiece vocabulary is not available offline, so `tokenize` refuses prompts for a
-clip with a T5 encoder (clearly, naming the reason); encode_tokens works on given ids.
+Tokens: {"l": chunks, "g": chunks} as the SD CLIPs make them, plus "t5xxl": T5's weighted tokens
+[(id or vector, weight), ...] (nodes.diffusion.t5.t5_tokenize; plain ids as a list of ints or a [1, T] tensor
+are accepted too). The T5 tokenizer is a user-provided file found beside the T5 file (t5.tokenizer_search_dirs);
+without it `tokenize` raises TokenizerUnavailable naming the folders it looked in.
 """
 
 from __future__ import annotations
@@ -23,12 +24,23 @@ from typing import Any
 import torch
 
 from .clip import EncoderRole, encode_chunks
-from .t5 import encode_t5, find_t5_prefix, t5_config, t5_encoder_model, t5_weights
+from .flow import TOKENIZER_OPTIONS
+from .t5 import (
+    TokenizerUnavailable,  # noqa: F401 (re-exported: callers catch it from this module)
+    encode_t5_weighted,
+    find_t5_prefix,
+    find_t5_tokenizer,
+    t5_config,
+    t5_encoder_model,
+    t5_tokenize,
+    t5_weights,
+    tokenizer_search_dirs,
+)
 from .tokenizer import OPENCLIP_CHUNKS, SD1_CHUNKS, empty_chunk, tokenize_prompt
 
 T5_WIDTH_SD3 = 4096
-T5_TOKENIZER_MISSING = ("T5 prompts cannot be tokenized: T5's SentencePiece vocabulary (spiece.model / "
-                        "tokenizer.json) is not installed with this engine and cannot be downloaded offline")
+# ComfyUI's T5XXLTokenizer min_length per family (sd3_clip.py: 77, flux.py: 256); no maximum, no chunks.
+T5_MIN_LENGTH = {"sd3": 77, "flux": 256}
 ROLES: dict[str, dict[str, EncoderRole]] = {
     "sd3": {"l": EncoderRole(SD1_CHUNKS, -2, False), "g": EncoderRole(OPENCLIP_CHUNKS, -2, False)},
     "flux": {"l": EncoderRole(SD1_CHUNKS, None, True)},
@@ -36,10 +48,6 @@ ROLES: dict[str, dict[str, EncoderRole]] = {
 ALLOWED = {"sd3": {"l", "g", "t5xxl"}, "flux": {"l", "t5xxl"}}
 CHECKPOINT_PREFIXES = {"l": "text_encoders.clip_l.transformer.", "g": "text_encoders.clip_g.transformer.",
                        "t5xxl": "text_encoders.t5xxl.transformer."}
-
-
-class TokenizerUnavailable(RuntimeError):
-    """Prompt text cannot be tokenized for one of the clip's encoders."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -52,6 +60,7 @@ class FamilyClip:
     patches: tuple[Any, ...] = ()
     source: str = ""
     options: dict[str, Any] = field(default_factory=dict)
+    t5_tokenizer_dirs: tuple[Path, ...] = ()  # where the T5 tokenizer is looked for (beside the T5 file)
 
     def __post_init__(self) -> None:
         if self.family not in ALLOWED:
@@ -87,34 +96,49 @@ class FamilyClip:
         return {key: role for key, role in ROLES[self.family].items() if key in self.encoders}
 
     def tokenize(self, text: str, resolve_embedding: Any = None, warn: Any = None) -> dict[str, Any]:
-        if "t5xxl" in self.encoders:
-            raise TokenizerUnavailable(T5_TOKENIZER_MISSING)
         from .clip import encoder_width
 
-        return {key: tokenize_prompt(text, role.chunks, key, encoder_width(self.encoders[key]),
-                                     resolve_embedding, warn)
-                for key, role in self._clip_roles().items()}
+        tokens: dict[str, Any] = {key: tokenize_prompt(text, role.chunks, key, encoder_width(self.encoders[key]),
+                                                       resolve_embedding, warn)
+                                  for key, role in self._clip_roles().items()}
+        if "t5xxl" in self.encoders:
+            options = self.options.get(TOKENIZER_OPTIONS) or {}
+            min_length = int(options.get("t5xxl_min_length", T5_MIN_LENGTH[self.family]))
+            min_padding = int(options.get("t5xxl_min_padding", 0))
+            width = self.encoders["t5xxl"].get_input_embeddings().weight.shape[1]
+            tokens["t5xxl"] = t5_tokenize(text, find_t5_tokenizer(self.t5_tokenizer_dirs), min_length, min_padding,
+                                          width, resolve_embedding, warn)
+        return tokens
 
     def encode_tokens(self, tokens: Mapping[str, Any], manager: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(cond [1, T, D], pooled [1, P]) float32 on the CPU."""
         outputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         t5_out = None
+        clip_roles = self._clip_roles()
+        if all(key in tokens and not tokens[key] for key in ("l", "g")):
+            clip_roles = {}  # ComfyUI's SD3 clip encodes no CLIP part when both token lists are empty
         with self.prepared(manager) as modules:
-            for key, role in self._clip_roles().items():
+            for key, role in clip_roles.items():
                 chunks = tokens.get(key) or [empty_chunk(role.chunks)]
                 layer = self.layer_idx if self.layer_idx is not None else role.default_layer
                 outputs[key] = encode_chunks(modules[key], chunks, role, layer, projected=key == "g")
             if "t5xxl" in modules:
-                if "t5xxl" not in tokens:
-                    raise TokenizerUnavailable(T5_TOKENIZER_MISSING)
-                ids = torch.as_tensor(tokens["t5xxl"], dtype=torch.long).reshape(1, -1)
-                t5_out = encode_t5(modules["t5xxl"], ids)
+                t5_out = encode_t5_weighted(modules["t5xxl"], self._t5_tokens(tokens))
         if self.family == "flux":
             if t5_out is None:
                 raise ValueError("a Flux CLIP needs its T5-XXL encoder for the conditioning")
             pooled = outputs["l"][1] if "l" in outputs else torch.zeros(1, 768)
             return t5_out, pooled
         return self._combine_sd3(outputs, t5_out)
+
+    def _t5_tokens(self, tokens: Mapping[str, Any]) -> list[tuple[Any, float]]:
+        """The "t5xxl" tokens as [(token, weight)]; a clip given no T5 tokens encodes the empty prompt."""
+        given = tokens.get("t5xxl")
+        if given is None:
+            return [(1, 1.0)] + [(0, 1.0)] * (T5_MIN_LENGTH[self.family] - 1)
+        if isinstance(given, torch.Tensor):
+            return [(int(t), 1.0) for t in given.reshape(-1)]
+        return [item if isinstance(item, tuple) else (int(item), 1.0) for item in given]
 
     @staticmethod
     def _combine_sd3(outputs: Mapping[str, tuple[torch.Tensor, torch.Tensor]], t5_out: torch.Tensor | None) \
@@ -158,6 +182,14 @@ def checkpoint_family_clip(state: Mapping[str, torch.Tensor], family: str, dtype
     from . import detect
     from .checkpoint import build_text_encoder
 
+    if family == "lumina2":  # Gemma 2 (nodes.diffusion.gemma_text)
+        from .gemma_text import checkpoint_clip as gemma_checkpoint_clip
+
+        return gemma_checkpoint_clip(state, dtype, path)
+    if family in ("auraflow", "chroma"):  # one T5 encoder (nodes.diffusion.t5_families)
+        from .t5_families import checkpoint_clip
+
+        return checkpoint_clip(state, family, dtype, path)
     if family not in ALLOWED:
         return None
 
@@ -172,7 +204,8 @@ def checkpoint_family_clip(state: Mapping[str, torch.Tensor], family: str, dtype
             encoders[slot] = build_text_encoder(state, shape, slot, dtype, what=f"{path.name} (CLIP-{slot})")
     if not encoders:
         return None
-    return FamilyClip(encoders=torch.nn.ModuleDict(encoders), family=family, source=str(path))
+    return FamilyClip(encoders=torch.nn.ModuleDict(encoders), family=family, source=str(path),
+                      t5_tokenizer_dirs=tokenizer_search_dirs(path) if "t5xxl" in encoders else ())
 
 
 def load_family_clip(paths: list[Path], clip_type: str, dtype: torch.dtype) -> FamilyClip:
@@ -187,11 +220,13 @@ def load_family_clip(paths: list[Path], clip_type: str, dtype: torch.dtype) -> F
     )
 
     encoders: dict[str, torch.nn.Module] = {}
+    tokenizer_dirs: tuple[Path, ...] = ()
     for path in paths:
         state = read_state_dict(path)
         t5_prefix = find_t5_prefix(state)
         if t5_prefix is not None:
             slot = "t5xxl"
+            tokenizer_dirs = tokenizer_search_dirs(path)
             module = build_t5(state, t5_prefix, dtype, path.name)
         else:
             shape = _text_encoder_in_file(state, path.name)
@@ -204,4 +239,4 @@ def load_family_clip(paths: list[Path], clip_type: str, dtype: torch.dtype) -> F
             raise ModelFileError(f"{path.name}: a second {slot} encoder; {clip_type} needs different ones")
         encoders[slot] = module
     return FamilyClip(encoders=torch.nn.ModuleDict(encoders), family=clip_type,
-                      source=";".join(str(p) for p in paths))
+                      source=";".join(str(p) for p in paths), t5_tokenizer_dirs=tokenizer_dirs)

@@ -7,7 +7,7 @@ preview (one row per latent channel, columns R, G, B, plus a bias).
 
 from __future__ import annotations
 
-from .models import ChannelLatentFormat, LatentFormat
+from .models import SDXL_LATENT, ChannelLatentFormat, LatentFormat
 
 SD3_LATENT = LatentFormat(
     channels=16, scale_factor=1.5305, shift_factor=0.0609,
@@ -51,7 +51,10 @@ WAN21_LATENT = ChannelLatentFormat(
 )
 
 FAMILY_LATENT_FORMATS: dict[str, LatentFormat] = {"sd3": SD3_LATENT, "flux": FLUX_LATENT,
-                                                  "qwen_image": WAN21_LATENT}
+                                                  "qwen_image": WAN21_LATENT,
+                                                  "auraflow": SDXL_LATENT,  # AuraFlow uses SDXL's 4-channel VAE
+                                                  "chroma": FLUX_LATENT,
+                                                  "lumina2": FLUX_LATENT}
 
 
 def latent_format_for_family(family: str) -> LatentFormat:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from . import dit_calls
 from .schedules import ModelSampling
 
 # Area tuples are (height, width, y, x) in latent cells.
@@ -126,7 +127,10 @@ def _prepare_entry(pair: Any, latent_shape: torch.Size, schedule: ModelSampling,
             entry.sigma_start = schedule.percent_to_sigma(float(options["start_percent"]))
         if "end_percent" in options:
             entry.sigma_end = schedule.percent_to_sigma(float(options["end_percent"]))
-    if getattr(unet_config, "addition_embed_type", None) == "text_time":
+    dit = dit_calls.module_for(family)
+    if dit is not None:  # a transformer family: its own extra inputs (pooled projections, guidance, ...)
+        entry.added = dit.conditioning(options, latent_shape, device)
+    elif getattr(unet_config, "addition_embed_type", None) == "text_time":
         entry.added = _sdxl_added(options, latent_shape, unet_config, family == "sdxl_refiner", negative, device,
                                   seed)
     elif getattr(unet_config, "class_embed_type", None) == "projection":  # SD2.1-unCLIP

@@ -1,0 +1,37 @@
+"""SD3 / SD3.5 (MMDiT) model calls: diffusers' SD3Transformer2DModel with ComfyUI's inputs.
+
+ComfyUI's SD3 model takes x, the timestep σ·1000 (ModelSamplingDiscreteFlow, multiplier 1000), the joint text
+context and `y` = the pooled CLIP-L + CLIP-G output (2048 wide), which diffusers calls pooled_projections. The
+latent is padded to a multiple of the patch size (circular padding, as ComfyUI's patch embedder) and cropped back.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import dit_calls
+
+
+def conditioning(options: dict[str, Any], latent_shape: torch.Size, device: torch.device) -> dict[str, torch.Tensor]:
+    pooled = options.get("pooled_output")
+    if pooled is None:
+        pooled = torch.zeros((1, 2048))  # ComfyUI's SD3 y when the conditioning has no pooled output
+    return {"pooled_projections": pooled.to(device=device, dtype=torch.float32).reshape(pooled.shape[0], -1)}
+
+
+def forward(network: torch.nn.Module, x_in: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
+            extra: dict[str, torch.Tensor], transformer_options: dict[str, Any]) -> torch.Tensor:
+    patch = int(network.config.patch_size)
+    height, width = x_in.shape[-2:]
+    pad_h, pad_w = (-height) % patch, (-width) % patch
+    if pad_h or pad_w:
+        x_in = F.pad(x_in, (0, pad_w, 0, pad_h), mode="circular")
+    dtype = x_in.dtype
+    pooled = extra["pooled_projections"].to(dtype)
+    with dit_calls.block_patches(network, transformer_options):
+        out = network(hidden_states=x_in, encoder_hidden_states=context.to(dtype), pooled_projections=pooled,
+                      timestep=timestep.to(dtype), return_dict=False)[0]
+    return out[..., :height, :width]
