@@ -31,6 +31,7 @@ MODEL_FOLDERS: dict[str, tuple[str, ...]] = {
     "clip_vision": (".safetensors", ".ckpt", ".pt", ".pth", ".bin"),
     "style_models": (".safetensors", ".ckpt", ".pt", ".pth", ".bin"),
     "photomaker": (".safetensors", ".ckpt", ".pt", ".pth", ".bin"),
+    "model_patches": (".safetensors", ".ckpt", ".pt", ".pth", ".bin"),
     "hypernetworks": (".pt", ".pth", ".ckpt", ".bin"),
     "configs": (".yaml",),
     "diffusers": (),
