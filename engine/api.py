@@ -10,11 +10,11 @@
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from . import jsonsafe
 from .cache import DEFAULT_CACHE_BYTES, OutputCache
 from .environment import Environment
 from .events import Event, EventBus
@@ -31,12 +31,17 @@ class OverrideError(ValueError):
     pass
 
 
-def parse_literal(text: str) -> Any:
-    """Command-line values: JSON when it parses (numbers, booleans, quoted strings), else the raw string."""
+def parse_literal(text: str, target: str = "value") -> Any:
+    """Command-line values: JSON when it parses (numbers, booleans, quoted strings), else the raw string. JSON
+    that every other entry point refuses (NaN, Infinity, 5000-deep lists, 400-digit numbers; engine.jsonsafe) is
+    an OverrideError naming `target`, not a value that fails later or a RecursionError."""
     try:
-        return json.loads(text)
-    except ValueError:
+        return jsonsafe.loads(text)
+    except jsonsafe.MalformedJsonError:
         return text
+    except jsonsafe.JsonInputError as refused:
+        reason = str(refused).removeprefix("the document: ")
+        raise OverrideError(f"override '{target}': {reason} (quote it as a JSON string to pass text)") from None
 
 
 def set_input(prompt: dict[str, Any], target: str, value: Any) -> dict[str, Any]:

@@ -33,6 +33,10 @@ class JsonInputError(ValueError):
     """A JSON document we refuse; the message says what and where ('extra_data.x[2]')."""
 
 
+class MalformedJsonError(JsonInputError):
+    """Text that is not JSON at all (rather than JSON holding a value we refuse): a caller may take it as text."""
+
+
 def _where(path: tuple[Any, ...]) -> str:
     text = ""
     if len(path) > 12:
@@ -54,9 +58,9 @@ def loads(text: str | bytes, *, max_depth: int = MAX_DEPTH,
     except RecursionError:
         raise JsonInputError(f"JSON nested more than {max_depth} levels deep") from None
     except UnicodeDecodeError as exc:
-        raise JsonInputError(f"not UTF-8 text: {exc}") from None
+        raise MalformedJsonError(f"not UTF-8 text: {exc}") from None
     except ValueError as exc:  # JSONDecodeError, and int() of more than 4300 digits
-        raise JsonInputError(f"malformed JSON: {exc}") from None
+        raise MalformedJsonError(f"malformed JSON: {exc}") from None
     if _may_need_checks(text, max_depth):
         return check(value, max_depth=max_depth, surrogates=surrogates)
     return value

@@ -200,7 +200,7 @@ def command_run(args: argparse.Namespace) -> int:
             target, sep, value = override.partition("=")
             if not sep:
                 raise OverrideError(f"override '{override}' must look like NODE_ID.INPUT=VALUE")
-            prompt = set_input(prompt, target, parse_literal(value))
+            prompt = set_input(prompt, target, parse_literal(value, target))
     except (WorkflowLoadError, OverrideError) as exc:
         return _fail_invalid(args, str(exc))
     checked = engine.validate(prompt)

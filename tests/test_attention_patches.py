@@ -33,14 +33,6 @@ SCHEDULE = DiscreteSchedule()
 CFG = 5.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def model():
     return tiny_objects("sd1", 0)[0]

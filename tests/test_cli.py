@@ -187,6 +187,24 @@ def test_refused_documents_exit_2_without_traceback(workdir, capsys, command, na
     assert err.startswith("error:") and message in err and "Traceback" not in err
 
 
+
+# `--set` values go through the same reader: JSON it refuses names the override; text that is not JSON stays text.
+@pytest.mark.parametrize("value,message", [
+    (DEEP, "nested more than"), ("NaN", "nan is not a finite number"), ("[1, -Infinity]", "[1]: -inf is not"),
+    ("7" * 401, "401 digits"),
+])
+def test_refused_override_values_exit_2_naming_the_override(workdir, capsys, value, message):
+    path = write(workdir / "g.json", GOOD)
+    assert run_cli("run", path, "--set", f"2.b={value}") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: override '2.b': ") and message in err and "Traceback" not in err
+
+
+def test_override_text_that_is_not_json_stays_text(workdir, capsys):
+    path = write(workdir / "g.json", GOOD)
+    assert run_cli("run", path, "--set", "2.b=[1,") == 2  # reaches validation as the string "[1,"
+    assert "'[1,'" in capsys.readouterr().err
+
 def test_refused_png_chunk_exits_2(workdir, capsys):
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo

@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -79,6 +80,42 @@ def test_packs_load_and_a_broken_one_is_reported(engine):
     assert sys.modules["nodes"] is compat_nodes and sys.modules["folder_paths"].__name__.startswith("latentloom.")
     assert sys.modules["latentloom.nodes"].__file__ != compat_nodes.__file__
 
+
+
+NAMES_PROBE = """
+import importlib, json, sys
+from latentloom.nodes import create_engine
+create_engine(custom_nodes_dir=sys.argv[1])
+found = {}
+for name in ("nodes", "server", "folder_paths", "comfy"):
+    try:
+        found[name] = importlib.import_module(name).__name__
+    except ModuleNotFoundError:
+        found[name] = None
+print(json.dumps(found))
+"""
+
+
+@pytest.mark.parametrize("with_pack", [False, True])
+def test_comfyui_module_names_are_claimed_only_for_a_custom_nodes_folder(tmp_path, with_pack):
+    """Without a custom_nodes folder (the CLI's default ./custom_nodes is usually absent) an engine leaves
+    ComfyUI's module names to whatever else the process has; with one, packs get ours. A fresh process each: the
+    finder, once installed, serves the whole process."""
+    folder = tmp_path / "custom_nodes"
+    if with_pack:
+        folder.mkdir()
+        (folder / "our_style.py").write_text((PACKS / "our_style.py").read_text())
+    done = subprocess.run([sys.executable, "-c", NAMES_PROBE, str(folder)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    if with_pack:
+        assert found == {"nodes": "latentloom.nodes.comfy_compat.core_nodes",
+                         "server": "latentloom.nodes.comfy_compat.prompt_server",
+                         "folder_paths": "latentloom.nodes.comfy_compat.folder_paths",
+                         "comfy": "latentloom.nodes.comfy_compat.comfy"}
+    else:
+        assert found == {"nodes": None, "server": None, "folder_paths": None, "comfy": None}
 
 def test_catalogue_entries_keep_the_v1_declaration(engine):
     catalogue = engine.catalogue()

@@ -34,15 +34,6 @@ from latentloom.nodes.sampling import (  # noqa: E402
 SCHEDULE = DiscreteSchedule()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny UNet calls are dominated by thread overhead on a shared 2-core box: 1 thread is ~10x faster."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 class RecordingUNet(torch.nn.Module):
     """A stand-in UNet: output = fn(inputs), every call recorded."""
 

@@ -22,14 +22,6 @@ SCHEDULE = DiscreteSchedule()
 SHAPE = (1, 4, 8, 8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def model():
     return tiny_objects("sd1", 0)[0]

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 from starlette.testclient import TestClient
 
@@ -65,6 +66,32 @@ def test_stale_parts_are_removed_but_recent_ones_kept(tmp_path):
     assert remove_stale_parts(tmp_path) == 1
     assert not old.exists() and recent.exists() and keep.exists()
     assert is_part_name(recent.name) and not is_part_name(keep.name)
+
+
+
+def test_custom_node_packs_save_models_atomically(tmp_path):
+    """comfy.utils.save_torch_file (what packs' model and LoRA save nodes call) writes through our part files, as
+    our own writers do: a failed save leaves the previous file whole and nothing else, and a reader of the old
+    file keeps it. (Recent safetensors' own save_file renames a temporary file too, but under a name that /view
+    and the stale-part clean-up do not know as unfinished.)"""
+    from safetensors.torch import load_file
+
+    from latentloom.nodes.comfy_compat.comfy.utils import load_torch_file, save_torch_file
+
+    target = tmp_path / "loras" / "pack_lora.safetensors"
+    save_torch_file({"a": torch.arange(6.0).reshape(2, 3)}, str(target), metadata={"by": "pack"})
+    first = target.read_bytes()
+    with pytest.raises(NotImplementedError):  # the second tensor cannot be copied out: the save fails midway
+        save_torch_file({"a": torch.ones(2, 3), "b": torch.empty(4, device="meta")}, str(target))
+    assert target.read_bytes() == first and os.listdir(target.parent) == [target.name]
+    with open(target, "rb") as old_reader:
+        save_torch_file({"a": torch.ones(2, 3), "b": torch.zeros(4, dtype=torch.float16)[::2]}, str(target))
+        assert old_reader.read() == first
+    assert os.listdir(target.parent) == [target.name]
+    loaded = load_file(str(target))
+    assert torch.equal(loaded["a"], torch.ones(2, 3)) and torch.equal(loaded["b"], torch.zeros(2, dtype=torch.float16))
+    state, metadata = load_torch_file(str(target), return_metadata=True)
+    assert set(state) == {"a", "b"} and metadata is None
 
 
 @pytest.mark.slow

@@ -96,6 +96,29 @@ def test_malformed_ui_workflow_names_the_null_node(idle):
     assert "nodes[1] is null" in response.json()["error"]["details"]
 
 
+
+async def run_after_first_message(base: str, first: str) -> list:
+    """A client whose first websocket message is `first`, then runs a prompt: the messages it receives."""
+    from websockets.asyncio.client import connect
+
+    async with connect(f"ws{base[4:]}/ws?clientId=odd") as ws:
+        await ws.recv()
+        await ws.send(first)
+        async with httpx.AsyncClient(base_url=base) as http:
+            body = {"prompt": const_graph(), "client_id": "odd"}
+            prompt_id = (await http.post("/prompt", json=body)).json()["prompt_id"]
+        return await read_until_done(ws, prompt_id)
+
+
+@pytest.mark.parametrize("first", ["[" * 5000 + "]" * 5000, '{"type": "feature_flags", "data": {"x": NaN}}'])
+def test_odd_first_websocket_message_is_ignored(tmp_path, first):
+    """The websocket's first message (feature flags) goes through the same reader: refused JSON is ignored like
+    any message that is not feature flags, and the socket stays open for the prompt's events."""
+    with live_server(make_app(tmp_path)) as base:
+        messages = asyncio.run(run_after_first_message(base, first))
+    assert not any(m["type"] == "feature_flags" for m in messages)
+    assert "execution_success" in [m["type"] for m in messages]
+
 # Entries stored by an older version: served, also after a restart --------------------------------------------
 
 def poison(database: Path, prompt_id: str) -> None:

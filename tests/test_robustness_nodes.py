@@ -1,5 +1,6 @@
-"""Issue 18 on the node side, through the real engine and the bundled toy model: every LoRA loader failure names
-the node, the input and the file; credentials in extra_data never reach a saved PNG's metadata."""
+"""Issue 18 on the node side, through the real engine: every loader given an unreadable file, and every LoRA loader
+failure (with the bundled toy model), names the node, the input and the file; credentials in extra_data never reach
+a saved PNG's metadata."""
 
 from __future__ import annotations
 
@@ -17,8 +18,6 @@ from latentloom.nodes import create_engine
 from latentloom.server.app import create_app
 from latentloom.server.state import ServerConfig
 from tests.server_support import wait_for
-
-pytestmark = pytest.mark.toy
 
 REPO = Path(__file__).resolve().parents[1]
 TOY_LORA = REPO / "models" / "loras" / "toy-outline.safetensors"
@@ -63,6 +62,7 @@ def toy_engine(tmp_path_factory):
     return engine, problems, root
 
 
+@pytest.mark.toy
 @pytest.mark.parametrize("lora_name", ["corrupt-header.safetensors", "alpha-35.safetensors",
                                        "wrong-shape.safetensors", "other-family.safetensors"])
 def test_lora_failures_name_node_input_and_file(toy_engine, lora_name):
@@ -76,6 +76,7 @@ def test_lora_failures_name_node_input_and_file(toy_engine, lora_name):
     assert "Traceback" not in message and "SafetensorError" not in error["exception_type"]
 
 
+@pytest.mark.toy
 def test_credentials_never_reach_the_saved_png(toy_engine):
     engine, _, root = toy_engine
     graph = json.loads((REPO / "graphs" / "txt2img.json").read_text())
@@ -95,3 +96,44 @@ def test_credentials_never_reach_the_saved_png(toy_engine):
         chunks = dict(png.text)
     assert json.loads(chunks["notes"]) == {"author": "me"} and "workflow" in chunks and "prompt" in chunks
     assert all(SECRET not in text for text in chunks.values())
+
+
+# Every loader of a single model file, given one whose safetensors header is garbage: (node, input, folder, inputs).
+CORRUPT = b"\xff" * 8 + b"{not a header" + bytes(64)
+SINGLE_FILE_LOADERS = [
+    ("CheckpointLoaderSimple", "ckpt_name", "checkpoints", {}),
+    ("unCLIPCheckpointLoader", "ckpt_name", "checkpoints", {}),
+    ("VAELoader", "vae_name", "vae", {}),
+    ("UNETLoader", "unet_name", "unet", {"weight_dtype": "default"}),
+    ("CLIPLoader", "clip_name", "clip", {"type": "stable_diffusion"}),
+    ("ControlNetLoader", "control_net_name", "controlnet", {}),
+    ("CLIPVisionLoader", "clip_name", "clip_vision", {}),
+    ("StyleModelLoader", "style_model_name", "style_models", {}),
+    ("GLIGENLoader", "gligen_name", "gligen", {}),
+    ("UpscaleModelLoader", "model_name", "upscale_models", {}),
+    ("PhotoMakerLoader", "photomaker_model_name", "photomaker", {}),
+]
+
+
+@pytest.fixture(scope="module")
+def corrupt_files_engine(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corrupt-files")
+    for _, _, folder, _ in SINGLE_FILE_LOADERS:
+        (root / "models" / folder).mkdir(parents=True, exist_ok=True)
+        (root / "models" / folder / "garbage.safetensors").write_bytes(CORRUPT)
+    return create_engine(models_dir=root / "models", input_dir=root / "input", output_dir=root / "output",
+                         temp_dir=root / "temp")
+
+
+@pytest.mark.parametrize("class_type,input_name,folder,inputs", SINGLE_FILE_LOADERS,
+                         ids=[case[0] for case in SINGLE_FILE_LOADERS])
+def test_unreadable_model_files_name_node_input_and_file(corrupt_files_engine, class_type, input_name, folder,
+                                                         inputs):
+    graph = {"1": {"class_type": class_type, "inputs": {input_name: "garbage.safetensors", **inputs}},
+             "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}}}
+    result = corrupt_files_engine.run(graph)
+    assert result.status == "error", (result.status, result.node_errors)
+    error = result.error
+    assert error["node_id"] == "1" and error["node_type"] == class_type, error
+    assert error["exception_message"].startswith(f"{class_type} (#1): input '{input_name}': garbage.safetensors: "
+                                                 "not a readable weights file"), error["exception_message"]

@@ -39,14 +39,6 @@ def ode_solution(x, sigma_from, sigma_to):
     return MU + (x - MU) * ((S ** 2 + sigma_to ** 2) / (S ** 2 + sigma_from ** 2)) ** 0.5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def start():
     return torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))

@@ -12,10 +12,11 @@ with the same seed. So the comparison also checks that our noise sources are k-d
 Where ComfyUI changed a sampler after forking k-diffusion, the difference is stated and the part that is the
 same is compared (see test_lms_last_step_is_comfyui_denoising_step).
 
-k-diffusion's package `__init__` imports its training stack (torchvision, clean-fid, ...), which is not installed
-(installing it would replace the CPU torch), so `k_diffusion/sampling.py` and `utils.py` are loaded straight from
-their files; `utils.py` imports torchvision at module level but sampling only uses its `append_dims`, so a stub
-torchvision is present during that one import and gone afterwards.
+k-diffusion's package `__init__` imports its training stack (clean-fid, scikit-image, ...), which is not installed,
+so `k_diffusion/sampling.py` and `utils.py` are loaded straight from their files. `utils.py` imports torchvision at
+module level but sampling only uses its `append_dims`: when torchvision is already imported (transformers' model
+classes import it) the real one serves; otherwise a stub stands in during that one import (importing the real one
+costs seconds) and is gone afterwards.
 """
 
 from __future__ import annotations
@@ -42,14 +43,16 @@ def _load_kdiffusion_sampling() -> types.ModuleType:
     # A private package name, so the real `k_diffusion` entry of sys.modules is never touched.
     package = types.ModuleType("_kdiffusion_reference")
     package.__path__ = [str(package_dir)]
-    torchvision_stub = types.ModuleType("torchvision")
-    transforms_stub = types.ModuleType("torchvision.transforms")
-    functional_stub = types.ModuleType("torchvision.transforms.functional")
-    torchvision_stub.transforms = transforms_stub  # type: ignore[attr-defined]
-    transforms_stub.functional = functional_stub  # type: ignore[attr-defined]
-    stubs = {"_kdiffusion_reference": package, "torchvision": torchvision_stub,
-             "torchvision.transforms": transforms_stub, "torchvision.transforms.functional": functional_stub}
-    assert not set(stubs) & set(sys.modules), "a real torchvision is installed: load utils.py without stubs"
+    stubs: dict[str, types.ModuleType] = {"_kdiffusion_reference": package}
+    if "torchvision" not in sys.modules:
+        torchvision_stub = types.ModuleType("torchvision")
+        transforms_stub = types.ModuleType("torchvision.transforms")
+        functional_stub = types.ModuleType("torchvision.transforms.functional")
+        torchvision_stub.transforms = transforms_stub  # type: ignore[attr-defined]
+        transforms_stub.functional = functional_stub  # type: ignore[attr-defined]
+        stubs.update({"torchvision": torchvision_stub, "torchvision.transforms": transforms_stub,
+                      "torchvision.transforms.functional": functional_stub})
+    assert not set(stubs) & set(sys.modules)
     # Only these names come and go: the real modules imported meanwhile (scipy, torchsde, ...) must stay, as
     # some extension modules cannot be loaded twice in one process.
     added = list(stubs)

@@ -65,6 +65,8 @@ def web_directory(module: ModuleType) -> Path | None:
 
 def load_packs(registry: NodeRegistry, env: Environment, folder: str | Path) -> None:
     """Load every pack in `folder` for the engine of `env` (errors end up in registry.load_errors)."""
+    if not Path(folder).is_dir():
+        return  # no packs (the CLI's default ./custom_nodes is usually absent): ComfyUI's names stay unclaimed
     install_finder()
     add_custom_nodes_folder(env, Path(folder).resolve())  # folder_paths' "custom_nodes" entry
     server = pack_server(env)  # PromptServer.instance of this engine, before packs decorate its routes

@@ -55,13 +55,13 @@ def file_holds_pile_t5(path: Path) -> bool:
     """Whether a .safetensors text-encoder file is a Pile-T5 (read from its key names only)."""
     if path.suffix.lower() not in (".safetensors", ".sft"):
         return False
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:
             return find_pile_t5_prefix(dict.fromkeys(handle.keys())) is not None
-    except (OSError, ValueError, RuntimeError):
-        return False  # the regular loader reports the unreadable file
+    except (OSError, ValueError, RuntimeError, SafetensorError):  # SafetensorError is a bare Exception
+        return False  # the regular loader reports the unreadable file, naming the node, input and file
 
 
 def build_pile_t5(state: Mapping[str, torch.Tensor], prefix: str, dtype: torch.dtype, what: str) -> torch.nn.Module:

@@ -39,10 +39,11 @@ def load_torch_file(ckpt: str, safe_load: bool = False, device: Any = None, retu
 
 
 def save_torch_file(sd: dict[str, torch.Tensor], ckpt: str, metadata: dict[str, str] | None = None) -> None:
-    """A state dict to .safetensors (contiguous copies, as safetensors requires)."""
-    from safetensors.torch import save_file
+    """A state dict to .safetensors, written as our own save nodes write (a hidden part file renamed over the
+    target, tensor by tensor): a pack's save node killed mid-write leaves no partial model in output."""
+    from ...diffusion.saving import write_safetensors
 
-    save_file({key: value.contiguous() for key, value in sd.items()}, str(ckpt), metadata=metadata)
+    write_safetensors(ckpt, sd, metadata)
 
 
 def state_dict_prefix_replace(state_dict: dict[str, Any], replace_prefix: dict[str, str],
