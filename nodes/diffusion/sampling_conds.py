@@ -1,10 +1,9 @@
 """CONDITIONING lists turned into what the denoiser evaluates at each step (ComfyUI's `process_conds`).
 
-A CONDITIONING value is a list of `[context, options]` pairs; see docs/comfyui-reference.md#values-between-nodes. Preparation
-resolves percentage areas and masks to latent cells, start/end percents to sigma thresholds, builds SDXL's added
-conditioning, gives every positive area entry a negative twin with the same area (so CFG compares like with like),
-and copies ControlNets marked `control_apply_to_uncond` onto the negative entries.
-"""
+A CONDITIONING value is a list of `[context, options]` pairs; see docs/comfyui-reference.md#values-between-nodes.
+Preparation resolves percentage areas and masks to latent cells, start/end percents to sigma thresholds, builds
+SDXL's added conditioning, gives every positive area entry a negative twin with the same area (so CFG compares like
+with like), and copies ControlNets marked `control_apply_to_uncond` onto the negative entries. """
 
 from __future__ import annotations
 
