@@ -5,14 +5,17 @@ Shared by the image nodes and usable by the server (/view, /upload) so both reso
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import mimetypes
 import os
 import time
+from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -183,11 +186,41 @@ def next_counter(folder: Path, basename: str) -> int:
     return max(counters) + 1 if counters else 1
 
 
-def save_target(root: Path, prefix: str, width: int = 0, height: int = 0) -> SaveTarget:
-    """Where the next files for `prefix` go: ComfyUI's `<basename>_<counter:05>_.png` numbering.
+class OutputNumbering(Protocol):
+    """Chooses the first counter of each save made while a prompt runs (see `numbering_outputs`)."""
+
+    def counter(self, folder: Path, basename: str, free: int, files: int) -> int:
+        """The first counter for `files` files '<basename>_N_...' in `folder`; `free` is next_counter's answer."""
+        ...
+
+
+# The numbering of the prompt running in this context (set by the server's local worker around a run). A context
+# variable, as in comfy_compat.context: it follows the run's asyncio tasks and is never shared between runs.
+_output_numbering: ContextVar[OutputNumbering | None] = ContextVar("latentloom_output_numbering", default=None)
+
+
+@contextlib.contextmanager
+def numbering_outputs(numbering: OutputNumbering) -> Iterator[None]:
+    """Every `save_target` inside this block (SaveImage, SaveLatent, model savers, packs' get_save_image_path)
+    takes its counter from `numbering`."""
+    token = _output_numbering.set(numbering)
+    try:
+        yield
+    finally:
+        _output_numbering.reset(token)
+
+
+def save_target(root: Path, prefix: str, width: int = 0, height: int = 0, files: int = 1) -> SaveTarget:
+    """Where the next `files` files for `prefix` go: ComfyUI's `<basename>_<counter:05>_.png` numbering.
 
     The counter is 1 + the largest N among files '<basename>_N...' already in the folder, so numbering continues
     after existing files. Prefixes that leave `root` are refused.
+
+    Inside `numbering_outputs` the numbering has the last word. The server's local worker uses this so that a
+    prompt re-run after a crash (kill -9 after SaveImage wrote its PNG, before the prompt finished) writes the
+    same names as its first attempt, replacing those files atomically instead of counting up: the output folder
+    then holds what one uninterrupted run leaves (`ComfyUI_00001_.png`, not a second `ComfyUI_00002_.png`), and
+    the history and /view name those files.
     """
     root = Path(os.path.abspath(root))
     prefix = expand_prefix_tokens(prefix, width, height)
@@ -197,6 +230,9 @@ def save_target(root: Path, prefix: str, width: int = 0, height: int = 0) -> Sav
     if os.path.commonpath((root, folder)) != str(root) or not basename or basename in (".", ".."):
         raise ValueError(f"saving outside the output folder is not allowed (filename_prefix '{prefix}')")
     counter = next_counter(folder, basename)
+    numbering = _output_numbering.get()
+    if numbering is not None:
+        counter = numbering.counter(folder, basename, counter, files)
     folder.mkdir(parents=True, exist_ok=True)
     return SaveTarget(folder, basename, counter, Path(subfolder).as_posix() if subfolder else "")
 
@@ -219,7 +255,7 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
 def save_images(images: torch.Tensor, root: Path, prefix: str, kind: str, compress_level: int,
                 metadata: PngInfo | None) -> list[dict[str, str]]:
     """Write a batch as PNGs; returns ComfyUI's UI entries {"filename", "subfolder", "type"}."""
-    target = save_target(root, prefix, width=images.shape[2], height=images.shape[1])
+    target = save_target(root, prefix, width=images.shape[2], height=images.shape[1], files=len(images))
     results = []
     counter = target.counter
     for batch_number, image in enumerate(images):

@@ -8,7 +8,9 @@ against the server's folder under one lock, so workers writing the same prefix a
 Deduplication: the committed name of a file is remembered by (prompt, node, UI key, position). When a prompt runs
 again after its worker died, its files overwrite the names of the first attempt instead of taking new counters, so
 a retried prompt leaves exactly the files a single run leaves. A cached `executed` event (no new bytes) is mapped
-back through the worker's own record of staged name -> committed entry.
+back through the worker's own record of staged name -> committed entry. This record lives in the server's memory:
+it covers a worker's death, not the server's. Local mode keeps its counterpart in the queue database
+(server.queue_store.PromptOutputNumbering), so there a prompt re-run after the server was killed keeps its names.
 """
 
 from __future__ import annotations

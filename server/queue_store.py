@@ -10,6 +10,12 @@ Secrets (API keys and tokens in extra_data, at any depth) are never written to d
 listings: they are split off at submission (server.credentials) and the top-level ones are kept in memory only for
 the worker (so after a restart they are gone).
 
+Output numbering (local mode): while a prompt runs, each counter its saves take (SaveImage's `_00001_`) is recorded
+against the queued prompt before the file is written (`PromptOutputNumbering`), and the records go with the queue
+row. A prompt re-run after a crash reuses its records, so it writes the names of its first attempt instead of
+counting up (the counterpart of server.outputs_commit's deduplication by prompt id in Ray mode), and no other
+prompt takes a number a queued prompt holds.
+
 JSON goes in through jsonsafe.dumps and comes out through jsonsafe.loads_lenient, so whatever is stored can be
 served back; a row that cannot be read at all (a damaged database) is reported in place of its entry, never
 raised to the caller.
@@ -56,6 +62,16 @@ CREATE TABLE IF NOT EXISTS history (
     finished REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS output_claims (
+    prompt_id TEXT NOT NULL REFERENCES queue (prompt_id) ON DELETE CASCADE,
+    folder TEXT NOT NULL,
+    basename TEXT NOT NULL,
+    occurrence INTEGER NOT NULL,
+    counter INTEGER NOT NULL,
+    files INTEGER NOT NULL,
+    PRIMARY KEY (prompt_id, folder, basename, occurrence)
+);
+CREATE INDEX IF NOT EXISTS output_claims_by_name ON output_claims (folder, basename);
 """
 
 
@@ -110,6 +126,27 @@ class QueueItem:
         return str(value) if value else None
 
 
+class PromptOutputNumbering:
+    """nodes.image_files.OutputNumbering for one run of one queued prompt (the local worker sets it around the run).
+
+    Saves are told apart by their order per (folder, basename): a re-run of the same graph saves in the same order,
+    so its n-th save gets the counter of the first attempt's n-th save and replaces that file. A prefix with a time
+    token (`%second%`) names a new file on the re-run, as it would in ComfyUI. A pack's get_save_image_path does not
+    say how many files follow, so its claim holds one number.
+    """
+
+    def __init__(self, store: QueueStore, prompt_id: str):
+        self.store = store
+        self.prompt_id = prompt_id
+        self._occurrences: dict[tuple[str, str], int] = {}
+
+    def counter(self, folder: Path, basename: str, free: int, files: int) -> int:
+        key = (str(folder), basename)
+        occurrence = self._occurrences.get(key, 0)
+        self._occurrences[key] = occurrence + 1
+        return self.store.claim_counter(self.prompt_id, key[0], basename, occurrence, free, files)
+
+
 class DuplicatePromptId(ValueError):
     pass
 
@@ -125,6 +162,7 @@ class QueueStore:
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA foreign_keys=ON")  # a prompt's output claims leave with its queue row
             self._db.executescript(SCHEMA)
             # A prompt that was running when the process died runs again.
             self._db.execute("UPDATE queue SET state='pending', started=NULL WHERE state='running'")
@@ -194,6 +232,28 @@ class QueueStore:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+
+    def claim_counter(self, prompt_id: str, folder: str, basename: str, occurrence: int, free: int,
+                      files: int) -> int:
+        """The first counter of the `occurrence`-th save of `basename` into `folder` by the queued prompt: the one
+        its earlier attempt recorded, else `free` moved past the numbers other queued prompts hold (a prompt
+        interrupted by a crash may not have written its files yet). Recorded before the file is written."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT counter FROM output_claims WHERE prompt_id=? AND folder=? AND basename=? AND occurrence=?",
+                (prompt_id, folder, basename, occurrence)).fetchone()
+            if row is not None:
+                return int(row[0])
+            held = self._db.execute(
+                "SELECT MAX(counter + files) FROM output_claims WHERE folder=? AND basename=? AND prompt_id<>?",
+                (folder, basename, prompt_id)).fetchone()[0]
+            counter = max(free, held or 0)
+            try:
+                self._db.execute("INSERT INTO output_claims (prompt_id, folder, basename, occurrence, counter, files) "
+                                 "VALUES (?,?,?,?,?,?)", (prompt_id, folder, basename, occurrence, counter, files))
+            except sqlite3.IntegrityError:  # the prompt is no longer queued: nothing to re-run, nothing to record
+                pass
+            return counter
 
     def requeue(self, prompt_id: str) -> None:
         with self._lock:

@@ -3,6 +3,9 @@
 Sync nodes block the loop they run on, so the executor must not run on the server's loop. Events leave this thread
 through the hub, which hands them to the server loop with call_soon_threadsafe (FIFO, so the order is global).
 The end of a prompt is: history written -> `status` broadcast -> `executing {node: null}`.
+
+Output files: a prompt killed mid-run (kill -9) runs again after the restart, and its saves take the names of the
+first attempt (server.queue_store.PromptOutputNumbering), so the output folder ends up with one copy of each.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ from latentloom.engine.events import (
     ExecutionStart,
     ExecutionSuccess,
 )
+from latentloom.nodes.image_files import numbering_outputs
 
-from .queue_store import QueueItem, QueueStore
+from .queue_store import PromptOutputNumbering, QueueItem, QueueStore
 from .ws import preview_method
 
 if TYPE_CHECKING:
@@ -152,7 +156,9 @@ class Worker:
                 status = "error"
                 self._fail(item, "ValidationError", _describe_invalid(checked), None)
             else:
-                result = await self.engine.executor.run_async(checked.graph, item.prompt_id, extra_data, token)
+                # Output names are recorded against the queued prompt: a re-run after a crash reuses them.
+                with numbering_outputs(PromptOutputNumbering(self.store, item.prompt_id)):
+                    result = await self.engine.executor.run_async(checked.graph, item.prompt_id, extra_data, token)
                 status = result.status
                 outputs = result.outputs
         except Exception as exc:
