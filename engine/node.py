@@ -90,7 +90,11 @@ class RunContext(Protocol):
 
 
 class Node(BaseModel):
-    model_config = ConfigDict(extra="allow", arbitrary_types_allowed=True, validate_assignment=False)
+    # defer_build: the executor builds nodes with model_construct, which needs no validator; building one for
+    # each of the ~300 node classes at import would cost every process start a fifth of a second. A validated
+    # construction (NodeClass(**inputs)) still works: pydantic builds the validator on first use.
+    model_config = ConfigDict(extra="allow", arbitrary_types_allowed=True, validate_assignment=False,
+                              defer_build=True)
 
     # The class_type used in workflow files; defaults to the class name.
     type_name: ClassVar[str | None] = None
