@@ -7,8 +7,9 @@ they receive: each returns new pairs with copied option dicts (the tensors thems
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from importlib import resources
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -41,17 +42,30 @@ MAX_RESOLUTION = 16384
 Conditioning = list[list[Any]]
 
 
-def _encode(ctx: RunContext, clip: ClipModel, tokens: dict, extra: dict[str, Any] | None = None) -> Conditioning:
+class PromptClip(Protocol):
+    """What prompt encoding reads of a CLIP link: ClipModel, FamilyClip and the other families' clips all fit."""
+
+    @property
+    def options(self) -> Mapping[str, Any]: ...
+
+    def tokenize(self, text: str, resolve_embedding: Any = None, warn: Any = None) -> dict[str, Any]: ...
+
+    def encode_tokens(self, tokens: Any, manager: Any = None) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+
+
+def _encode(ctx: RunContext, clip: PromptClip, tokens: dict, extra: dict[str, Any] | None = None) -> Conditioning:
     hooks = clip.options.get(hook_api.CONDITIONING_HOOKS)  # SetClipHooks(apply_to_conds=True)
     marks = {"hooks": hooks} if hooks is not None else {}
     result = []
     for variant, values in hook_api.clip_encodes(clip):  # several only for a scheduled SetClipHooks
-        cond, pooled = variant.encode_tokens(tokens, manager=ctx.models)
-        result.append([cond, {"pooled_output": pooled, **values, **marks, **(extra or {})}])
+        encoded = variant.encode_tokens(tokens, manager=ctx.models)
+        cond, pooled = encoded
+        more = getattr(encoded, "options", {})  # e.g. HiDream's Llama states (nodes.diffusion.hidream_text)
+        result.append([cond, {"pooled_output": pooled, **more, **values, **marks, **(extra or {})}])
     return result
 
 
-def _tokenize(ctx: RunContext, clip: ClipModel, text: str) -> dict:
+def _tokenize(ctx: RunContext, clip: PromptClip, text: str) -> dict:
     # Without an embedding library, "embedding:NAME" is encoded as plain text.
     return clip.tokenize(text, resolve_embedding=ctx.find_service(EmbeddingLibrary), warn=ctx.warn)
 

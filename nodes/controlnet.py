@@ -120,6 +120,10 @@ class ControlNetApplyAdvanced(Node):
             return (self.positive, self.negative)
         net, image = self.control_net, self.image
         _check_fits(net, list(self.positive) + list(self.negative))
+        # SD3 / Flux ControlNets (nodes.diffusion.dit_controlnet) read the hint through the VAE.
+        if getattr(net, "needs_vae", False) and self.vae is None:
+            raise InputError("vae", f"the {net.family} ControlNet encodes its hint image with a VAE: connect one")
+        vae_argument = {"vae": self.vae} if getattr(net, "takes_vae", False) else {}
         # One applied object per previous ControlNet, shared by positive and negative so they still batch together.
         by_previous: dict[int, Any] = {}
         results = []
@@ -129,7 +133,8 @@ class ControlNetApplyAdvanced(Node):
                 previous = options.get("control")
                 applied = by_previous.get(id(previous))
                 if applied is None:
-                    applied = net.applied(image, self.strength, self.start_percent, self.end_percent, previous)
+                    applied = net.applied(image, self.strength, self.start_percent, self.end_percent, previous,
+                                          **vae_argument)
                     by_previous[id(previous)] = applied
                 out.append([cond, {**options, "control": applied, "control_apply_to_uncond": False}])
             results.append(out)

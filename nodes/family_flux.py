@@ -89,9 +89,14 @@ class _FluxBlockMerge(ModelSpecificMerge):
 FLUX1_PREFIXES = (["img_in.", "time_in.", "guidance_in", "vector_in.", "txt_in."]
                   + [f"double_blocks.{i}." for i in range(19)] + [f"single_blocks.{i}." for i in range(38)]
                   + ["final_layer."])
-ModelMergeFlux1 = create_model(
-    "ModelMergeFlux1", __base__=_FluxBlockMerge, __module__=__name__,
-    **{prefix: (Annotated[float, RATIO], 1.0) for prefix in FLUX1_PREFIXES})
+
+
+def _flux_merge_node(name: str, prefixes: list[str]) -> type[_FluxBlockMerge]:
+    fields: dict[str, Any] = {prefix: (Annotated[float, RATIO], 1.0) for prefix in prefixes}
+    return create_model(name, __base__=_FluxBlockMerge, __module__=__name__, **fields)
+
+
+ModelMergeFlux1 = _flux_merge_node("ModelMergeFlux1", FLUX1_PREFIXES)
 
 
 NODES = [CLIPTextEncodeFlux, ModelMergeFlux1]

@@ -34,7 +34,7 @@ UNET_WEIGHT_DTYPES = ["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"]
 CLIP_TYPES = ["stable_diffusion", "stable_cascade", "sd3", "stable_audio", "mochi", "ltxv", "pixart", "cosmos",
               "lumina2", "wan", "hidream", "chroma", "ace", "omnigen2", "qwen_image", "hunyuan_image"]
 DUAL_CLIP_TYPES = ["sdxl", "sd3", "flux", "hunyuan_video", "hidream", "hunyuan_image"]
-SUPPORTED_CLIP_TYPES = {"stable_diffusion", "sdxl", "sd3", "flux", "chroma", "qwen_image", "lumina2"}
+SUPPORTED_CLIP_TYPES = {"stable_diffusion", "sdxl", "sd3", "flux", "chroma", "qwen_image", "lumina2", "hidream"}
 
 
 class CheckpointLoaderSimple(Node):
@@ -144,16 +144,14 @@ class UNETLoader(Node):
 
     @classmethod
     def fingerprint(cls, env: Environment, constants: dict[str, Any]) -> Any:
-        return model_fingerprint(env, "unet", constants.get("unet_name"), "unet")
+        return model_fingerprint(env, "unet", constants.get("unet_name"), "unet", constants.get("weight_dtype"))
 
     def run(self, ctx: RunContext):
         path = locate_model(ctx, "unet_name", "unet", self.unet_name)
         manager = ctx.models
-        if self.weight_dtype != "default":
-            ctx.warn(f"weight_dtype {self.weight_dtype} (fp8 storage) is not supported yet; the weights are "
-                     f"loaded and computed in {manager.dtype_for('diffusion')}")
-        model = load_model(ctx, "unet_name", self.unet_name, model_key("unet", file_identity(path)),
-                           lambda: checkpoint.load_unet_file(path, manager))
+        # fp8_*: the layers' weights are kept in fp8 and cast to the compute dtype per call (weight_storage).
+        model = load_model(ctx, "unet_name", self.unet_name, model_key("unet", file_identity(path), self.weight_dtype),
+                           lambda: checkpoint.load_unet_file(path, manager, weight_dtype=self.weight_dtype))
         return (model,)
 
 

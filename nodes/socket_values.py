@@ -31,8 +31,10 @@ from latentloom.engine.types import (
 from .diffusion.clip import ClipModel
 from .diffusion.controlnet import ControlNet
 from .diffusion.denoiser import Guider
+from .diffusion.dit_controlnet import TransformerControlNet
 from .diffusion.family_clip import FamilyClip
 from .diffusion.gemma_text import Lumina2Clip
+from .diffusion.hidream_text import HiDreamClip
 from .diffusion.latent_operations import LATENT_OPERATION
 from .diffusion.models import DiffusionModel
 from .diffusion.qwen_text import QwenImageClip
@@ -114,12 +116,12 @@ def register_value_checks(checks: ValueCheckers) -> None:
     checks.register(SIGMAS, sigmas)
     checks.register(NOISE, noise)
     checks.register(MODEL, instance_of(DiffusionModel, "a MODEL"))
-    checks.register(CLIP, instance_of((ClipModel, FamilyClip, QwenImageClip, Lumina2Clip), "a CLIP model",
+    checks.register(CLIP, instance_of((ClipModel, FamilyClip, QwenImageClip, Lumina2Clip, HiDreamClip), "a CLIP model",
                                       "; if it comes from a checkpoint loader, that checkpoint has no usable text "
                                       "encoder"))
     checks.register(VAE, instance_of(VAEModel, "a VAE", "; if it comes from a checkpoint loader, that checkpoint "
                                      "has no VAE"))
-    checks.register(CONTROL_NET, instance_of((ControlNet, T2IAdapter), "a ControlNet"))
+    checks.register(CONTROL_NET, instance_of((ControlNet, T2IAdapter, TransformerControlNet), "a ControlNet"))
     checks.register(SAMPLER, instance_of(Sampler, "a SAMPLER"))
     checks.register(GUIDER, instance_of(Guider, "a GUIDER"))
     checks.register(LATENT_OPERATION, latent_operation)

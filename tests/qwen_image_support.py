@@ -43,7 +43,17 @@ def tiny_qwen_vae(seed: int = 0) -> torch.nn.Module:
     return _perturb(AutoencoderKLQwenImage(base_dim=8, z_dim=16), seed, 0.02)
 
 
-def tiny_qwen_text_encoder(vocab_size: int, seed: int = 0) -> torch.nn.Module:
+def vision_token_ids(tokenizer_dir: Path) -> dict[str, int]:
+    """Qwen2_5_VLConfig's special token ids, as the tiny tokenizer numbers them (no video: the pad of text)."""
+    vocab = json.loads((tokenizer_dir / "vocab.json").read_text())
+    return {"image_token_id": vocab["<|image_pad|>"], "vision_start_token_id": vocab["<|vision_start|>"],
+            "vision_end_token_id": vocab["<|vision_end|>"], "video_token_id": vocab["<|endoftext|>"]}
+
+
+def tiny_qwen_text_encoder(vocab_size: int, seed: int = 0, token_ids: dict[str, int] | None = None) \
+        -> torch.nn.Module:
+    """Qwen2.5-VL, text and vision, a few layers. The vision tower keeps what ComfyUI fixes rather than reads from
+    the weights (16 heads, windows of 112 pixels, full attention in block 7), with 8 blocks so one is global."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     torch.manual_seed(seed)
@@ -54,9 +64,10 @@ def tiny_qwen_text_encoder(vocab_size: int, seed: int = 0) -> torch.nn.Module:
                      "bos_token_id": None, "eos_token_id": None,
                      "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0,
                                          "mrope_section": [16, 24, 24]}},
-        vision_config={"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
-                       "out_hidden_size": TEXT_WIDTH, "fullatt_block_indexes": [0]},
-        vocab_size=vocab_size)
+        vision_config={"depth": 8, "hidden_size": 128, "intermediate_size": 64, "num_heads": 16,
+                       "out_hidden_size": TEXT_WIDTH, "fullatt_block_indexes": [7, 15, 23, 31],
+                       "window_size": 112},
+        vocab_size=vocab_size, **(token_ids or {}))
     return _perturb(Qwen2_5_VLForConditionalGeneration(config), seed, 0.02)
 
 
@@ -126,9 +137,11 @@ def write_tiny_tokenizer(folder: Path) -> Path:
         pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tokenizer.decoder = decoders.ByteLevel()
-    corpus = ([IMAGE_TEMPLATE.format("a photo of a red cat on a table")] * 20 + [EDIT_TEMPLATE.format("")] * 5
+    # Enough of each template that its words merge whole: the heads then count as with Qwen's vocabulary (34 and
+    # 64 tokens, diffusers' fixed cuts).
+    corpus = ([IMAGE_TEMPLATE.format("a photo of a red cat on a table")] * 20 + [EDIT_TEMPLATE.format("")] * 20
               + ["user\n"] * 50 + ["a photo of a cat, a dog and a blue sky"] * 5)
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=list(TOKENIZER_SPECIALS), show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=list(TOKENIZER_SPECIALS), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(corpus, trainer)
     folder.mkdir(parents=True, exist_ok=True)

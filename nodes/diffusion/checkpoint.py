@@ -16,11 +16,11 @@ import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
-from . import convert, detect, families, family_clip, model_code, wan_vae
+from . import convert, detect, families, family_clip, model_code, wan_vae, weight_storage
 from .clip import ClipModel
 from .family_clip import FamilyClip
 from .latent_formats import (
@@ -32,6 +32,11 @@ from .latent_formats import (
 from .models import SD15_LATENT, SDXL_LATENT, DiffusionModel, LatentFormat, SamplingConfig
 from .offline import ensure_offline
 from .vae import VAEModel
+
+if TYPE_CHECKING:
+    from .gemma_text import Lumina2Clip
+    from .hidream_text import HiDreamClip
+    from .qwen_text import QwenImageClip
 
 StateDict = dict[str, torch.Tensor]
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
@@ -112,10 +117,11 @@ def sidecar_yaml(path: str | os.PathLike) -> str | None:
 
 # Building networks -------------------------------------------------------------------------------------------
 
-def _materialize(model: torch.nn.Module, state: Mapping[str, torch.Tensor], dtype: torch.dtype, what: str) \
-        -> torch.nn.Module:
+def _materialize(model: torch.nn.Module, state: Mapping[str, torch.Tensor], dtype: torch.dtype, what: str,
+                 storage: torch.dtype | None = None) -> torch.nn.Module:
     """Give a meta-device network the tensors of `state` (strict) in `dtype` (floating tensors only), then rebuild
-    non-persistent index buffers."""
+    non-persistent index buffers. With a `storage` dtype the Linear / Conv weights are kept in it and cast to the
+    compute dtype per call (nodes.diffusion.weight_storage)."""
     own = set(model.state_dict())
     missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)
     if missing or unexpected:
@@ -125,9 +131,11 @@ def _materialize(model: torch.nn.Module, state: Mapping[str, torch.Tensor], dtyp
     # Copies, not views into the file's buffer: safetensors packs tensors at 8-byte offsets, and CPU kernels
     # take different (last-bit different) paths on such unaligned weights than on the freshly allocated ones
     # a diffusers model has; own allocations keep results bit-identical to the original modules.
-    state = {key: value.to(dtype, copy=True) if value.is_floating_point() else value.clone()
-             for key, value in state.items()}
+    stored = weight_storage.stored_weight_names(model) if storage is not None else set()
+    state = weight_storage.cast_state(state, stored, storage, dtype)
     model.load_state_dict(state, strict=True, assign=True)
+    if storage is not None:
+        weight_storage.enable_per_call_cast(model, dtype)
     for module in model.modules():
         for name, buffer in list(module._buffers.items()):
             if buffer is not None and buffer.is_meta:
@@ -138,13 +146,14 @@ def _materialize(model: torch.nn.Module, state: Mapping[str, torch.Tensor], dtyp
 
 
 def build_unet(ldm_unet: Mapping[str, torch.Tensor], shape: detect.UNetShape, family: str, dtype: torch.dtype,
-               prefix: str = convert.UNET_PREFIX, what: str = "UNet") -> torch.nn.Module:
+               prefix: str = convert.UNET_PREFIX, what: str = "UNet", storage: torch.dtype | None = None) \
+        -> torch.nn.Module:
     unet_class = model_code.unet_class()  # before convert's diffusers import, so unused families stay unloaded
     config = detect.unet_config(shape, family)
     weights = convert.unet_from_ldm(ldm_unet, config, prefix=prefix)
     with torch.device("meta"):
         unet = unet_class(**config)
-    return _materialize(unet, weights, dtype, what)
+    return _materialize(unet, weights, dtype, what, storage)
 
 
 def build_vae(state: Mapping[str, torch.Tensor], family: str, dtype: torch.dtype, what: str = "VAE") \
@@ -159,21 +168,22 @@ def build_vae(state: Mapping[str, torch.Tensor], family: str, dtype: torch.dtype
 
 
 def build_transformer(state: Mapping[str, torch.Tensor], found: families.DetectedTransformer, dtype: torch.dtype,
-                      what: str = "diffusion transformer") -> torch.nn.Module:
+                      what: str = "diffusion transformer", storage: torch.dtype | None = None) -> torch.nn.Module:
     """SD3Transformer2DModel / FluxTransformer2DModel from the original single-file names."""
     transformer_class = families.transformer_class(found.family)
     weights = families.diffusers_weights(state, found)
     with torch.device("meta"):
         transformer = transformer_class(**found.config)
     families.rebuild_rotary_tables(transformer, found)
-    return _materialize(transformer, weights, dtype, what)
+    return _materialize(transformer, weights, dtype, what, storage)
 
 
 def transformer_model(state: Mapping[str, torch.Tensor], found: families.DetectedTransformer, dtype: torch.dtype,
-                      path: Path) -> DiffusionModel:
+                      path: Path, storage: torch.dtype | None = None) -> DiffusionModel:
     """The MODEL of a diffusion-transformer family: the diffusers transformer in `unet`, the family's latent
     format and ComfyUI's default flow sampling; options["variant"] names the variant (sd3.5, flux_dev, ...)."""
-    transformer = build_transformer(state, found, dtype, what=f"{path.name} ({found.family} transformer)")
+    transformer = build_transformer(state, found, dtype, what=f"{path.name} ({found.family} transformer)",
+                                    storage=storage)
     return DiffusionModel(unet=transformer, family=found.family,
                           sampling=SamplingConfig(**families.default_sampling(found)),
                           latent_format=latent_format_for_family(found.family), source=str(path),
@@ -205,7 +215,7 @@ def build_text_encoder(state: Mapping[str, torch.Tensor], shape: detect.TextEnco
 @dataclass(frozen=True)
 class LoadedCheckpoint:
     model: DiffusionModel
-    clip: ClipModel | FamilyClip | None
+    clip: ClipModel | FamilyClip | Lumina2Clip | QwenImageClip | None
     vae: VAEModel | None
     detected: detect.Detected | families.DetectedTransformer
 
@@ -216,6 +226,12 @@ def _release(state: StateDict, prefix: str) -> None:
         return  # a bare UNet: its keys have no prefix of their own
     for key in [key for key in state if key.startswith(prefix)]:
         del state[key]
+
+
+def _fp8_storage(state: StateDict) -> torch.dtype | None:
+    """An all-in-one file stored in fp8 keeps its diffusion weights in fp8 (never upcast at load)."""
+    found = weight_storage.file_weight_dtype(state)
+    return found if found in weight_storage.FP8_DTYPES else None
 
 
 def _dtypes(manager: Any) -> tuple[torch.dtype, torch.dtype, torch.dtype]:
@@ -240,7 +256,7 @@ def load_checkpoint(path: str | os.PathLike, manager: Any = None, unet_dtype: to
     diffusion_dtype, text_dtype, vae_dtype = _dtypes(manager)
     family = found.family
     unet = build_unet(state, found.unet, family, unet_dtype or diffusion_dtype, prefix=found.unet_prefix,
-                      what=f"{path.name} (UNet)")
+                      what=f"{path.name} (UNet)", storage=_fp8_storage(state))
     _release(state, found.unet_prefix)
     model = DiffusionModel(unet=unet, family=family, sampling=SamplingConfig(prediction=found.prediction),
                            latent_format=latent_format_for(family), source=str(path),
@@ -270,9 +286,10 @@ def load_transformer_checkpoint(state: StateDict, path: Path, manager: Any = Non
     except families.UnknownTransformer as error:
         raise ModelFileError(f"{path.name}: unsupported diffusion transformer: {error}") from error
     diffusion_dtype, text_dtype, vae_dtype = _dtypes(manager)
-    model = transformer_model(state, found, unet_dtype or diffusion_dtype, path)
+    model = transformer_model(state, found, unet_dtype or diffusion_dtype, path, _fp8_storage(state))
     _release(state, found.prefix)
-    clip = family_clip.checkpoint_family_clip(state, found.family, text_dtype, path)
+    clip: FamilyClip | Lumina2Clip | QwenImageClip | None = family_clip.checkpoint_family_clip(
+        state, found.family, text_dtype, path)
     if clip is None and found.family == "qwen_image":
         from .qwen_text import checkpoint_qwen_clip
 
@@ -303,18 +320,25 @@ def _diffusers_unet_to_ldm(state: StateDict) -> StateDict:
     return convert.unet_to_ldm(state, layers)
 
 
-def load_unet_file(path: str | os.PathLike, manager: Any = None, dtype: torch.dtype | None = None) \
-        -> DiffusionModel:
+def load_unet_file(path: str | os.PathLike, manager: Any = None, dtype: torch.dtype | None = None,
+                   weight_dtype: str = "default") -> DiffusionModel:
     """A UNet-only file (models/unet, models/diffusion_models): LDM names with or without the
-    model.diffusion_model. prefix, or diffusers names."""
+    model.diffusion_model. prefix, or diffusers names; a .gguf file through nodes.diffusion.gguf_files.
+    weight_dtype (UNETLoader's) picks the storage dtype of the layers' weights (weight_storage.storage_dtype)."""
     path = Path(path)
+    compute = dtype or _dtypes(manager)[0]
+    if path.suffix.lower() == ".gguf":
+        from .gguf_files import load_gguf_unet
+
+        return load_gguf_unet(path, compute)
     state = read_state_dict(path)
+    storage = weight_storage.storage_dtype(weight_dtype, weight_storage.file_weight_dtype(state), compute)
     if families.find_transformer_prefix(state) is not None:
         try:
             found = families.detect_transformer(state)
         except families.UnknownTransformer as error:
             raise ModelFileError(f"{path.name}: unsupported diffusion transformer: {error}") from error
-        return transformer_model(state, found, dtype or _dtypes(manager)[0], path)
+        return transformer_model(state, found, compute, path, storage)
     if "conv_in.weight" in state and any(key.startswith("down_blocks.") for key in state):
         state = _diffusers_unet_to_ldm(state)
     prefix = detect.find_unet_prefix(state)
@@ -329,9 +353,8 @@ def load_unet_file(path: str | os.PathLike, manager: Any = None, dtype: torch.dt
                                                sidecar_yaml(path))
     except detect.UnknownArchitecture as error:
         raise ModelFileError(f"{path.name}: unknown or unsupported UNet architecture: {error}") from error
-    diffusion_dtype = _dtypes(manager)[0]
     ldm = convert.with_prefix(convert.strip_prefix(state, prefix), convert.UNET_PREFIX)
-    unet = build_unet(ldm, shape, family, dtype or diffusion_dtype, what=f"{path.name} (UNet)")
+    unet = build_unet(ldm, shape, family, compute, what=f"{path.name} (UNet)", storage=storage)
     variant = {9: "inpaint", 8: "instruct_pix2pix"}.get(shape.in_channels, "")
     return DiffusionModel(unet=unet, family=family, sampling=SamplingConfig(prediction=prediction),
                           latent_format=latent_format_for(family), source=str(path),
@@ -385,7 +408,8 @@ def text_encoder_slot(shape: detect.TextEncoderShape) -> str:
     return "g" if shape.projection_dim is not None else "l"
 
 
-def load_clip_files(paths: list[str | os.PathLike], clip_type: str, manager: Any = None) -> ClipModel | FamilyClip:
+def load_clip_files(paths: list[str | os.PathLike], clip_type: str, manager: Any = None) \
+        -> ClipModel | FamilyClip | Lumina2Clip | HiDreamClip | QwenImageClip:
     """CLIPLoader / DualCLIPLoader / TripleCLIPLoader: text encoders from their own files. clip_type
     "stable_diffusion" takes one file (CLIP-L → SD1, CLIP-H → SD2, CLIP-G → SDXL refiner); "sdxl" takes CLIP-L and
     CLIP-G in any order; "sd3" / "flux" take CLIP-L, CLIP-G (sd3) and T5-XXL files (nodes.diffusion.family_clip)."""
@@ -394,6 +418,10 @@ def load_clip_files(paths: list[str | os.PathLike], clip_type: str, manager: Any
         from .gemma_text import load_lumina2_clip
 
         return load_lumina2_clip([Path(p) for p in paths], text_dtype)
+    if clip_type == "hidream":
+        from .hidream_text import load_hidream_clip
+
+        return load_hidream_clip([Path(p) for p in paths], text_dtype)
     if clip_type == "qwen_image":
         from .qwen_text import load_qwen_clip
 

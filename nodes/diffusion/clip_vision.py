@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from . import siglip_vision
 from .checkpoint import ModelFileError, _materialize, read_state_dict
 from .offline import ensure_offline
 
@@ -213,10 +214,14 @@ def build_clip_vision(state: Mapping[str, torch.Tensor], dtype: torch.dtype, wha
                            source=source)
 
 
-def load_clip_vision_file(path: str | Path, manager: Any = None) -> ClipVisionModel:
+def load_clip_vision_file(path: str | Path, manager: Any = None) -> Any:
+    """A ClipVisionModel, or for a SigLIP file (Flux Redux's) a nodes.diffusion.siglip_vision.SiglipVision."""
     path = Path(path)
     dtype = manager.dtype_for("text_encoder") if manager is not None else torch.float32
-    return build_clip_vision(vision_state(read_state_dict(path)), dtype, path.name, str(path))
+    state = read_state_dict(path)
+    if siglip_vision.is_siglip(state):
+        return siglip_vision.build_siglip_vision(state, dtype, path.name, str(path))
+    return build_clip_vision(vision_state(state), dtype, path.name, str(path))
 
 
 def checkpoint_vision_prefix(path: str | Path) -> str | None:

@@ -19,6 +19,8 @@ from typing import Any, cast
 
 import torch
 
+from .weight_storage import network_compute_dtype, per_call_cast_names
+
 COMPUTE_DTYPE = "model_compute_dtype"  # option key: a torch.dtype
 TORCH_COMPILE = "torch_compile"  # option key: a TorchCompile
 
@@ -66,15 +68,17 @@ class CastNetwork:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self._tensors is None:
             named = [*self.module.named_parameters(), *self.module.named_buffers()]
+            cast_per_call = per_call_cast_names(self.module)  # stored narrow weights: their layers cast them
             self._tensors = {self.prefix + name: tensor.detach().to(self.dtype) for name, tensor in named
-                             if tensor.is_floating_point()}
+                             if tensor.is_floating_point() and name not in cast_per_call}
         return torch.func.functional_call(self.call, self._tensors, args, kwargs, strict=False)
 
 
 def compute_dtype(options: Mapping[str, Any], unet: torch.nn.Module) -> torch.dtype:
-    """The dtype the UNet runs in: the option's, else that of its weights."""
+    """The dtype the UNet runs in: the option's, else that of its weights (the recorded compute dtype when its
+    weights are stored narrower and cast per call: nodes.diffusion.weight_storage)."""
     chosen = options.get(COMPUTE_DTYPE)
-    return chosen if chosen is not None else next(unet.parameters()).dtype
+    return chosen if chosen is not None else network_compute_dtype(unet)
 
 
 def network_for(unet: torch.nn.Module, options: Mapping[str, Any]) -> Callable[..., Any]:
@@ -86,6 +90,6 @@ def network_for(unet: torch.nn.Module, options: Mapping[str, Any]) -> Callable[.
         call = settings.compiled(unet)
         prefix = "_orig_mod."  # how the compiled wrapper names the module's tensors
     dtype = compute_dtype(options, unet)
-    if dtype != next(unet.parameters()).dtype:
+    if dtype != network_compute_dtype(unet):
         return CastNetwork(unet, dtype, call, prefix)
     return call

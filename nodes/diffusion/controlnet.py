@@ -202,6 +202,10 @@ def load_controlnet(path: str | os.PathLike, manager: Any = None, dtype: torch.d
     path = Path(path)
     what = path.name
     state = read_state_dict(path)
+    from .dit_controlnet import is_transformer_controlnet, load_transformer_controlnet
+
+    if is_transformer_controlnet(state):  # SD3 / Flux ControlNets (controlnet_blocks.*)
+        return load_transformer_controlnet(state, path, manager, dtype)
     if not any(key.startswith((LDM_PREFIX, "zero_convs.", "controlnet_")) for key in state) and is_t2i_adapter(state):
         return load_t2i_adapter(state, path, manager)
     is_difference = "difference" in state

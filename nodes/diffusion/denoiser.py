@@ -1,10 +1,10 @@
 """The model wrapper the samplers call: D = f(x, σ), with CFG, conditioning weights, inpainting and ControlNet.
 
-Numerics follow ComfyUI (docs/comfyui-reference.md#denoiser): x stays float32; the UNet gets x/√(σ²+1) in its own dtype
-(or the ModelComputeDtype one) and the *integer* timestep nearest to σ; its output is cast back to float32 and
-turned into a denoised estimate (eps: x − ε̂σ; v: x/(σ²+1) − v̂σ/√(σ²+1)); CFG runs on the denoised estimates in
-float32, and is skipped (no negative evaluation) when cfg ≈ 1. Other schedules and prediction types (the
-ModelSampling* nodes) change the input scaling, the timestep and the x0 formula: nodes.diffusion.predictions /
+Numerics follow ComfyUI (docs/comfyui-reference.md#the-model-call-and-cfg): x stays float32; the UNet gets x/√(σ²+1)
+in its own dtype (or the ModelComputeDtype one) and the *integer* timestep nearest to σ; its output is cast back to
+float32 and turned into a denoised estimate (eps: x − ε̂σ; v: x/(σ²+1) − v̂σ/√(σ²+1)); CFG runs on the denoised
+estimates in float32, and is skipped (no negative evaluation) when cfg ≈ 1. Other schedules and prediction types
+(the ModelSampling* nodes) change the input scaling, the timestep and the x0 formula: nodes.diffusion.predictions /
 schedules.
 
 ControlNet protocol. A conditioning entry may carry `options["control"]`: any object with
@@ -114,8 +114,15 @@ class ModelCall:
         timestep = self.schedule.timestep(sigma)
         if self.dit is not None:
             options_ = transformer_options if transformer_options is not None else {}
+            dit_control: dict[str, Any] = {}
+            if control is not None:  # per-block ControlNet residuals (nodes.diffusion.dit_calls)
+                residuals = dit_calls.control_residuals(
+                    self.dit, control, self.model, x_in, sigma, timestep,
+                    context if crossattn_controlnet is None else crossattn_controlnet, added or {}, chunks)
+                if residuals is not None:
+                    dit_control["control"] = residuals
             output = self.dit.forward(self.network, x_in.to(self.dtype), timestep, context.to(self.dtype),
-                                      added or {}, options_).float()
+                                      added or {}, options_, **dit_control).float()
             return prediction.calculate_denoised(sigma, output, x, timestep)
         kwargs: dict[str, Any] = {}
         if added and "class_labels" in added:  # SD2.1-unCLIP's class embedding input (a UNet argument of its own)

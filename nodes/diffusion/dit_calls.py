@@ -14,6 +14,14 @@ has a module `nodes.diffusion.dit_<name>` with two functions:
 
 Chunks of a DiT family only share a call when their contexts have the same length: joint attention over
 repeated text tokens would change the result (ComfyUI's CONDRegular for these models).
+
+ControlNets. A family whose module sets `ACCEPTS_CONTROL = True` takes a keyword `control` in `forward`: ComfyUI's
+control dict {"input": [one residual per joint / double block], "output": [one per single block]} (image tokens
+[N, L, width]; lists as long as the network's block lists, so block i adds entry i), handed to the diffusers
+transformer (SD3: block_controlnet_hidden_states; Flux: controlnet_block_samples / controlnet_single_block_samples).
+The conditioning entry's control object (options["control"]) makes it with
+`transformer_residuals(x_in, sigma, timestep, context, model, extra, batched_number)` (None when inactive; the
+UNet ControlNets' `residuals` protocol is nodes.diffusion.denoiser's); nodes.diffusion.dit_controlnet has them.
 """
 
 from __future__ import annotations
@@ -53,6 +61,18 @@ def module_for(family: str) -> ModuleType | None:
 
 def is_transformer_family(family: str) -> bool:
     return family in _MODULES
+
+
+def control_residuals(module: ModuleType, control: Any, model: Any, x_in: torch.Tensor, sigma: torch.Tensor,
+                      timestep: torch.Tensor, context: torch.Tensor, extra: Mapping[str, torch.Tensor],
+                      batched_number: int) -> dict[str, list[torch.Tensor]] | None:
+    """The per-block residuals of a conditioning entry's ControlNet for a transformer family's call."""
+    run = getattr(control, "transformer_residuals", None)
+    if run is None:
+        raise ValueError(f"a UNet ControlNet (SD1 / SD2 / SDXL) cannot control a {model.family} model")
+    if not getattr(module, "ACCEPTS_CONTROL", False):
+        raise ValueError(f"ControlNets are not supported on {model.family} models yet")
+    return run(x_in, sigma, timestep, context, model, extra, batched_number)
 
 
 # ComfyUI's "dit" block kinds -> the diffusers transformer's block list (SD3's joint blocks and Flux's double

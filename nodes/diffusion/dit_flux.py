@@ -14,6 +14,10 @@ place them beside each other ("offset", the default), index 1, 2, ... ("index"),
 `conditioning` ("reference_tokens" [B, L, 64] + "reference_ids" [1, L, 3]), so entries with the same reference
 sizes batch together; the ids of every batch row must agree for one call (diffusers takes one set of ids), so
 rows with different ids run one call each.
+
+Flux Fill / Depth / Canny read extra input channels (the masked picture's latent, the mask folded into 64
+channels): nodes.diffusion.flux_fill. A conditioning's attention mask (StyleModelApply's attn_bias for Redux
+tokens) is resized to the call's tokens by nodes.diffusion.flux_attention_mask.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import dit_calls
+from . import dit_calls, flux_attention_mask, flux_fill
 from .latent_formats import FLUX_LATENT
 
 PATCH = 2
@@ -115,13 +119,18 @@ def conditioning(options: dict[str, Any], latent_shape: torch.Size, device: torc
         tokens, ids = reference_inputs(list(references), method, latent_shape)
         extra["reference_tokens"] = tokens.to(device)
         extra["reference_ids"] = ids[None].to(device)
+    extra.update(flux_fill.conditioning_inputs(options, latent_shape, device))  # Fill / Depth / Canny inputs
+    mask = flux_attention_mask.mask_for_call(options, latent_shape, device)  # StyleModelApply's attn_bias
+    if mask is not None:
+        extra["attention_mask"] = mask
     return extra
 
 
 @contextlib.contextmanager
-def _without_guidance_embedding(network: torch.nn.Module) -> Iterator[None]:
+def _without_guidance_embedding(network: Any) -> Iterator[None]:
     """ComfyUI skips the guidance embedding when the guidance is None; diffusers always adds it on guidance models,
-    so its output is zeroed for the call (the sum then equals the skipped term)."""
+    so its output is zeroed for the call (the sum then equals the skipped term). `network` is diffusers'
+    FluxTransformer2DModel (Any: its submodules are read by name)."""
     embedder = network.time_text_embed.guidance_embedder
     handle = embedder.register_forward_hook(lambda module, args, output: torch.zeros_like(output))
     try:
@@ -130,11 +139,16 @@ def _without_guidance_embedding(network: torch.nn.Module) -> Iterator[None]:
         handle.remove()
 
 
+ACCEPTS_CONTROL = True  # ControlNet residuals (nodes.diffusion.dit_controlnet), one per double / single block
+
+
 def forward(network: torch.nn.Module, x_in: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
-            extra: dict[str, torch.Tensor], transformer_options: dict[str, Any]) -> torch.Tensor:
+            extra: dict[str, torch.Tensor], transformer_options: dict[str, Any],
+            control: dict[str, list[torch.Tensor]] | None = None) -> torch.Tensor:
     height, width = x_in.shape[-2:]
     dtype = x_in.dtype
-    padded = pad_to_patches(x_in)
+    concat = flux_fill.channels(network, extra, x_in)  # Fill / Depth / Canny: picture (+ mask) channels
+    padded = pad_to_patches(x_in if concat is None else torch.cat([x_in, concat], dim=1))
     rows, cols = padded.shape[-2] // PATCH, padded.shape[-1] // PATCH
     hidden = pack(padded)
     image_tokens = hidden.shape[1]
@@ -160,10 +174,27 @@ def forward(network: torch.nn.Module, x_in: torch.Tensor, timestep: torch.Tensor
                 stack.enter_context(_without_guidance_embedding(network))
             out = network(hidden_states=hidden[group], img_ids=call_ids, txt_ids=arguments["txt_ids"],
                           guidance=None if guidance is None else guidance[group].to(dtype), return_dict=False,
-                          **picked)[0]
+                          **picked, **_control_arguments(control, group, hidden.shape[1], dtype),
+                          **flux_attention_mask.call_arguments(extra, group, context.shape[1] + hidden.shape[1],
+                                                               dtype))[0]
         rows_out.append((group, out[:, :image_tokens]))
     out = rows_out[0][1] if len(rows_out) == 1 else _reassemble(rows_out, x_in.shape[0])
     return unpack(out, rows, cols)[..., :height, :width]
+
+
+def _control_arguments(control: dict[str, list[torch.Tensor]] | None, group: list[int], tokens: int,
+                       dtype: torch.dtype) -> dict[str, Any]:
+    """A ControlNet's residuals for the rows of `group`; ComfyUI adds them to the image tokens only, so
+    reference tokens get zeros."""
+    if control is None:
+        return {}
+
+    def rows(samples: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        picked = [F.pad(s[group], (0, 0, 0, tokens - s.shape[1])).to(dtype) for s in samples]
+        return picked or None
+
+    return {"controlnet_block_samples": rows(control["input"]),
+            "controlnet_single_block_samples": rows(control["output"])}
 
 
 def _rows_sharing_ids(reference_ids: torch.Tensor | None, batch: int) -> list[list[int]]:

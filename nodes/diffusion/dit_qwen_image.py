@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import dit_calls
+from . import convert, dit_calls
 from .latent_formats import WAN21_LATENT
 
 PATCH = 2
@@ -128,7 +128,7 @@ def forward(network: torch.nn.Module, x_in: torch.Tensor, timestep: torch.Tensor
     rows, cols = (height + PATCH // 2) // PATCH, (width + PATCH // 2) // PATCH
     text_start = max(rows // 2, cols // 2)
     text_ids = (torch.arange(context.shape[1], dtype=torch.float64) + text_start)[:, None].repeat(1, 3)
-    axes = tuple(int(a) for a in network.config.axes_dims_rope)
+    axes = tuple(int(a) for a in convert.diffusers_config(network).axes_dims_rope)
     rotary = (rotary_table(torch.cat(positions), axes).to(x_in.device),
               rotary_table(text_ids, axes).to(x_in.device))
 
@@ -139,7 +139,7 @@ def forward(network: torch.nn.Module, x_in: torch.Tensor, timestep: torch.Tensor
     return unpack(out, channels, padded.shape[-2], padded.shape[-1])[..., :height, :width]
 
 
-def _run_blocks(network: torch.nn.Module, image: torch.Tensor, text: torch.Tensor, timestep: torch.Tensor,
+def _run_blocks(network: Any, image: torch.Tensor, text: torch.Tensor, timestep: torch.Tensor,
                 rotary: tuple[torch.Tensor, torch.Tensor], transformer_options: dict[str, Any],
                 latent: torch.Tensor) -> torch.Tensor:
     """The network's forward with our rotary tables, and ComfyUI's "dit" double-block replace / patch hooks."""

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import dit_calls
+from . import convert, dit_calls
 
 
 def conditioning(options: dict[str, Any], latent_shape: torch.Size, device: torch.device) -> dict[str, torch.Tensor]:
@@ -22,16 +22,21 @@ def conditioning(options: dict[str, Any], latent_shape: torch.Size, device: torc
     return {"pooled_projections": pooled.to(device=device, dtype=torch.float32).reshape(pooled.shape[0], -1)}
 
 
+ACCEPTS_CONTROL = True  # ControlNet residuals (nodes.diffusion.dit_controlnet), one per joint block
+
+
 def forward(network: torch.nn.Module, x_in: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
-            extra: dict[str, torch.Tensor], transformer_options: dict[str, Any]) -> torch.Tensor:
-    patch = int(network.config.patch_size)
+            extra: dict[str, torch.Tensor], transformer_options: dict[str, Any],
+            control: dict[str, list[torch.Tensor]] | None = None) -> torch.Tensor:
+    patch = int(convert.diffusers_config(network).patch_size)
     height, width = x_in.shape[-2:]
     pad_h, pad_w = (-height) % patch, (-width) % patch
     if pad_h or pad_w:
         x_in = F.pad(x_in, (0, pad_w, 0, pad_h), mode="circular")
     dtype = x_in.dtype
     pooled = extra["pooled_projections"].to(dtype)
+    residuals = None if control is None else [r.to(dtype) for r in control["input"]]
     with dit_calls.block_patches(network, transformer_options):
         out = network(hidden_states=x_in, encoder_hidden_states=context.to(dtype), pooled_projections=pooled,
-                      timestep=timestep.to(dtype), return_dict=False)[0]
+                      timestep=timestep.to(dtype), block_controlnet_hidden_states=residuals, return_dict=False)[0]
     return out[..., :height, :width]

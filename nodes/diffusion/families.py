@@ -28,14 +28,15 @@ from typing import Any
 
 import torch
 
-from . import families_extra, families_lumina
+from . import families_extra, families_hidream, families_lumina
 from .offline import ensure_offline
 
 TRANSFORMER_PREFIXES = ("model.diffusion_model.", "model.", "")
 SD3_MARKER = "joint_blocks.0.context_block.attn.qkv.weight"
 FLUX_MARKER = "double_blocks.0.img_attn.norm.key_norm.scale"
 QWEN_IMAGE_MARKER = "txt_norm.weight"
-MARKERS = (SD3_MARKER, FLUX_MARKER, QWEN_IMAGE_MARKER, families_extra.AURAFLOW_MARKER, families_lumina.LUMINA2_MARKER)
+MARKERS = (SD3_MARKER, FLUX_MARKER, QWEN_IMAGE_MARKER, families_extra.AURAFLOW_MARKER, families_lumina.LUMINA2_MARKER,
+           families_hidream.HIDREAM_MARKER)
 FLUX_ROPE_AXES = (16, 56, 56)  # Flux's rotary split of a 128-wide head (time/index, height, width)
 
 
@@ -154,6 +155,9 @@ def detect_transformer(state: Mapping[str, torch.Tensor]) -> DetectedTransformer
                                  "transformer in the weights")
     if prefix + QWEN_IMAGE_MARKER in state:
         return DetectedTransformer("qwen_image", "qwen_image", prefix, _qwen_image_config(state, prefix))
+    if families_hidream.is_hidream(state, prefix):
+        return DetectedTransformer("hidream", "hidream", prefix,
+                                   families_hidream.hidream_config(state, prefix, UnknownTransformer))
     if families_lumina.is_lumina2(state, prefix):
         return DetectedTransformer("lumina2", "lumina2", prefix,
                                    families_lumina.lumina2_config(state, prefix, UnknownTransformer))
@@ -271,6 +275,8 @@ def transformer_class(family: str) -> Any:
         return families_extra.transformer_class(family)
     if family == "lumina2":
         return families_lumina.transformer_class()
+    if family == "hidream":
+        return families_hidream.transformer_class()
     return model_code.transformer_class("transformer_flux", "FluxTransformer2DModel")
 
 
@@ -279,6 +285,8 @@ def diffusers_weights(state: Mapping[str, torch.Tensor], found: DetectedTransfor
         return sd3_to_diffusers(state, found.prefix)
     if found.family == "auraflow":
         return families_extra.auraflow_to_diffusers(state, found.prefix)
+    if found.family == "hidream":
+        return families_hidream.hidream_to_diffusers(state, found.prefix)
     if found.family == "lumina2":
         return families_lumina.lumina2_to_diffusers(state, found.prefix, found.config, UnknownTransformer)
     if found.family == "chroma":
@@ -298,6 +306,8 @@ def default_sampling(found: DetectedTransformer) -> dict[str, Any]:
         return families_extra.default_sampling(found.family)
     if found.family == "lumina2":
         return families_lumina.default_sampling()
+    if found.family == "hidream":
+        return families_hidream.default_sampling()
     if found.family == "sd3":
         return {"prediction": "const", "schedule": "discrete_flow", "shift": 3.0, "multiplier": 1000.0}
     if found.family == "flux" and found.variant != "flux_dev":

@@ -19,7 +19,7 @@ import dataclasses
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -37,6 +37,9 @@ from .t5 import (
     tokenizer_search_dirs,
 )
 from .tokenizer import OPENCLIP_CHUNKS, SD1_CHUNKS, empty_chunk, tokenize_prompt
+
+if TYPE_CHECKING:
+    from .gemma_text import Lumina2Clip
 
 T5_WIDTH_SD3 = 4096
 # ComfyUI's T5XXLTokenizer min_length per family (sd3_clip.py: 77, flux.py: 256); no maximum, no chunks.
@@ -105,7 +108,7 @@ class FamilyClip:
             options = self.options.get(TOKENIZER_OPTIONS) or {}
             min_length = int(options.get("t5xxl_min_length", T5_MIN_LENGTH[self.family]))
             min_padding = int(options.get("t5xxl_min_padding", 0))
-            width = self.encoders["t5xxl"].get_input_embeddings().weight.shape[1]
+            width = cast(Any, self.encoders["t5xxl"]).get_input_embeddings().weight.shape[1]
             tokens["t5xxl"] = t5_tokenize(text, find_t5_tokenizer(self.t5_tokenizer_dirs), min_length, min_padding,
                                           width, resolve_embedding, warn)
         return tokens
@@ -176,7 +179,7 @@ def build_t5(state: Mapping[str, torch.Tensor], prefix: str, dtype: torch.dtype,
 
 
 def checkpoint_family_clip(state: Mapping[str, torch.Tensor], family: str, dtype: torch.dtype,
-                           path: Path) -> FamilyClip | None:
+                           path: Path) -> FamilyClip | Lumina2Clip | None:
     """The text encoders an all-in-one SD3 / Flux file carries under text_encoders.*, or None (also for families
     whose text encoders are not built yet)."""
     from . import detect

@@ -26,7 +26,7 @@ import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -88,7 +88,7 @@ def build_gemma(state: Mapping[str, torch.Tensor], prefix: str, dtype: torch.dty
         model = Gemma2Model(config)
     with torch.device("cpu"):  # its rotary frequencies are a non-persistent buffer: compute them for real
         model.rotary_emb = type(model.rotary_emb)(config=config)
-    model.embed_tokens.embed_scale = torch.tensor(config.hidden_size ** 0.5)  # also a non-persistent buffer
+    model.embed_tokens.embed_scale = torch.nn.Buffer(torch.tensor(config.hidden_size ** 0.5), persistent=False)
     weights = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
     return _materialize(model, weights, dtype, what)
 
@@ -199,8 +199,9 @@ def _as_weighted(given: Any) -> list[WeightedToken]:
     return [item if isinstance(item, tuple) else (int(item), 1.0) for item in given]
 
 
-def _hidden_after(model: torch.nn.Module, tokens: Sequence[WeightedToken], layer: int) -> torch.Tensor:
-    """The output of layer `layer` (negative: from the end) for weighted tokens, float32 on the CPU."""
+def _hidden_after(model: Any, tokens: Sequence[WeightedToken], layer: int) -> torch.Tensor:
+    """The output of layer `layer` (negative: from the end) for weighted tokens, float32 on the CPU. `model` is
+    transformers' Gemma2Model (Any: its submodules are read by name)."""
     embedding = model.get_input_embeddings()
     device = embedding.weight.device
     ids = torch.tensor([[t if isinstance(t, int) else PAD_ID for t, _ in tokens]], device=device)
@@ -282,7 +283,7 @@ class Lumina2Clip:
         return self._tokenizer[0]
 
     def tokenize(self, text: str, resolve_embedding: Any = None, warn: Any = None) -> dict[str, Any]:
-        width = self.encoders[ENCODER_KEY].get_input_embeddings().weight.shape[1]
+        width = cast(Any, self.encoders[ENCODER_KEY]).get_input_embeddings().weight.shape[1]
         return {ENCODER_KEY: gemma_tokenize(text, self.tokenizer(), width, resolve_embedding, warn)}
 
     def encode_tokens(self, tokens: Mapping[str, Any], manager: Any = None) -> tuple[torch.Tensor, None]:

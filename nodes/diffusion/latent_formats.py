@@ -54,7 +54,8 @@ FAMILY_LATENT_FORMATS: dict[str, LatentFormat] = {"sd3": SD3_LATENT, "flux": FLU
                                                   "qwen_image": WAN21_LATENT,
                                                   "auraflow": SDXL_LATENT,  # AuraFlow uses SDXL's 4-channel VAE
                                                   "chroma": FLUX_LATENT,
-                                                  "lumina2": FLUX_LATENT}
+                                                  "lumina2": FLUX_LATENT,
+                                                  "hidream": FLUX_LATENT}
 
 
 def latent_format_for_family(family: str) -> LatentFormat:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -66,7 +66,7 @@ class DiffSynthControlNet(torch.nn.Module):
         return _linear(tokens, self.img_in)
 
     def control(self, img: torch.Tensor, control: torch.Tensor, index: int) -> torch.Tensor:
-        block = self.controlnet_blocks[index]
+        block = cast(_ControlBlock, self.controlnet_blocks[index])
         x = F.rms_norm(img, (img.shape[-1],), block.x_rms.to(img), eps=RMS_EPS)
         y = F.rms_norm(control, (control.shape[-1],), block.y_rms.to(img), eps=RMS_EPS)
         return _linear(F.gelu(_linear(x + y, block.input_proj)), block.output_proj)
@@ -98,8 +98,8 @@ def _linear(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
 class ModelPatch:
     """What a MODEL_PATCH link carries."""
 
-    kind: str  # "diffsynth_controlnet"
-    net: torch.nn.Module
+    kind: str  # "diffsynth_controlnet", the one kind that loads
+    net: DiffSynthControlNet
     source: str = ""
 
     def cache_nbytes(self) -> int:

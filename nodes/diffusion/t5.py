@@ -22,7 +22,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -243,7 +243,7 @@ def encode_t5_weighted(module: torch.nn.Module, tokens: Sequence[WeightedToken])
     vectors = [(i, t) for i, (t, _) in enumerate(tokens) if not isinstance(t, int)]
     empty = torch.tensor([[T5_EOS_ID] + [T5_PAD_ID] * (len(tokens) - 1)])
     if vectors:
-        embedding = module.get_input_embeddings()
+        embedding = cast(Any, module).get_input_embeddings()
         with torch.no_grad():
             embeds = embedding(ids.to(embedding.weight.device)).clone()
         for position, vector in vectors:

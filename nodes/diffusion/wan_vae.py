@@ -63,7 +63,7 @@ class _Posterior:
 class ImageVAE(torch.nn.Module):
     """A Wan video autoencoder seen as an image autoencoder: IMAGE batches are batches of one-frame videos."""
 
-    def __init__(self, video: torch.nn.Module):
+    def __init__(self, video: Any):  # diffusers' AutoencoderKLQwenImage (diffusers models are read as Any)
         super().__init__()
         self.video = video
         self.config = SimpleNamespace(latent_channels=int(video.config.z_dim), out_channels=3, in_channels=3)
