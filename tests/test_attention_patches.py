@@ -33,6 +33,10 @@ SCHEDULE = DiscreteSchedule()
 CFG = 5.0
 
 
+# Each test builds and runs tiny diffusers UNets (or whole graphs on them): seconds apiece.
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def model():
     return tiny_objects("sd1", 0)[0]

@@ -26,6 +26,9 @@ from latentloom.nodes.diffusion.models import SDXL_LATENT  # noqa: E402
 from latentloom.nodes.loaders import CLIPLoader, UNETLoader  # noqa: E402
 from latentloom.nodes.sampling import BasicScheduler, KSampler  # noqa: E402
 
+# Each test builds tiny diffusers/transformers models and compares with their pipeline: seconds apiece.
+pytestmark = pytest.mark.slow
+
 
 def tiny_auraflow(seed: int = 0) -> torch.nn.Module:
     from diffusers import AuraFlowTransformer2DModel

@@ -45,6 +45,10 @@ ADAPTERS = {
 }
 
 
+# Each test builds and runs tiny diffusers UNets (or whole graphs on them): seconds apiece.
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture
 def env(tmp_path):
     return make_env(models_dir=tmp_path / "models")
@@ -185,7 +189,6 @@ def test_adapter_denoise_step_matches_diffusers_through_the_apply_node(env, ctx,
     assert float((eps - plain).abs().max()) > 1e-3  # the adapter really changes the prediction
 
 
-@pytest.mark.slow
 def test_adapter_chained_with_a_controlnet_adds_both(env):
     adapter = load_controlnet(write_adapter(controlnet_dir(env) / "a.safetensors", tiny_adapter("full", 1)))
     cn_module = tiny_controlnet("sd1", seed=2)
@@ -265,7 +268,6 @@ def test_ip2p_node_encodes_the_cropped_image_onto_both_conditionings(ctx):
                  pixels=image(1, height=6, width=30))
 
 
-@pytest.mark.slow
 def test_ip2p_unet_input_and_prediction_match_the_diffusers_pipeline(ctx):
     from diffusers import EulerDiscreteScheduler, StableDiffusionInstructPix2PixPipeline
     from tiny_models import tiny_components
@@ -333,7 +335,6 @@ def test_ip2p_cfg_gives_the_image_to_both_sides(ctx):
 
 # CLIPTextEncodeControlnet, SetUnionControlNetType, SD_4XUpscale_Conditioning -------------------------------------
 
-@pytest.mark.slow
 def test_controlnet_text_goes_to_the_controlnet_only(env, ctx):
     model, clip = tiny_objects("sd1")
     cn_module = tiny_controlnet("sd1")
@@ -365,7 +366,6 @@ def test_controlnet_text_goes_to_the_controlnet_only(env, ctx):
     assert torch.count_nonzero(by_unet[0.0]) == 0
 
 
-@pytest.mark.slow
 def test_set_union_type_records_the_choice_and_changes_nothing_else(env, ctx):
     net = load_controlnet(write_controlnet(controlnet_dir(env) / "cn.safetensors", tiny_controlnet("sd1")))
     (typed,) = run_node(SetUnionControlNetType, ctx, control_net=net, type="depth")
@@ -448,7 +448,6 @@ def base_graph(checkpoint: str, positive: list, negative: list, latent: list) ->
     }
 
 
-@pytest.mark.slow
 def test_ip2p_graph_edits_the_given_image(engine):
     def run(picture: str) -> torch.Tensor:
         graph = base_graph("ip2p.safetensors", ["ip2p", 0], ["ip2p", 1], ["ip2p", 2])
@@ -463,7 +462,6 @@ def test_ip2p_graph_edits_the_given_image(engine):
     assert torch.equal(run("a.png"), a)
 
 
-@pytest.mark.slow
 def test_t2i_adapter_graph_through_the_controlnet_nodes(engine):
     def run(strength: float | None) -> torch.Tensor:
         if strength is None:

@@ -96,6 +96,7 @@ print(json.dumps(found))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("with_pack", [False, True])
 def test_comfyui_module_names_are_claimed_only_for_a_custom_nodes_folder(tmp_path, with_pack):
     """Without a custom_nodes folder (the CLI's default ./custom_nodes is usually absent) an engine leaves

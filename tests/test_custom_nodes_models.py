@@ -18,6 +18,9 @@ from tiny_models import write_tiny_checkpoint  # noqa: E402
 from latentloom.nodes import create_engine  # noqa: E402
 from tests.test_custom_nodes import PACKS, preview, texts  # noqa: E402
 
+# Each test builds and runs tiny diffusers UNets (or whole graphs on them): seconds apiece.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):

@@ -35,6 +35,10 @@ REAL_UNETS = {
 FAMILY = {"sd15": "sd1", "sd21": "sd2", "sdxl": "sdxl", "refiner": "sdxl_refiner"}
 
 
+# Each test builds and runs tiny diffusers UNets (or whole graphs on them): seconds apiece.
+pytestmark = pytest.mark.slow
+
+
 def meta_unet(name: str, in_channels: int = 4) -> torch.nn.Module:
     from diffusers import UNet2DConditionModel
 

@@ -13,6 +13,9 @@ from latentloom.nodes.conditioning import CLIPTextEncode
 from latentloom.nodes.diffusion.embeddings import EmbeddingLibrary
 from latentloom.nodes.diffusion.tokenizer import bpe_ids
 
+# Each test builds and runs tiny diffusers UNets (or whole graphs on them): seconds apiece.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def env(tmp_path):

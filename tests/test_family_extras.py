@@ -42,6 +42,10 @@ PROMPT = "a photo of a cat"
 DIM = 256  # the tiny Qwen-Image transformer's width (2 heads x 128)
 
 
+# Each test builds tiny diffusers/transformers models and compares with their pipeline: seconds apiece.
+pytestmark = pytest.mark.slow
+
+
 def _diffsynth_state(seed: int, blocks: int, mask_channels: int = 0) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
 

@@ -29,6 +29,9 @@ from latentloom.nodes.loaders import (  # noqa: E402
     VAELoader,
 )
 
+# Each test builds tiny diffusers/transformers models and compares with their pipeline: seconds apiece.
+pytestmark = pytest.mark.slow
+
 
 def _perturbed(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     generator = torch.Generator().manual_seed(seed)

@@ -373,6 +373,7 @@ def flux_mu_written(max_shift, base_shift, width, height):
     return width * height / 256 * slope + base_shift - 256 * slope
 
 
+@pytest.mark.slow
 def test_inpainting_on_a_flow_model_keeps_the_unmasked_latent(tiny_model, prompts, ctx):
     positive, negative = prompts
     (model,) = run(nodes.ModelSamplingSD3, ctx, model=tiny_model, shift=3.0)
@@ -505,6 +506,7 @@ def engine(tmp_path_factory):
     return probe_engine(tmp_path_factory, "flow_sampling")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("node", "inputs", "sampler"), [
     ("ModelSamplingSD3", {"shift": 3.0}, "euler"),
     ("ModelSamplingFlux", {"max_shift": 1.15, "base_shift": 0.5, "width": 128, "height": 128}, "dpmpp_2s_ancestral"),

@@ -48,6 +48,10 @@ T5_WORDS = "a photo of cat dog red blue on the table in with and sitting garden"
 
 # Tiny files ----------------------------------------------------------------------------------------------------
 
+# Each test builds tiny diffusers/transformers models and compares with their pipeline: seconds apiece.
+pytestmark = pytest.mark.slow
+
+
 def write_t5_tokenizer(folder: Path) -> Path:
     """A tiny T5-style Unigram tokenizer.json (ids 0 <pad>, 1 </s>, 2 <unk>; Metaspace; "$A </s>" template)."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
@@ -311,7 +315,6 @@ def _sample(files: FluxFiles, model, positive, negative, latent, seed: int, step
     return out["samples"]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("guidance", [True, False], ids=["dev", "schnell"])
 def test_ksampler_matches_flux_pipeline(tmp_path, guidance):
     files = FluxFiles(tmp_path, guidance=guidance, seed=10)

@@ -47,6 +47,10 @@ SMALL_GATED = dict(sample_size=8, in_channels=4, out_channels=4, block_out_chann
                    norm_num_groups=32, attention_head_dim=(1, 1))
 
 
+# Each test builds tiny diffusers/transformers models and compares with their pipeline: seconds apiece.
+pytestmark = pytest.mark.slow
+
+
 def gated_unet(config: dict, seed: int = 0) -> torch.nn.Module:
     """A diffusers gated UNet with every weight perturbed and the gates open (GLIGEN starts with tanh(0) = 0)."""
     from diffusers import UNet2DConditionModel

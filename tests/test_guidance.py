@@ -360,6 +360,7 @@ def cfg_guider(model=("4", 0), cfg=6.0) -> dict:
                                                   "cfg": cfg}}
 
 
+@pytest.mark.slow
 def test_guiders_end_to_end(engine):
     plain = latent_of(engine, cfg_guider())
     dual = latent_of(engine, {"class_type": "DualCFGGuider", "inputs": {
@@ -372,6 +373,7 @@ def test_guiders_end_to_end(engine):
     assert same(perp, plain)  # no negative scale: CFG against the "empty" prompt
 
 
+@pytest.mark.slow
 def test_cfg_patches_end_to_end(engine):
     plain = latent_of(engine, cfg_guider())
     rescale = {"40": {"class_type": "RescaleCFG", "inputs": {"model": ["4", 0], "multiplier": 0.0}}}
@@ -384,6 +386,7 @@ def test_cfg_patches_end_to_end(engine):
         assert torch.isfinite(patched).all() and not same(patched, plain), node["class_type"]
 
 
+@pytest.mark.slow
 def test_perp_neg_patch_equals_the_guider_end_to_end(engine):
     empty = {"41": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["4", 1]}}}
     patch = {"40": {"class_type": "PerpNeg", "inputs": {"model": ["4", 0], "empty_conditioning": ["41", 0],

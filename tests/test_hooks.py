@@ -39,6 +39,10 @@ LATENT = (1, 4, 16, 16)
 EULER = sampler_for_name("euler")
 
 
+# Each test builds and runs tiny diffusers UNets (or whole graphs on them): seconds apiece.
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def objects():
     return tiny_objects("sd1")
@@ -203,7 +207,6 @@ def test_a_keyframe_switch_equals_a_two_stage_split(ctx, objects):
     torch.testing.assert_close(sample(model, positive, negative, sigmas), expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.slow
 def test_model_as_lora_hook_turns_the_model_into_the_other_checkpoint(tmp_path, objects):
     from tiny_models import write_tiny_checkpoint
 
@@ -301,7 +304,6 @@ def test_set_clip_hooks_encodes_with_the_clip_lora_and_marks_the_conds(ctx, obje
 
 # Through the engine --------------------------------------------------------------------------------------------
 
-@pytest.mark.slow
 def test_hook_graph_through_the_engine_matches_the_lora_loader_graph(tmp_path_factory, objects):
     from branch_graphs import probe_engine, probed_latents
 

@@ -44,6 +44,10 @@ IMAGE_SIZE = 28
 TEMPLATE = "sdxl_revision_text_prompts"
 
 
+# Each test builds tiny diffusers/transformers models and compares with their pipeline: seconds apiece.
+pytestmark = pytest.mark.slow
+
+
 def tiny_vision_model(seed: int = 0, projection_dim: int = TEXT_WIDTH) -> torch.nn.Module:
     """transformers' model with the configuration ComfyUI's rules give these shapes (16 heads, gelu)."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection

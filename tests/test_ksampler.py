@@ -380,6 +380,7 @@ def test_ksampler_end_to_end(tiny_model, prompts):
     assert not torch.allclose(out["samples"], other["samples"])
 
 
+@pytest.mark.slow
 def test_inpaint_mask_keeps_unmasked_latent(tiny_model, prompts):
     positive, negative = prompts
     source = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
@@ -394,6 +395,7 @@ def test_inpaint_mask_keeps_unmasked_latent(tiny_model, prompts):
         assert (out[..., :3] - source[..., :3]).abs().max() > 0.1, sampler_name
 
 
+@pytest.mark.slow
 def test_denoise_zero_and_advanced_split(tiny_model, prompts):
     positive, negative = prompts
     source = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))}
@@ -421,6 +423,7 @@ def test_denoise_zero_and_advanced_split(tiny_model, prompts):
     assert torch.equal(past_end["samples"], source["samples"])
 
 
+@pytest.mark.slow
 def test_custom_sampling_equals_ksampler(tiny_model, prompts):
     positive, negative = prompts
     latent = {"samples": torch.zeros(1, 4, 8, 8)}

@@ -334,6 +334,7 @@ def test_apply_operation_cfg_acts_on_the_guidance_direction(ctx):
     torch.testing.assert_close(only, operation(latent=cond))
 
 
+@pytest.mark.slow
 def test_apply_operation_cfg_in_a_sampling_pass(ctx):
     """On a tiny real UNet: an operation that zeroes the guidance direction leaves only the uncond prediction, so
     cfg 7 samples as cfg 0 does; the identity operation changes nothing; tone mapping changes the result."""

@@ -48,6 +48,10 @@ STEPS = 4
 
 # Tiny models and their original layouts -------------------------------------------------------------------------
 
+# Each test builds tiny diffusers/transformers models and compares with their pipeline: seconds apiece.
+pytestmark = pytest.mark.slow
+
+
 def tiny_lumina2(seed: int) -> torch.nn.Module:
     from diffusers import Lumina2Transformer2DModel
 
@@ -360,7 +364,6 @@ def test_all_in_one_checkpoint_loads_model_clip_and_vae(ctx):
     assert (ours - expected).abs().max().item() <= 1e-5
 
 
-@pytest.mark.slow
 def test_lumina2_workflow_runs_through_the_cli(tmp_path, capsys):
     from latentloom.server.cli import main
 

@@ -316,6 +316,7 @@ def test_load_grow_feather_invert_composite_save_through_the_engine(tmp_path):
     assert pixels[0, 0].tolist() == [200, 0, 0]
 
 
+@pytest.mark.slow
 def test_comfyuis_mask_template_converts_and_runs(tmp_path):
     templates = pytest.importorskip("comfyui_workflow_templates_json")
     path = Path(templates.__file__).resolve().parent / "templates" / "basic_mask_operations_and_compositing.json"

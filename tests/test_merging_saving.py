@@ -37,6 +37,9 @@ from latentloom.nodes.merging import (  # noqa: E402
 )
 from latentloom.nodes.model_saving import CheckpointSave, CLIPSave, LoraSave, ModelSave, VAESave  # noqa: E402
 
+# Each test builds and runs tiny diffusers UNets (or whole graphs on them): seconds apiece.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def pair():

@@ -22,6 +22,9 @@ from latentloom.nodes.model_patches import (  # noqa: E402
     UNetSelfAttentionMultiply,
 )
 
+# Each test builds and runs tiny diffusers UNets (or whole graphs on them): seconds apiece.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def objects():

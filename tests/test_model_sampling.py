@@ -294,6 +294,7 @@ def inputs():
     return torch.randn((1, 4, 8, 8), generator=g) * 5, torch.tensor([5.0]), torch.randn((1, 77, 32), generator=g)
 
 
+@pytest.mark.slow
 def test_compute_dtype_runs_the_unet_in_that_dtype(model, ctx):
     x, sigma, context = inputs()
     plain = unet_call(model, x, sigma, context)
@@ -320,6 +321,7 @@ def micro_model(model):
     return model.clone(unet=unet.requires_grad_(False))
 
 
+@pytest.mark.slow
 def test_torch_compile_wraps_the_unet_below_the_function_wrapper(model, ctx):
     """Through the seam (a TorchCompile with the "eager" backend: inductor compiles the tiny UNet on this CPU,
     but in minutes; see the slow tests): same result, the compiled module is what gets called, and a
@@ -379,6 +381,7 @@ class ResizedOutput(torch.nn.Module):
         return (common_upscale(h, h.shape[-1] * 2, h.shape[-2] * 2, "bicubic"), *out[1:])
 
 
+@pytest.mark.slow
 def test_deep_shrink_equals_a_hand_built_reference(model, ctx):
     """Downscale after the skip of input block 3 (the first downsampler): the next down block sees h at half
     size, and output block 8 (the last resnet of up block 2, whose skip is block 3's) gets h resized back before
@@ -431,6 +434,7 @@ GRAPH_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("node", "inputs", "sampler", "scheduler"), GRAPH_CASES,
                          ids=[f"{case[0]}-{i}" for i, case in enumerate(GRAPH_CASES)])
 def test_graph_with_the_node_samples_and_changes_only_its_branch(engine, node, inputs, sampler, scheduler):
@@ -441,6 +445,7 @@ def test_graph_with_the_node_samples_and_changes_only_its_branch(engine, node, i
         assert (patched - plain).abs().max() < 0.1 * plain.abs().max()
 
 
+@pytest.mark.slow
 def test_graph_with_the_default_discrete_sampling_equals_the_plain_model(engine):
     plain, patched = run_branches(engine, "ModelSamplingDiscrete", {"sampling": "eps", "zsnr": False})
     assert torch.equal(plain, patched)

@@ -178,6 +178,7 @@ def test_identity_patches_change_nothing_and_leave_no_processor_behind(model):
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.unet.modules())
 
 
+@pytest.mark.slow
 def test_attention_patches_match_the_equivalent_weight_edits(model):
     # attn1 output × 0 everywhere == every attn1.to_out.0 weight and bias zeroed.
     reference = copy_model(model)

@@ -165,6 +165,7 @@ print(json.dumps({"workers": config.workers, "status": entry["status"]["status_s
 """
 
 
+@pytest.mark.slow
 def test_local_mode_does_not_import_ray():
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-c", LOCAL_MODE_SCRIPT], cwd=REPO, env=env, capture_output=True,

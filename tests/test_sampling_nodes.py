@@ -489,6 +489,7 @@ def latent_of(engine, graph: dict) -> torch.Tensor:
     return torch.tensor(json.loads(result.outputs["90"]["text"][0])["samples"])
 
 
+@pytest.mark.slow
 def test_custom_sampling_graph(engine):
     """AYS sigmas, split, the second half extended, sampled by the ancestral node: the same as KSamplerSelect's
     euler_ancestral (its defaults are the node's) on the same sigmas, and another eta gives another latent."""

@@ -73,6 +73,10 @@ PROMPT, NEGATIVE = "a photo of a cat", "blurry, low quality"
 
 # Tiny models ------------------------------------------------------------------------------------------------
 
+# Each test builds tiny diffusers/transformers models and compares with their pipeline: seconds apiece.
+pytestmark = pytest.mark.slow
+
+
 def sd3_transformer(seed: int, variant: str) -> torch.nn.Module:
     """variant: "sd3" (no qk-norm), "sd3.5_medium" (qk-norm, dual attention in block 0), "sd3.5_large" (qk-norm)."""
     from diffusers import SD3Transformer2DModel
@@ -299,7 +303,6 @@ def test_model_call_is_the_pipelines_transformer_call(ctx, variant):
 
 # Final latents -------------------------------------------------------------------------------------------------
 
-@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["sd3", "sd3.5_medium"])
 def test_ksampler_euler_matches_the_pipeline(ctx, variant):
     parts = tiny_parts(34, variant)
@@ -331,7 +334,6 @@ def test_ksampler_euler_matches_the_pipeline(ctx, variant):
     torch.testing.assert_close(image, expected.permute(0, 2, 3, 1), rtol=0, atol=1e-4)
 
 
-@pytest.mark.slow
 def test_sd35_large_all_in_one_checkpoint_samples_like_the_pipeline(ctx):
     parts = tiny_parts(36, "sd3.5_large")
     state = prefixed(sd3_original(parts.transformer), "model.diffusion_model.")
@@ -388,7 +390,6 @@ def reference_euler(transformer, noise, positive, negative, cfg: float, slg=None
     return x
 
 
-@pytest.mark.slow
 def test_skip_layer_guidance_matches_the_pipeline_and_comfyuis_formulas(ctx):
     parts = tiny_parts(38, "sd3")
     write_files(ctx.env, parts, "sd3.safetensors")
@@ -520,7 +521,6 @@ WORKFLOW = {
 }
 
 
-@pytest.mark.slow
 def test_sd35_workflow_through_latentloom_run(tmp_path, capsys):
     from PIL import Image
 

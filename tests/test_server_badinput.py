@@ -183,6 +183,7 @@ bodies = st.fixed_dictionaries({"prompt": prompts | json_values},
                                          "partial_execution_targets": json_values})
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(body=bodies | json_values)
 def test_fuzzed_prompt_bodies_never_500(client, body):
@@ -205,6 +206,7 @@ ui_workflows = st.fixed_dictionaries(
     optional={"version": json_values, "definitions": json_values, "extra": json_values})
 
 
+@pytest.mark.slow
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(workflow=ui_workflows)
 def test_fuzzed_ui_workflows_never_500(client, workflow):

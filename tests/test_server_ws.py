@@ -297,6 +297,7 @@ def stalled_socket(base: str, client_id: str) -> socket.socket:
     return sock
 
 
+@pytest.mark.slow
 def test_a_stalled_client_does_not_block_the_others(tmp_path, monkeypatch):
     """A client that stops reading fills its own outbox and is cut off; everyone else keeps receiving."""
     from latentloom.server import ws as ws_module

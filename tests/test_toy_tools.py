@@ -85,6 +85,7 @@ def test_ldm_module_paths_follow_sd_block_numbering():
         "middle_block.1.transformer_blocks.0.attn1.to_v"
 
 
+@pytest.mark.slow  # builds diffusers modules
 def test_kohya_lora_keys_match_unet_modules_and_apply_the_formula():
     from toy_common import LoraLinear, apply_kohya_lora, build_unet, inject_lora
 
@@ -107,6 +108,7 @@ def test_kohya_lora_keys_match_unet_modules_and_apply_the_formula():
     assert torch.equal(unet.state_dict()[untouched], original[untouched])
 
 
+@pytest.mark.slow  # builds diffusers modules
 def test_controlnet_ldm_writer_round_trips_through_diffusers_converter():
     from diffusers import ControlNetModel
     from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint

@@ -35,6 +35,9 @@ from latentloom.nodes.training import (
 )
 from latentloom.server.cli import main
 
+# Each test builds and runs tiny diffusers UNets (or whole graphs on them): seconds apiece.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def tiny():
@@ -368,7 +371,6 @@ def _sampler(model, positive, seed, steps):
 
 
 @pytest.mark.toy
-@pytest.mark.slow
 @pytest.mark.skipif(not TOY_CHECKPOINT.is_file(), reason="the toy model is not shipped")
 def test_training_graph_learns_the_striped_style_and_the_saved_lora_reloads(tmp_path, capsys):
     tool = _stripes_tool()

@@ -154,6 +154,7 @@ def test_tiled_encode_equals_full_encode_for_a_local_encoder():
     assert max(max(size) for size in vae.autoencoder.encode_sizes[:-1]) <= 64
 
 
+@pytest.mark.slow
 def test_real_tiny_vae_tiled_decode_runs_and_stays_in_range(autoencoder):
     images = VAEModel(autoencoder).decode_tiled(smooth_latent(12, 20), tile=8, overlap=2)
     assert images.shape == (1, 96, 160, 3) and 0 <= images.min() and images.max() <= 1

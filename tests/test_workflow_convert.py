@@ -375,6 +375,7 @@ def random_prompt(draw):
     return prompt
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(random_prompt())
 def test_random_prompts_survive_api_ui_api(prompt):
@@ -436,6 +437,7 @@ def decorated_workflow(draw):
     return prompt, ui
 
 
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(decorated_workflow())
 def test_reroutes_bypassed_pass_throughs_notes_and_muted_nodes_change_nothing(case):

@@ -29,6 +29,9 @@ CATALOGUE = json.loads((Path(__file__).parent / "workflow_fixtures" / "catalogue
 TEMPLATES_DIR = Path(templates_package.__file__).resolve().parent / "templates"
 COMPANION_WIDGETS = {"control_after_generate", "control_filter_list", "upload", "audioUI"}
 
+# Converts and checks every template the real frontend ships: seconds per test.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def templates() -> dict[str, dict]:
