@@ -10,6 +10,12 @@ Generic on purpose (no diffusion knowledge): it sees `torch.nn.Module`s and opaq
   least-recently-used order: idle modules are moved VRAM → RAM when the VRAM budget is exceeded, and whole
   entries are dropped from the registry when the RAM budget is exceeded (the next `get_or_load` loads again).
   Modules in use are never moved.
+* Streaming (on by default): a module larger than the room the budget leaves, once the idle modules are offloaded,
+  is placed partly. Its layers go to the compute device in module order while they fit (greedily: a layer that
+  does not fit is skipped, a smaller one after it may still fit); only placed bytes count against the budget. The
+  Linear / Conv layers left in RAM fetch their weight and bias to the input's device for each call
+  (engine.layer_streaming); other tensors (norms, embeddings, buffers: small) are always placed. A partly placed
+  module keeps its split until it is offloaded. Without streaming, such a module is placed whole, over budget.
 * `use(module, changes)` also makes a module's reversible in-place changes (weight patches: objects with
   `apply(module) -> undo`) the given sequence. The applied set stays on the module after the block, and is
   undone (exactly, in reverse order) and replaced only when a later `use` asks for a different sequence (compared
@@ -32,6 +38,8 @@ from typing import Any
 
 import torch
 
+from .layer_streaming import enable_fetching, move_own_tensors, placement_units
+
 log = logging.getLogger(__name__)
 
 # Roles a loader can ask a dtype for; the policy maps each role to a dtype per device type.
@@ -48,6 +56,27 @@ def parse_dtype(value: torch.dtype | str) -> torch.dtype:
         return DTYPE_NAMES[value.lower()]
     except KeyError:
         raise ValueError(f"unknown dtype {value!r}; use one of {', '.join(DTYPE_NAMES)}") from None
+
+
+_BYTE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+               "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(value: int | str) -> int:
+    """A byte count from an int or text such as "6GB", "1.5 GiB", "800MB" or "6000000000" (KB/MB/GB/TB are powers
+    of 1000, KiB/MiB/GiB/TiB powers of 1024)."""
+    if isinstance(value, int):
+        return value
+    text = value.strip().lower()
+    number = text.rstrip("abcdefghijklmnopqrstuvwxyz").strip()
+    unit = text[len(number):].strip()
+    try:
+        amount = float(number) * _BYTE_UNITS[unit]
+    except (KeyError, ValueError):
+        raise ValueError(f"not a byte size: {value!r} (examples: 6GB, 1.5GiB, 800MB, 6000000000)") from None
+    if amount < 0:
+        raise ValueError(f"a byte size cannot be negative: {value!r}")
+    return int(amount)
 
 
 def default_device() -> torch.device:
@@ -131,6 +160,7 @@ class _ModuleRecord:
     last_used: int = 0
     in_use: int = 0
     on_compute: bool = False
+    placed_bytes: int = 0                                     # of nbytes, those on the compute device
     changes: tuple[Any, ...] = ()                             # applied in-place changes, in order
     undo: list[Callable[[], None]] = field(default_factory=list)
     users: dict[int, int] = field(default_factory=dict)      # thread id -> nested uses
@@ -150,6 +180,8 @@ class MemoryStats:
     bytes_by_device: dict[str, int]
     vram_budget: int | None
     ram_budget: int | None
+    stream_weights: bool
+    streamed_bytes: int  # bytes of modules in place on the compute device whose layers stay in RAM, streamed
     entries: list[dict[str, Any]]
     loads: int
     hits: int
@@ -166,12 +198,13 @@ class ModelManager:
     vram_budget: bytes of modules allowed on the compute device (None: 90% of the GPU's memory on CUDA,
     unlimited elsewhere). ram_budget: bytes of modules allowed on the offload device (None: unlimited).
     When the compute device is the CPU, compute and offload are the same memory and only ram_budget applies.
+    stream_weights: place a module that exceeds the room left partly and stream the rest per layer (else: whole).
     """
 
     def __init__(self, device: torch.device | str | None = None,
                  dtypes: dict[str, torch.dtype | str] | None = None,
                  vram_budget: int | None = None, ram_budget: int | None = None,
-                 offload_device: torch.device | str = "cpu"):
+                 offload_device: torch.device | str = "cpu", stream_weights: bool = True):
         self.device = torch.device(device) if device is not None else default_device()
         self.offload_device = torch.device(offload_device)
         parsed = {role: parse_dtype(value) for role, value in (dtypes or {}).items()}
@@ -182,6 +215,7 @@ class ModelManager:
             vram_budget = int(torch.cuda.get_device_properties(self.device).total_memory * 0.9)
         self.vram_budget = vram_budget
         self.ram_budget = ram_budget
+        self.stream_weights = stream_weights
         self._lock = threading.RLock()
         self._idle = threading.Condition(self._lock)   # notified when a module stops being in use
         self._entries: dict[Hashable, _Entry] = {}
@@ -236,7 +270,9 @@ class ModelManager:
         record = self._modules.get(id(module))
         if record is None or record.module is not module:
             on_compute = not self.shared_memory and module_device(module).type == self.device.type
-            record = _ModuleRecord(module, module_nbytes(module), last_used=next(self._clock), on_compute=on_compute)
+            nbytes = module_nbytes(module)
+            record = _ModuleRecord(module, nbytes, last_used=next(self._clock), on_compute=on_compute,
+                                   placed_bytes=nbytes if on_compute else 0)
             self._modules[id(module)] = record
         return record
 
@@ -270,9 +306,7 @@ class ModelManager:
             record.last_used = next(self._clock)
             try:
                 if not self.shared_memory and not record.on_compute:
-                    self._make_room_on_compute(record.nbytes)
-                    self._transfer(module, self.device)
-                    record.on_compute = True
+                    self._place(record)
                 if record.changes != wanted:
                     self._apply_changes(record, wanted)
             except BaseException:
@@ -334,41 +368,91 @@ class ModelManager:
                 self._move_to_offload(record)
 
     def _transfer(self, module: torch.nn.Module, device: torch.device) -> None:
-        """The one place weights move between devices (tests substitute it to simulate an accelerator)."""
+        """Where whole modules move between devices (tests substitute it to simulate an accelerator)."""
         module.to(device)
+
+    def _transfer_layer(self, layer: torch.nn.Module, device: torch.device) -> None:
+        """Where one layer's own tensors move when a module is placed partly (substituted like _transfer)."""
+        move_own_tensors(layer, device)
+
+    def _place(self, record: _ModuleRecord) -> None:
+        """Put an offloaded module on the compute device: whole when it fits (after offloading idle modules),
+        else partly when streaming and some of its layers can stream, else whole over budget."""
+        room = self._make_room_on_compute(record.nbytes)
+        if room is not None and record.nbytes > room and self.stream_weights:
+            placed, streamed = self._plan_partial_placement(record.module, room)
+            if streamed:
+                self._place_partly(record, room, placed, streamed)
+                record.on_compute = True
+                return
+        if room is not None and record.nbytes > room:
+            log.warning("model of %d bytes exceeds the VRAM budget (%d bytes left of %d); loading it whole",
+                        record.nbytes, room, self.vram_budget)
+        self._transfer(record.module, self.device)
+        record.placed_bytes = record.nbytes
+        record.on_compute = True
+
+    @staticmethod
+    def _plan_partial_placement(module: torch.nn.Module, room: int) \
+            -> tuple[list[tuple[torch.nn.Module, int]], list[torch.nn.Module]]:
+        """The layers to place, with their bytes (those that cannot stream, then the streamable ones in module
+        order while they fit), and the layers to stream."""
+        units = placement_units(module)
+        left = room - sum(nbytes for _, nbytes, can_stream in units if not can_stream)
+        placed, streamed = [], []
+        for layer, nbytes, can_stream in units:
+            if can_stream and nbytes > left:
+                streamed.append(layer)
+                continue
+            if can_stream:
+                left -= nbytes
+            placed.append((layer, nbytes))
+        return placed, streamed
+
+    def _place_partly(self, record: _ModuleRecord, room: int, placed: list[tuple[torch.nn.Module, int]],
+                      streamed: list[torch.nn.Module]) -> None:
+        enable_fetching(streamed)
+        for layer, _ in placed:
+            self._transfer_layer(layer, self.device)
+        record.placed_bytes = sum(nbytes for _, nbytes in placed)
+        if record.placed_bytes > room:
+            log.warning("the layers of a model that cannot stream take %d bytes, over the %d left in the VRAM "
+                        "budget; placing them anyway", record.placed_bytes, room)
+        log.info("model of %d bytes placed partly: %d bytes on %s, %d streamed from %s per call", record.nbytes,
+                 record.placed_bytes, self.device, record.nbytes - record.placed_bytes, self.offload_device)
 
     def _on_compute(self, record: _ModuleRecord) -> bool:
         return record.on_compute
 
     def _bytes_on_compute(self) -> int:
-        return sum(r.nbytes for r in self._modules.values() if self._on_compute(r))
+        return sum(r.placed_bytes for r in self._modules.values() if self._on_compute(r))
 
     def _bytes_on_offload(self) -> int:
-        return sum(r.nbytes for r in self._modules.values() if not self._on_compute(r))
+        return sum(r.nbytes - (r.placed_bytes if self._on_compute(r) else 0) for r in self._modules.values())
 
     def _move_to_offload(self, record: _ModuleRecord) -> None:
         if record.on_compute:
             self._transfer(record.module, self.offload_device)
             record.on_compute = False
+            record.placed_bytes = 0
             self._offloads += 1
 
-    def _make_room_on_compute(self, needed: int) -> None:
-        """Offload idle modules from the compute device, least recently used first, until `needed` fits."""
+    def _make_room_on_compute(self, needed: int) -> int | None:
+        """Offload idle modules from the compute device, least recently used first, until `needed` fits; the
+        bytes left in the budget afterwards (None without a budget)."""
         if self.vram_budget is None:
-            return
+            return None
         idle = sorted((r for r in self._modules.values() if self._on_compute(r) and r.in_use == 0),
                       key=lambda r: r.last_used)
         used = self._bytes_on_compute()
         for record in idle:
             if used + needed <= self.vram_budget:
                 break
+            used -= record.placed_bytes
             self._move_to_offload(record)
-            used -= record.nbytes
-        if used + needed > self.vram_budget:
-            log.warning("model of %d bytes exceeds the VRAM budget (%d in use of %d); loading anyway",
-                        needed, used, self.vram_budget)
         # What was offloaded now occupies RAM.
         self._enforce_ram_budget()
+        return self.vram_budget - used
 
     def _enforce_ram_budget(self, protect: Hashable | None = None) -> None:
         """Drop whole entries, least recently used first, while RAM use exceeds the budget. Entries with a
@@ -433,12 +517,19 @@ class ModelManager:
     def _device_name(self, record: _ModuleRecord) -> str:
         return str(self.device if record.on_compute or self.shared_memory else self.offload_device)
 
+    def _streamed_bytes(self, record: _ModuleRecord) -> int:
+        return record.nbytes - record.placed_bytes if record.on_compute and not self.shared_memory else 0
+
     def stats(self) -> MemoryStats:
         with self._lock:
             by_device: dict[str, int] = {}
             for record in self._modules.values():
                 name = self._device_name(record)
-                by_device[name] = by_device.get(name, 0) + record.nbytes
+                streamed = self._streamed_bytes(record)
+                by_device[name] = by_device.get(name, 0) + record.nbytes - streamed
+                if streamed:
+                    offload = str(self.offload_device)
+                    by_device[offload] = by_device.get(offload, 0) + streamed
             entries = []
             for key, entry in self._entries.items():
                 records = [self._modules[m] for m in entry.module_ids if m in self._modules]
@@ -451,5 +542,7 @@ class ModelManager:
             return MemoryStats(
                 compute_device=str(self.device), offload_device=str(self.offload_device),
                 bytes_by_device=by_device, vram_budget=self.vram_budget, ram_budget=self.ram_budget,
+                stream_weights=self.stream_weights,
+                streamed_bytes=sum(self._streamed_bytes(r) for r in self._modules.values()),
                 entries=entries, loads=self._loads, hits=self._hits, offloads=self._offloads, drops=self._drops,
             )

@@ -53,9 +53,11 @@ def builtin_nodes() -> list:
 
 
 def create_engine(models_dir=None, input_dir=None, output_dir=None, temp_dir=None, extra_model_paths=None,
-                  custom_nodes_dir=None, cache_bytes=None, entry_points: bool = True):
+                  custom_nodes_dir=None, cache_bytes=None, entry_points: bool = True, vram_budget=None,
+                  stream_weights: bool = True):
     """An Engine with the built-in nodes, plugins from the `latentloom.nodes` entry points, a custom_nodes
-    folder, the socket value checks, the model memory manager and the embedding library as services."""
+    folder, the socket value checks, the model memory manager and the embedding library as services.
+    vram_budget (bytes; None: the manager's default) and stream_weights configure the memory manager."""
     from latentloom.engine.api import Engine
     from latentloom.engine.cache import DEFAULT_CACHE_BYTES
     from latentloom.engine.environment import Environment
@@ -77,7 +79,7 @@ def create_engine(models_dir=None, input_dir=None, output_dir=None, temp_dir=Non
         models_dir = bundled_models_dir()
     env = Environment.create(models_dir=models_dir, input_dir=input_dir, output_dir=output_dir,
                              temp_dir=temp_dir, extra_model_paths=extra_model_paths)
-    env.register(ModelManager())
+    env.register(ModelManager(vram_budget=vram_budget, stream_weights=stream_weights))
     env.register(EmbeddingLibrary(env))  # resolves `embedding:NAME` in prompts (models/embeddings)
     if custom_nodes_dir is not None:
         # Packs in our NODES style or ComfyUI's (V1), with ComfyUI's module names (nodes/comfy_compat).

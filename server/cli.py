@@ -24,6 +24,21 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temp-dir", default="temp")
     parser.add_argument("--custom-nodes", default="custom_nodes",
                         help="folder of custom node packs, ComfyUI's (V1) or ours (default: ./custom_nodes)")
+    parser.add_argument("--vram-budget", type=_byte_size, metavar="BYTES",
+                        help="bytes of model weights kept on the GPU, e.g. 6GB, 5.5GiB or 6000000000 (default: 90%% "
+                             "of the GPU's memory); models that do not fit are streamed, see --stream-weights")
+    parser.add_argument("--stream-weights", action=argparse.BooleanOptionalAction, default=True,
+                        help="place a model larger than the VRAM budget partly and stream its other layers' weights "
+                             "from RAM per call (default); --no-stream-weights loads it whole, over budget")
+
+
+def _byte_size(value: str) -> int:
+    from latentloom.engine.memory import parse_bytes
+
+    try:
+        return parse_bytes(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,7 +98,8 @@ def make_engine(args: argparse.Namespace, cache_bytes: int | None = None):
     custom = args.custom_nodes if args.custom_nodes and Path(args.custom_nodes).is_dir() else None
     return create_engine(models_dir=args.models_dir, input_dir=args.input_dir, output_dir=args.output_dir,
                          temp_dir=args.temp_dir, extra_model_paths=args.extra_model_paths,
-                         custom_nodes_dir=custom, cache_bytes=cache_bytes)
+                         custom_nodes_dir=custom, cache_bytes=cache_bytes, vram_budget=args.vram_budget,
+                         stream_weights=args.stream_weights)
 
 
 def report_load_errors(engine, args: argparse.Namespace) -> None:

@@ -480,7 +480,17 @@ def engine_factory_from_args(args) -> EngineFactory:
         "models_dir": absolute(args.models_dir), "input_dir": absolute(args.input_dir),
         "output_dir": absolute(args.output_dir), "temp_dir": absolute(args.temp_dir),
         "extra_model_paths": absolute(args.extra_model_paths), "custom_nodes_dir": absolute(custom),
-        "cache_bytes": getattr(args, "cache_bytes", None)})
+        "cache_bytes": getattr(args, "cache_bytes", None), **memory_flags(args)})
+
+
+def memory_flags(args) -> dict:
+    """The memory manager's flags that differ from create_engine's defaults (--vram-budget, --no-stream-weights)."""
+    flags = {}
+    if getattr(args, "vram_budget", None) is not None:
+        flags["vram_budget"] = args.vram_budget
+    if not getattr(args, "stream_weights", True):
+        flags["stream_weights"] = False
+    return flags
 
 
 def pool_options_from_args(args) -> PoolOptions:

@@ -3,7 +3,8 @@
 UNETLoader's weight_dtype fp8_* (or a file whose weights already are fp8, or 16-bit weights on a device that
 computes in fp32) keeps the weights of the network's Linear and Conv layers in that dtype in memory: they hold
 nearly all of a diffusion model's bytes. Each such layer casts its weight to the dtype of its input on every call,
-so a full-precision copy of one layer exists only while that layer runs. Everything else (biases, norms,
+so a full-precision copy of one layer exists only while that layer runs (the layer classes live in
+engine.layer_streaming: the memory manager's weight streaming uses them too). Everything else (biases, norms,
 embeddings, buffers) is kept in the compute dtype: it is small, and diffusers' norm code multiplies by its weight
 directly.
 
@@ -16,7 +17,16 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 
 import torch
-import torch.nn.functional as F  # noqa: N812
+
+from latentloom.engine.layer_streaming import (  # noqa: F401 (CastConv*: the layer classes, re-exported)
+    CAST_CLASSES,
+    CastConv1d,
+    CastConv2d,
+    CastConv3d,
+    CastLinear,
+    enable_fetching,
+    is_castable,
+)
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 # UNETLoader's weight_dtype -> storage dtype ("_fast" selects fp8 matrix multiplies in ComfyUI on GPUs that have
@@ -28,42 +38,9 @@ WEIGHT_DTYPE_OPTIONS: dict[str, torch.dtype | None] = {
 COMPUTE_DTYPE_ATTRIBUTE = "stored_weights_compute_dtype"  # set on a network whose layers cast per call
 
 
-def _cast(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return tensor if tensor.dtype == like.dtype else tensor.to(dtype=like.dtype)
-
-
-def _cast_bias(tensor: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
-    return None if tensor is None else _cast(tensor, like)
-
-
-class CastLinear(torch.nn.Linear):
-    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 (torch's name)
-        return F.linear(input, _cast(self.weight, input), _cast_bias(self.bias, input))
-
-
-class CastConv1d(torch.nn.Conv1d):
-    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002
-        return self._conv_forward(input, _cast(self.weight, input), _cast_bias(self.bias, input))
-
-
-class CastConv2d(torch.nn.Conv2d):
-    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002
-        return self._conv_forward(input, _cast(self.weight, input), _cast_bias(self.bias, input))
-
-
-class CastConv3d(torch.nn.Conv3d):
-    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002
-        return self._conv_forward(input, _cast(self.weight, input), _cast_bias(self.bias, input))
-
-
-# Exact classes only: a subclass may have a forward of its own that reads its weight directly.
-CAST_CLASSES: dict[type, type] = {torch.nn.Linear: CastLinear, torch.nn.Conv1d: CastConv1d,
-                                  torch.nn.Conv2d: CastConv2d, torch.nn.Conv3d: CastConv3d}
-
-
 def _castable_layers(network: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
     for name, module in network.named_modules():
-        if type(module) in CAST_CLASSES or type(module) in CAST_CLASSES.values():
+        if is_castable(module):
             yield name, module
 
 
@@ -115,8 +92,7 @@ def cast_state(state: Mapping[str, torch.Tensor], stored: set[str], storage: tor
 def enable_per_call_cast(network: torch.nn.Module, compute: torch.dtype) -> torch.nn.Module:
     """Make the Linear / Conv layers cast their weights to their input's dtype per call, and record the compute
     dtype on the network (compute.compute_dtype reads it: the first parameter's dtype is the storage one)."""
-    for _, module in _castable_layers(network):
-        module.__class__ = CAST_CLASSES.get(type(module), type(module))
+    enable_fetching(module for _, module in _castable_layers(network))
     setattr(network, COMPUTE_DTYPE_ATTRIBUTE, compute)
     return network
 
