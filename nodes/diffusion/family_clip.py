@@ -14,9 +14,7 @@ without it `tokenize` raises TokenizerUnavailable naming the folders it looked i
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -24,6 +22,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 
 from .clip import EncoderRole, encode_chunks
+from .encoder_set import EncoderSet
 from .flow import TOKENIZER_OPTIONS
 from .t5 import (
     TokenizerUnavailable,  # noqa: F401 (re-exported: callers catch it from this module)
@@ -54,7 +53,7 @@ CHECKPOINT_PREFIXES = {"l": "text_encoders.clip_l.transformer.", "g": "text_enco
 
 
 @dataclass(frozen=True, eq=False)
-class FamilyClip:
+class FamilyClip(EncoderSet):
     """Text encoders of an SD3 / Flux clip ("l", "g", "t5xxl", any subset ComfyUI accepts) + family."""
 
     encoders: torch.nn.ModuleDict
@@ -72,28 +71,6 @@ class FamilyClip:
         if extra or not self.encoders:
             raise ValueError(f"a {self.family} CLIP takes encoders {sorted(ALLOWED[self.family])}, "
                              f"got {sorted(self.encoders)}")
-
-    def clone_with_layer(self, layer_idx: int | None) -> FamilyClip:
-        return dataclasses.replace(self, layer_idx=layer_idx, options=dict(self.options))
-
-    def with_patches(self, *patches: Any) -> FamilyClip:
-        return dataclasses.replace(self, patches=self.patches + tuple(patches), options=dict(self.options))
-
-    def cache_nbytes(self) -> int:
-        return 0
-
-    @contextlib.contextmanager
-    def prepared(self, manager: Any = None) -> Iterator[torch.nn.ModuleDict]:
-        lease = manager.use(self.encoders) if manager is not None else contextlib.nullcontext(self.encoders)
-        with lease as modules:
-            restores = []
-            try:
-                for patch in self.patches:
-                    restores.append(patch.apply(modules))
-                yield modules
-            finally:
-                for restore in reversed(restores):
-                    restore()
 
     def _clip_roles(self) -> dict[str, EncoderRole]:
         return {key: role for key, role in ROLES[self.family].items() if key in self.encoders}

@@ -19,27 +19,21 @@ repository's tokenizer/ folder) in `<file stem>_tokenizer/` or `gemma_tokenizer/
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import functools
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 
+from .encoder_set import EncoderSet
 from .family_clip import TokenizerUnavailable
 from .offline import ensure_offline
 from .tokenizer import (
-    EMBEDDING_PREFIX,
     WeightedToken,
-    _lookup_embedding,
-    _split_embedding_words,
-    _warn,
-    parse_prompt_weights,
-    select_embedding_vectors,
+    token_groups,
 )
 
 ENCODER_KEY = "gemma2_2b"
@@ -166,21 +160,8 @@ def gemma_tokenize(text: str, tokenizer: GemmaTokenizer, width: int | None = Non
     """[(token, weight), ...] as ComfyUI's Gemma2BTokenizer makes them: BOS, then each weighted segment's ids
     (embedding vectors for resolved `embedding:NAME`s), no end token, no padding."""
     tokens: list[WeightedToken] = [(tokenizer.bos_id, 1.0)]
-    for segment, weight in parse_prompt_weights(text):
-        for piece in _split_embedding_words(segment):
-            if resolve_embedding is not None and piece.startswith(EMBEDDING_PREFIX):
-                value, name, leftover = _lookup_embedding(piece[len(EMBEDDING_PREFIX):].strip("\n"),
-                                                          resolve_embedding)
-                vectors = None if value is None or width is None else \
-                    select_embedding_vectors(value, ENCODER_KEY, width)
-                if vectors is None:
-                    _warn(warn, f"embedding:{name} does not exist or has no {ENCODER_KEY} vectors, ignoring")
-                else:
-                    tokens += [(vector, weight) for vector in vectors]
-                if not leftover.strip():
-                    continue
-                piece = leftover
-            tokens += [(token, weight) for token in tokenizer.encode(piece)]
+    for group in token_groups(text, ENCODER_KEY, width, resolve_embedding, warn, tokenizer.encode, ENCODER_KEY):
+        tokens += group
     return tokens
 
 
@@ -239,7 +220,7 @@ def encode_gemma(model: torch.nn.Module, tokens: Sequence[WeightedToken], layer:
 
 
 @dataclass(frozen=True, eq=False)
-class Lumina2Clip:
+class Lumina2Clip(EncoderSet):
     """What a CLIP link carries for Lumina 2: the Gemma 2 model and where its tokenizer comes from."""
 
     encoders: torch.nn.ModuleDict
@@ -251,28 +232,6 @@ class Lumina2Clip:
     source: str = ""
     options: dict[str, Any] = field(default_factory=dict)
     _tokenizer: list[GemmaTokenizer] = field(default_factory=list, repr=False)  # loaded once, shared by clones
-
-    def clone_with_layer(self, layer_idx: int | None) -> Lumina2Clip:
-        return dataclasses.replace(self, layer_idx=layer_idx, options=dict(self.options))
-
-    def with_patches(self, *patches: Any) -> Lumina2Clip:
-        return dataclasses.replace(self, patches=self.patches + tuple(patches), options=dict(self.options))
-
-    def cache_nbytes(self) -> int:
-        return 0
-
-    @contextlib.contextmanager
-    def prepared(self, manager: Any = None) -> Iterator[torch.nn.ModuleDict]:
-        lease = manager.use(self.encoders) if manager is not None else contextlib.nullcontext(self.encoders)
-        with lease as modules:
-            restores = []
-            try:
-                for patch in self.patches:
-                    restores.append(patch.apply(modules))
-                yield modules
-            finally:
-                for restore in reversed(restores):
-                    restore()
 
     def tokenizer(self) -> GemmaTokenizer:
         if not self._tokenizer:

@@ -18,9 +18,8 @@ conditioning options that the text-encode nodes merge into the conditioning.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -29,6 +28,7 @@ import torch
 
 from . import llama_text
 from .clip import EncoderRole, encode_chunks, encoder_width
+from .encoder_set import EncoderSet
 from .t5 import find_t5_prefix, find_t5_tokenizer, t5_tokenize, tokenizer_search_dirs
 from .tokenizer import OPENCLIP_CHUNKS, SD1_CHUNKS, tokenize_prompt
 
@@ -99,7 +99,7 @@ def encode_t5_masked(module: torch.nn.Module, tokens: Sequence[Any]) -> torch.Te
 
 
 @dataclass(frozen=True, eq=False)
-class HiDreamClip:
+class HiDreamClip(EncoderSet):
     """HiDream's text encoders ("l", "g", "t5xxl", "llama": any non-empty subset) and their tokenizer folders."""
 
     encoders: torch.nn.ModuleDict
@@ -115,28 +115,6 @@ class HiDreamClip:
         extra = set(self.encoders) - set(SLOTS)
         if extra or not self.encoders:
             raise ValueError(f"a HiDream CLIP takes encoders {list(SLOTS)}, got {sorted(self.encoders)}")
-
-    def clone_with_layer(self, layer_idx: int | None) -> HiDreamClip:
-        return dataclasses.replace(self, layer_idx=layer_idx, options=dict(self.options))
-
-    def with_patches(self, *patches: Any) -> HiDreamClip:
-        return dataclasses.replace(self, patches=self.patches + tuple(patches), options=dict(self.options))
-
-    def cache_nbytes(self) -> int:
-        return 0
-
-    @contextlib.contextmanager
-    def prepared(self, manager: Any = None) -> Iterator[torch.nn.ModuleDict]:
-        lease = manager.use(self.encoders) if manager is not None else contextlib.nullcontext(self.encoders)
-        with lease as modules:
-            restores = []
-            try:
-                for patch in self.patches:
-                    restores.append(patch.apply(modules))
-                yield modules
-            finally:
-                for restore in reversed(restores):
-                    restore()
 
     def tokenize(self, text: str, resolve_embedding: Any = None, warn: Any = None) -> dict[str, Any]:
         """The prompt's tokens for each loaded encoder (tokenizers are only needed for encoders that are there)."""

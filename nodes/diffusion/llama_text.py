@@ -33,13 +33,8 @@ import torch
 from .family_clip import TokenizerUnavailable
 from .offline import ensure_offline
 from .tokenizer import (
-    EMBEDDING_PREFIX,
     WeightedToken,
-    _lookup_embedding,
-    _split_embedding_words,
-    _warn,
-    parse_prompt_weights,
-    select_embedding_vectors,
+    token_groups,
 )
 
 ENCODER_KEY = "llama"
@@ -153,21 +148,8 @@ def llama_tokenize(text: str, tokenizer: LlamaTokenizer, width: int | None = Non
     """[(token, weight), ...] as ComfyUI's HiDream LLAMA3Tokenizer makes them: BOS, each weighted segment's ids
     (embedding vectors for resolved `embedding:NAME`s), pads up to `min_length`."""
     tokens: list[WeightedToken] = [(tokenizer.bos_id, 1.0)]
-    for segment, weight in parse_prompt_weights(text):
-        for piece in _split_embedding_words(segment):
-            if resolve_embedding is not None and piece.startswith(EMBEDDING_PREFIX):
-                value, name, leftover = _lookup_embedding(piece[len(EMBEDDING_PREFIX):].strip("\n"),
-                                                          resolve_embedding)
-                vectors = None if value is None or width is None else \
-                    select_embedding_vectors(value, ENCODER_KEY, width)
-                if vectors is None:
-                    _warn(warn, f"embedding:{name} does not exist or has no {ENCODER_KEY} vectors, ignoring")
-                else:
-                    tokens += [(vector, weight) for vector in vectors]
-                if not leftover.strip():
-                    continue
-                piece = leftover
-            tokens += [(token, weight) for token in tokenizer.encode(piece)]
+    for group in token_groups(text, ENCODER_KEY, width, resolve_embedding, warn, tokenizer.encode, ENCODER_KEY):
+        tokens += group
     return tokens + [(tokenizer.pad_id, 1.0)] * max(0, min_length - len(tokens))
 
 

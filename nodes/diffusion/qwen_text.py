@@ -20,10 +20,8 @@ and cannot be downloaded offline. It is looked up, in this order, in `<file stem
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -31,6 +29,7 @@ from typing import Any, cast
 import torch
 
 from . import qwen_vision
+from .encoder_set import EncoderSet
 from .family_clip import TokenizerUnavailable
 from .offline import ensure_offline
 
@@ -107,7 +106,7 @@ def _single_id(tokenizer: Any, text: str) -> int | None:
 
 
 @dataclass(frozen=True, eq=False)
-class QwenImageClip:
+class QwenImageClip(EncoderSet):
     """What a CLIP link carries for Qwen-Image: the Qwen2.5-VL language model and where its tokenizer lives."""
 
     encoders: torch.nn.ModuleDict
@@ -118,28 +117,6 @@ class QwenImageClip:
     source: str = ""
     options: dict[str, Any] = field(default_factory=dict)
     _tokenizer: list[Any] = field(default_factory=list, repr=False)  # loaded on first use, shared by clones
-
-    def clone_with_layer(self, layer_idx: int | None) -> QwenImageClip:
-        return dataclasses.replace(self, layer_idx=layer_idx, options=dict(self.options))
-
-    def with_patches(self, *patches: Any) -> QwenImageClip:
-        return dataclasses.replace(self, patches=self.patches + tuple(patches), options=dict(self.options))
-
-    def cache_nbytes(self) -> int:
-        return 0
-
-    @contextlib.contextmanager
-    def prepared(self, manager: Any = None) -> Iterator[torch.nn.ModuleDict]:
-        lease = manager.use(self.encoders) if manager is not None else contextlib.nullcontext(self.encoders)
-        with lease as modules:
-            restores = []
-            try:
-                for patch in self.patches:
-                    restores.append(patch.apply(modules))
-                yield modules
-            finally:
-                for restore in reversed(restores):
-                    restore()
 
     def tokenizer(self) -> Any:
         if not self._tokenizer:

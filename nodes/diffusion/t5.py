@@ -28,15 +28,10 @@ import torch
 
 from .offline import ensure_offline
 from .tokenizer import (
-    EMBEDDING_PREFIX,
     EmbeddingResolver,
     Warn,
     WeightedToken,
-    _lookup_embedding,
-    _split_embedding_words,
-    _warn,
-    parse_prompt_weights,
-    select_embedding_vectors,
+    token_groups,
 )
 
 T5_PREFIXES = ("text_encoders.t5xxl.transformer.", "text_encoders.t5xxl.", "")
@@ -210,22 +205,8 @@ def t5_tokenize(text: str, tokenizer: T5Tokenizer, min_length: int, min_padding:
     """A prompt as ComfyUI's T5XXLTokenizer makes it: [(token, weight), ...] = the weighted segments' tokens,
     EOS, then `min_padding` pads and pads up to `min_length` (id 0). Tokens may be embedding vectors [width]."""
     tokens: list[WeightedToken] = []
-    for segment, weight in parse_prompt_weights(text):
-        for piece in _split_embedding_words(segment):
-            if resolve_embedding is not None and piece.startswith(EMBEDDING_PREFIX):
-                value, name, leftover = _lookup_embedding(piece[len(EMBEDDING_PREFIX):].strip("\n"),
-                                                          resolve_embedding)
-                vectors = None if value is None or width is None else select_embedding_vectors(value, "t5xxl", width)
-                if value is None:
-                    _warn(warn, f"embedding:{name} does not exist, ignoring")
-                elif vectors is None:
-                    _warn(warn, f"embedding:{name} has no vectors of width {width} for t5xxl, ignoring")
-                else:
-                    tokens += [(vector, weight) for vector in vectors]
-                if not leftover.strip():
-                    continue
-                piece = leftover
-            tokens += [(token, weight) for token in tokenizer.encode(piece)]
+    for group in token_groups(text, "t5xxl", width, resolve_embedding, warn, tokenizer.encode, "t5xxl"):
+        tokens += group
     tokens.append((tokenizer.eos_id, 1.0))
     tokens += [(T5_PAD_ID, 1.0)] * max(0, min_padding)
     tokens += [(T5_PAD_ID, 1.0)] * max(0, min_length - len(tokens))

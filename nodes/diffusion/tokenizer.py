@@ -263,13 +263,17 @@ def _lookup_embedding(name_and_rest: str, resolve: EmbeddingResolver) -> tuple[A
 
 def token_groups(text: str, encoder_key: str = "l", width: int | None = None,
                  resolve_embedding: EmbeddingResolver | None = None,
-                 warn: Warn | None = None) -> list[list[WeightedToken]]:
+                 warn: Warn | None = None, encode: Callable[[str], list[int]] | None = None,
+                 encoder_name: str | None = None) -> list[list[WeightedToken]]:
     """The weighted token groups of a prompt for one encoder (one group per segment piece, one per embedding).
 
     Without a resolver, `embedding:NAME` is ordinary text. With one, a name it cannot resolve is dropped with a
     warning (ComfyUI's behaviour when the file does not exist); an embedding whose width does not match this
-    encoder is also dropped with a warning.
+    encoder is also dropped with a warning. `encode` turns text into ids (default: CLIP's BPE); `encoder_name`
+    names the encoder in warnings (default: clip_<encoder_key>).
     """
+    encode = bpe_ids if encode is None else encode
+    encoder_name = f"clip_{encoder_key}" if encoder_name is None else encoder_name
     groups: list[list[WeightedToken]] = []
     for segment, weight in parse_prompt_weights(text):
         for piece in _split_embedding_words(segment):
@@ -281,13 +285,13 @@ def token_groups(text: str, encoder_key: str = "l", width: int | None = None,
                 if value is None:
                     _warn(warn, f"embedding:{name} does not exist, ignoring")
                 elif vectors is None:
-                    _warn(warn, f"embedding:{name} has no vectors of width {width} for clip_{encoder_key}, ignoring")
+                    _warn(warn, f"embedding:{name} has no vectors of width {width} for {encoder_name}, ignoring")
                 else:
                     groups.append([(vector, weight) for vector in vectors])
                 if not leftover.strip():
                     continue
                 piece = leftover
-            ids = bpe_ids(piece)
+            ids = encode(piece)
             if ids:
                 groups.append([(token_id, weight) for token_id in ids])
     return groups
