@@ -67,9 +67,7 @@ def forward(network: torch.nn.Module, x_in: torch.Tensor, timestep: torch.Tensor
             extra: dict[str, torch.Tensor], transformer_options: dict[str, Any]) -> torch.Tensor:
     patch = int(cast(Any, network).config.patch_size)
     height, width = x_in.shape[-2:]
-    pad_h, pad_w = (-height) % patch, (-width) % patch
-    if pad_h or pad_w:
-        x_in = F.pad(x_in, (0, pad_w, 0, pad_h), mode="circular")
+    x_in = dit_calls.pad_to_patch(x_in, patch)
     rows, columns = x_in.shape[-2] // patch, x_in.shape[-1] // patch
     dtype = x_in.dtype
     with dit_calls.block_patches(network, transformer_options), _comfy_positions(network, rows, columns):

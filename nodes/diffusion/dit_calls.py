@@ -33,6 +33,7 @@ from types import ModuleType
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 # family -> module of nodes.diffusion that calls its network
 _MODULES = {
@@ -44,6 +45,14 @@ _MODULES = {
     "chroma": "dit_chroma",
     "hidream": "dit_hidream",
 }
+
+
+
+def pad_to_patch(latent: torch.Tensor, patch: int) -> torch.Tensor:
+    """The latent padded on the bottom / right to multiples of the patch size, circularly (ComfyUI's
+    pad_to_patch_size); the forwards crop their output back to the unpadded size."""
+    pad_h, pad_w = (-latent.shape[-2]) % patch, (-latent.shape[-1]) % patch
+    return F.pad(latent, (0, pad_w, 0, pad_h), mode="circular") if pad_h or pad_w else latent
 
 
 def module_for(family: str) -> ModuleType | None:

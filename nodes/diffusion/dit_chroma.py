@@ -6,7 +6,7 @@ latent is padded to 2x2 patches (circular), packed to tokens [N, (H/2)(W/2), 4C]
 approximator also embeds a guidance value, `guidance` of the conditioning (FluxGuidance) or 0 when unset (ComfyUI's
 Chroma.extra_conds default); diffusers' network always embeds 0, so another value is put into its input vector
 for the duration of the call. ComfyUI 0.3.64 passes no text attention mask: the T5 tokens are the prompt's and its
-end token, unpadded.
+end token, unpadded. The packing and ids are Flux's (nodes.diffusion.dit_flux).
 """
 
 from __future__ import annotations
@@ -16,38 +16,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from . import dit_calls
-
-PATCH = 2
+from .dit_flux import PATCH, pack, pad_to_patches, position_ids, unpack
 
 
 def conditioning(options: dict[str, Any], latent_shape: torch.Size, device: torch.device) -> dict[str, torch.Tensor]:
     guidance = options.get("guidance")
     return {"guidance": torch.tensor([float(guidance) if guidance is not None else 0.0], device=device)}
-
-
-def pack(latent: torch.Tensor) -> torch.Tensor:
-    """[N, C, H, W] (H, W even) -> [N, (H/2)(W/2), C·4], channels outermost within a token as ComfyUI packs."""
-    n, c, h, w = latent.shape
-    tokens = latent.reshape(n, c, h // PATCH, PATCH, w // PATCH, PATCH).permute(0, 2, 4, 1, 3, 5)
-    return tokens.reshape(n, (h // PATCH) * (w // PATCH), c * PATCH * PATCH)
-
-
-def unpack(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """The inverse of pack for a latent of (even) height × width."""
-    n, _, features = tokens.shape
-    c = features // (PATCH * PATCH)
-    grid = tokens.reshape(n, height // PATCH, width // PATCH, c, PATCH, PATCH).permute(0, 3, 1, 4, 2, 5)
-    return grid.reshape(n, c, height, width)
-
-
-def image_ids(rows: int, columns: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    ids = torch.zeros(rows, columns, 3, device=device, dtype=dtype)
-    ids[..., 1] += torch.arange(rows, device=device, dtype=dtype)[:, None]
-    ids[..., 2] += torch.arange(columns, device=device, dtype=dtype)[None, :]
-    return ids.reshape(rows * columns, 3)
 
 
 @contextlib.contextmanager
@@ -76,16 +52,14 @@ def _guidance_embedded(network: torch.nn.Module, guidance: torch.Tensor) -> Iter
 def forward(network: torch.nn.Module, x_in: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
             extra: dict[str, torch.Tensor], transformer_options: dict[str, Any]) -> torch.Tensor:
     batch, _, height, width = x_in.shape
-    pad_h, pad_w = (-height) % PATCH, (-width) % PATCH
-    if pad_h or pad_w:
-        x_in = F.pad(x_in, (0, pad_w, 0, pad_h), mode="circular")
+    x_in = pad_to_patches(x_in)
     padded_h, padded_w = x_in.shape[-2:]
     dtype = x_in.dtype
-    img_ids = image_ids(padded_h // PATCH, padded_w // PATCH, x_in.device, dtype)
+    img_ids = position_ids(padded_h, padded_w).to(device=x_in.device, dtype=dtype)
     txt_ids = torch.zeros(context.shape[1], 3, device=x_in.device, dtype=dtype)
     guidance = extra.get("guidance", torch.zeros(1))
     guidance = guidance.reshape(-1).expand(batch) if guidance.numel() == 1 else guidance.reshape(batch)
     with dit_calls.block_patches(network, transformer_options), _guidance_embedded(network, guidance):
         out = network(hidden_states=pack(x_in), encoder_hidden_states=context.to(dtype), timestep=timestep.to(dtype),
                       img_ids=img_ids, txt_ids=txt_ids, return_dict=False)[0]
-    return unpack(out, padded_h, padded_w)[..., :height, :width]
+    return unpack(out, padded_h // PATCH, padded_w // PATCH)[..., :height, :width]

@@ -54,11 +54,7 @@ def unpack(tokens: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 
 
 def pad_to_patches(latent: torch.Tensor) -> torch.Tensor:
-    height, width = latent.shape[-2:]
-    pad_h, pad_w = (-height) % PATCH, (-width) % PATCH
-    if pad_h or pad_w:
-        latent = F.pad(latent, (0, pad_w, 0, pad_h), mode="circular")
-    return latent
+    return dit_calls.pad_to_patch(latent, PATCH)
 
 
 def position_ids(height: int, width: int, index: int = 0, row_offset: int = 0, col_offset: int = 0) \

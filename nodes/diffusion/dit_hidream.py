@@ -19,7 +19,6 @@ from __future__ import annotations
 from typing import Any, cast
 
 import torch
-import torch.nn.functional as F
 
 from . import convert, dit_calls
 
@@ -67,9 +66,7 @@ def llama_per_block(llama: torch.Tensor, blocks: int) -> torch.Tensor:
 def forward(network: torch.nn.Module, x_in: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
             extra: dict[str, torch.Tensor], transformer_options: dict[str, Any]) -> torch.Tensor:
     height, width = x_in.shape[-2:]
-    pad_h, pad_w = (-height) % PATCH, (-width) % PATCH
-    if pad_h or pad_w:
-        x_in = F.pad(x_in, (0, pad_w, 0, pad_h), mode="circular")
+    x_in = dit_calls.pad_to_patch(x_in, PATCH)
     dtype = x_in.dtype
     tokens, ids, rows, cols = _patched(x_in)
     config = getattr(network, "config", None) or convert.diffusers_config(cast(torch.nn.Module, network.module))

@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from . import dit_calls
 
@@ -33,9 +32,7 @@ def conditioning(options: dict[str, Any], latent_shape: torch.Size, device: torc
 def forward(network: torch.nn.Module, x_in: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
             extra: dict[str, torch.Tensor], transformer_options: dict[str, Any]) -> torch.Tensor:
     height, width = x_in.shape[-2:]
-    pad_h, pad_w = (-height) % PATCH, (-width) % PATCH
-    if pad_h or pad_w:
-        x_in = F.pad(x_in, (0, pad_w, 0, pad_h), mode="circular")
+    x_in = dit_calls.pad_to_patch(x_in, PATCH)
     dtype = x_in.dtype
     # 1 − σ stays float32 (diffusers makes the sinusoidal embedding in float32 and casts it to the network's
     # dtype, as ComfyUI does): in bfloat16, 1 − σ would keep only ~3 significant digits.

@@ -20,7 +20,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from . import convert, dit_calls
 from .latent_formats import WAN21_LATENT
@@ -61,8 +60,7 @@ def unpack(tokens: torch.Tensor, channels: int, height: int, width: int) -> torc
 
 
 def _pad(latent: torch.Tensor) -> torch.Tensor:
-    pad_h, pad_w = (-latent.shape[-2]) % PATCH, (-latent.shape[-1]) % PATCH
-    return F.pad(latent, (0, pad_w, 0, pad_h), mode="circular") if pad_h or pad_w else latent
+    return dit_calls.pad_to_patch(latent, PATCH)
 
 
 def image_positions(height: int, width: int, index: int = 0, h_offset: int = 0, w_offset: int = 0) -> torch.Tensor:

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from . import convert, dit_calls
 
@@ -30,9 +29,7 @@ def forward(network: torch.nn.Module, x_in: torch.Tensor, timestep: torch.Tensor
             control: dict[str, list[torch.Tensor]] | None = None) -> torch.Tensor:
     patch = int(convert.diffusers_config(network).patch_size)
     height, width = x_in.shape[-2:]
-    pad_h, pad_w = (-height) % patch, (-width) % patch
-    if pad_h or pad_w:
-        x_in = F.pad(x_in, (0, pad_w, 0, pad_h), mode="circular")
+    x_in = dit_calls.pad_to_patch(x_in, patch)
     dtype = x_in.dtype
     pooled = extra["pooled_projections"].to(dtype)
     residuals = None if control is None else [r.to(dtype) for r in control["input"]]

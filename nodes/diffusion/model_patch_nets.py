@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import ModelFileError, read_state_dict
+from .dit_calls import pad_to_patch
 from .latent_formats import WAN21_LATENT
 
 DIFFSYNTH_MARKER = "controlnet_blocks.0.y_rms.weight"
@@ -57,9 +58,7 @@ class DiffSynthControlNet(torch.nn.Module):
         """[B, 16 (+ mask channels), h, w] raw VAE latent -> [B, tokens, dim] control tokens."""
         latent = latent.to(device=device, dtype=torch.float32).clone()
         latent[:, :16] = WAN21_LATENT.process_in(latent[:, :16])
-        pad_h, pad_w = (-latent.shape[-2]) % PATCH, (-latent.shape[-1]) % PATCH
-        if pad_h or pad_w:
-            latent = F.pad(latent, (0, pad_w, 0, pad_h), mode="circular")
+        latent = pad_to_patch(latent, PATCH)
         n, c, h, w = latent.shape
         tokens = latent.view(n, c, h // PATCH, PATCH, w // PATCH, PATCH).permute(0, 2, 4, 1, 3, 5)
         tokens = tokens.reshape(n, (h // PATCH) * (w // PATCH), c * PATCH * PATCH).to(dtype)
