@@ -7,11 +7,7 @@ AuraFlowTransformer2DModel, so each of its parameter names is first written in t
 
 from __future__ import annotations
 
-from latentloom.engine.inputs import InputError
-from latentloom.engine.node import RunContext
-
-from .diffusion import merge
-from .merging import block_merge_node, report_merge
+from .merging import TransformerBlockMerge, block_merge_node
 
 # diffusers prefix -> ComfyUI's original prefix (the rest of a name only needs the right block for the ratio)
 _AURAFLOW_PREFIXES = (("pos_embed.proj.", "init_x_linear."), ("pos_embed.pos_embed", "positional_encoding"),
@@ -28,29 +24,17 @@ def original_auraflow_name(name: str) -> str:
     return name
 
 
-_MergeBase = block_merge_node(
-    "ModelMergeAuraflowBase",
+class _AuraFlowBlockMerge(TransformerBlockMerge):
+    family = "auraflow"
+    family_label = "AuraFlow"
+    comfy_name = staticmethod(original_auraflow_name)
+
+
+ModelMergeAuraflow = block_merge_node(
+    "ModelMergeAuraflow",
     ["init_x_linear.", "positional_encoding", "cond_seq_linear.", "register_tokens", "t_embedder."]
     + [f"double_layers.{i}." for i in range(4)] + [f"single_layers.{i}." for i in range(32)]
-    + ["modF.", "final_linear."])
-
-
-class ModelMergeAuraflow(_MergeBase):  # type: ignore[misc, valid-type]
-    def run(self, ctx: RunContext):
-        model1, model2 = self.model1, self.model2
-        for name, model in (("model1", model1), ("model2", model2)):
-            if model.family != "auraflow":
-                raise InputError(name, f"is a {model.family} model; ModelMergeAuraflow merges AuraFlow models")
-        ratios = self.block_ratios()
-
-        def strengths(name: str) -> tuple[float, float]:
-            ratio = merge.prefix_ratio(original_auraflow_name(name), ratios)
-            return 1.0 - ratio, ratio
-
-        plan = merge.plan_merge(model1.unet, model2.unet, strengths)
-        report_merge(ctx, plan, "model2", "model1")
-        patch = merge.MergePatch(model1.patches, model2.unet, model2.patches, plan.entries, ctx.models)
-        return (model1.clone(patches=(patch,)),)
+    + ["modF.", "final_linear."], _AuraFlowBlockMerge, __name__)
 
 
 NODES = [ModelMergeAuraflow]

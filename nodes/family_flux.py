@@ -10,16 +10,12 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-from pydantic import create_model
-
 from latentloom.engine.inputs import InputError
 from latentloom.engine.node import Node, RunContext
 from latentloom.engine.types import CLIP, CONDITIONING, Float, Output, Socket, String
 
 from .conditioning import _encode, _tokenize
-from .diffusion import merge
-from .diffusion.models import DiffusionModel
-from .merging import RATIO, ModelSpecificMerge, report_merge
+from .merging import TransformerBlockMerge, block_merge_node
 
 PROMPT = String(multiline=True, dynamicPrompts=True)
 
@@ -55,35 +51,19 @@ _FLUX_NAMES = (
 )
 
 
-def flux_block_name(diffusers_name: str) -> str:
+def flux_block_name(name: str) -> str:
     """A diffusers Flux parameter's name with ComfyUI's block prefix (the rest of the name is kept as is)."""
     for pattern, replacement in _FLUX_NAMES:
-        renamed, count = pattern.subn(replacement, diffusers_name, count=1)
+        renamed, count = pattern.subn(replacement, name, count=1)
         if count:
             return renamed
-    return diffusers_name
+    return name
 
 
-class _FluxBlockMerge(ModelSpecificMerge):
-    """ModelMergeBlocks for Flux transformers: ComfyUI's block prefixes matched on the diffusers parameters."""
-
-    def run(self, ctx: RunContext):
-        model1: DiffusionModel = self.model1
-        model2: DiffusionModel = self.model2
-        for name, model in (("model1", model1), ("model2", model2)):
-            if model.family != "flux":
-                raise InputError(name, f"is a {model.family} model; ModelMergeFlux1 merges two Flux models")
-        ratios = self.block_ratios()
-        names = {name: flux_block_name(name) for name, _ in model2.unet.named_parameters()}
-
-        def strengths(name: str) -> tuple[float, float]:
-            ratio = merge.prefix_ratio(names.get(name, name), ratios)
-            return 1.0 - ratio, ratio
-
-        plan = merge.plan_merge(model1.unet, model2.unet, strengths)
-        report_merge(ctx, plan, "model2", "model1")
-        patch = merge.MergePatch(model1.patches, model2.unet, model2.patches, plan.entries, ctx.models)
-        return (model1.clone(patches=(patch,)),)
+class _FluxBlockMerge(TransformerBlockMerge):
+    family = "flux"
+    family_label = "Flux"
+    comfy_name = staticmethod(flux_block_name)
 
 
 FLUX1_PREFIXES = (["img_in.", "time_in.", "guidance_in", "vector_in.", "txt_in."]
@@ -91,12 +71,7 @@ FLUX1_PREFIXES = (["img_in.", "time_in.", "guidance_in", "vector_in.", "txt_in."
                   + ["final_layer."])
 
 
-def _flux_merge_node(name: str, prefixes: list[str]) -> type[_FluxBlockMerge]:
-    fields: dict[str, Any] = {prefix: (Annotated[float, RATIO], 1.0) for prefix in prefixes}
-    return create_model(name, __base__=_FluxBlockMerge, __module__=__name__, **fields)
-
-
-ModelMergeFlux1 = _flux_merge_node("ModelMergeFlux1", FLUX1_PREFIXES)
+ModelMergeFlux1 = block_merge_node("ModelMergeFlux1", FLUX1_PREFIXES, _FluxBlockMerge, __name__)
 
 
 NODES = [CLIPTextEncodeFlux, ModelMergeFlux1]

@@ -17,18 +17,15 @@ import math
 from typing import Annotated, Any
 
 import torch
-from pydantic import create_model
 
 from latentloom.engine.inputs import InputError
 from latentloom.engine.node import Node, RunContext
 from latentloom.engine.types import CLIP, CONDITIONING, IMAGE, VAE, Output, Socket, String
 
 from .conditioning import _encode
-from .diffusion import merge
-from .diffusion.models import DiffusionModel
 from .diffusion.qwen_text import EDIT_TEMPLATE, NO_VISION_TOWER, PICTURE_PROMPT
 from .diffusion.resize import common_upscale
-from .merging import RATIO, ModelSpecificMerge, report_merge
+from .merging import TransformerBlockMerge, block_merge_node
 
 PROMPT = String(multiline=True, dynamicPrompts=True)
 
@@ -128,38 +125,19 @@ class TextEncodeQwenImageEditPlus(Node):
         return (_with_references(_encode(ctx, clip, tokens), references),)
 
 
-class _QwenImageBlockMerge(ModelSpecificMerge):
-    """Block ratios on Qwen-Image transformers: ComfyUI's names are diffusers' own, so the prefixes match the
-    parameters directly (`pos_embeds.` has no weights: the rotary tables are computed)."""
+class _QwenImageBlockMerge(TransformerBlockMerge):
+    """ComfyUI's names are diffusers' own, so the prefixes match the parameters directly (`pos_embeds.` has no
+    weights: the rotary tables are computed)."""
 
-    def run(self, ctx: RunContext):
-        model1: DiffusionModel = self.model1
-        model2: DiffusionModel = self.model2
-        for name, model in (("model1", model1), ("model2", model2)):
-            if model.family != "qwen_image":
-                raise InputError(name, f"is a {model.family} model; ModelMergeQwenImage merges two Qwen-Image models")
-        ratios = self.block_ratios()
-
-        def strengths(name: str) -> tuple[float, float]:
-            ratio = merge.prefix_ratio(name, ratios)
-            return 1.0 - ratio, ratio
-
-        plan = merge.plan_merge(model1.unet, model2.unet, strengths)
-        report_merge(ctx, plan, "model2", "model1")
-        patch = merge.MergePatch(model1.patches, model2.unet, model2.patches, plan.entries, ctx.models)
-        return (model1.clone(patches=(patch,)),)
+    family = "qwen_image"
+    family_label = "Qwen-Image"
 
 
 QWEN_IMAGE_PREFIXES = (["pos_embeds.", "img_in.", "txt_norm.", "txt_in.", "time_text_embed."]
                        + [f"transformer_blocks.{i}." for i in range(60)] + ["proj_out."])
 
 
-def _qwen_image_merge_node(name: str, prefixes: list[str]) -> type[_QwenImageBlockMerge]:
-    fields: dict[str, Any] = {prefix: (Annotated[float, RATIO], 1.0) for prefix in prefixes}
-    return create_model(name, __base__=_QwenImageBlockMerge, __module__=__name__, **fields)
-
-
-ModelMergeQwenImage = _qwen_image_merge_node("ModelMergeQwenImage", QWEN_IMAGE_PREFIXES)
+ModelMergeQwenImage = block_merge_node("ModelMergeQwenImage", QWEN_IMAGE_PREFIXES, _QwenImageBlockMerge, __name__)
 
 
 NODES = [TextEncodeQwenImageEdit, TextEncodeQwenImageEditPlus, ModelMergeQwenImage]

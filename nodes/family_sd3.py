@@ -14,22 +14,20 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable, Mapping
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import torch
-from pydantic import create_model
 
 from latentloom.engine.inputs import InputError
 from latentloom.engine.node import Node, RunContext
 from latentloom.engine.types import CLIP, CONDITIONING, MODEL, Combo, Float, Output, Socket, String
 
 from .conditioning import _encode, _tokenize
-from .diffusion import merge
 from .diffusion import patches as patch_api
 from .diffusion.family_clip import FamilyClip
 from .diffusion.models import DiffusionModel
 from .diffusion.schedules import schedule_for
-from .merging import RATIO, ModelSpecificMerge, report_merge
+from .merging import TransformerBlockMerge, block_merge_node
 
 PROMPT = String(multiline=True, dynamicPrompts=True)
 PERCENT = dict(min=0.0, max=1.0, step=0.001)
@@ -97,34 +95,16 @@ def sd3_comfy_name(name: str) -> str:
     return name
 
 
-class _SD3BlockMerge(ModelSpecificMerge):
-    """ComfyUI's ModelMergeBlocks rule on an SD3 transformer: W ← ratio·W1 + (1 − ratio)·W2, the ratio of the
-    longest matching ComfyUI prefix (the first input's when none matches)."""
-
-    def run(self, ctx: RunContext):
-        model1: DiffusionModel = self.model1
-        model2: DiffusionModel = self.model2
-        for name, model in (("model1", model1), ("model2", model2)):
-            if model.family != "sd3":
-                raise InputError(name, f"is a {model.family} model; {type(self).__name__} merges SD3 / SD3.5 "
-                                       f"transformers")
-        ratios = self.block_ratios()
-
-        def strengths(name: str) -> tuple[float, float]:
-            ratio = merge.prefix_ratio(sd3_comfy_name(name), ratios)
-            return 1.0 - ratio, ratio
-
-        plan = merge.plan_merge(model1.unet, model2.unet, strengths)
-        report_merge(ctx, plan, "model2", "model1")
-        patch = merge.MergePatch(model1.patches, model2.unet, model2.patches, plan.entries, ctx.models)
-        return (model1.clone(patches=(patch,)),)
+class _SD3BlockMerge(TransformerBlockMerge):
+    family = "sd3"
+    family_label = "SD3 / SD3.5"
+    comfy_name = staticmethod(sd3_comfy_name)
 
 
-def _sd3_merge_node(name: str, blocks: int) -> type[_SD3BlockMerge]:
+def _sd3_merge_node(name: str, blocks: int) -> type[TransformerBlockMerge]:
     prefixes = ["pos_embed.", "x_embedder.", "context_embedder.", "y_embedder.", "t_embedder."]
     prefixes += [f"joint_blocks.{i}." for i in range(blocks)] + ["final_layer."]
-    fields: dict[str, Any] = {prefix: (Annotated[float, RATIO], 1.0) for prefix in prefixes}
-    return create_model(name, __base__=_SD3BlockMerge, __module__=__name__, **fields)
+    return cast(type[TransformerBlockMerge], block_merge_node(name, prefixes, _SD3BlockMerge, __name__))
 
 
 ModelMergeSD3_2B = _sd3_merge_node("ModelMergeSD3_2B", 24)  # noqa: N816 (ComfyUI's node type names)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 from pydantic import create_model
 
@@ -140,9 +140,41 @@ class ModelSpecificMerge(_BlockMerge):
     category = "advanced/model_merging/model_specific"
 
 
-def block_merge_node(name: str, prefixes: list[str]) -> type[_BlockMerge]:
+def block_merge_node(name: str, prefixes: list[str], base: type[_BlockMerge] = ModelSpecificMerge,
+                     module: str = __name__) -> type[_BlockMerge]:
     fields: dict[str, Any] = {prefix: (Annotated[float, RATIO], 1.0) for prefix in prefixes}
-    return create_model(name, __base__=ModelSpecificMerge, __module__=__name__, **fields)
+    return create_model(name, __base__=base, __module__=module, **fields)
+
+
+class TransformerBlockMerge(ModelSpecificMerge):
+    """ComfyUI's ModelMergeBlocks rule on a diffusion transformer of one family: W <- ratio*W1 + (1 - ratio)*W2,
+    the ratio of the longest ComfyUI prefix matching the parameter's ComfyUI name (the first input's when none
+    matches). Subclasses name the family and map diffusers parameter names to ComfyUI's."""
+
+    family: ClassVar[str] = ""
+    family_label: ClassVar[str] = ""
+
+    @staticmethod
+    def comfy_name(name: str) -> str:
+        return name
+
+    def run(self, ctx: RunContext):
+        model1: DiffusionModel = self.model1
+        model2: DiffusionModel = self.model2
+        for name, model in (("model1", model1), ("model2", model2)):
+            if model.family != self.family:
+                raise InputError(name, f"is a {model.family} model; {type(self).__name__} merges "
+                                       f"{self.family_label} models")
+        ratios = self.block_ratios()
+
+        def strengths(name: str) -> tuple[float, float]:
+            ratio = merge.prefix_ratio(self.comfy_name(name), ratios)
+            return 1.0 - ratio, ratio
+
+        plan = merge.plan_merge(model1.unet, model2.unet, strengths)
+        report_merge(ctx, plan, "model2", "model1")
+        patch = merge.MergePatch(model1.patches, model2.unet, model2.patches, plan.entries, ctx.models)
+        return (model1.clone(patches=(patch,)),)
 
 
 def _unet_prefixes(inputs: int, middle: int, outputs: int, dot: str) -> list[str]:
