@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import jsonsafe
-from .cache import DEFAULT_CACHE_BYTES, OutputCache
+from .cache import DEFAULT_CACHE_BYTES, DEFAULT_KEEP_PROMPTS, OutputCache
 from .environment import Environment
 from .events import Event, EventBus
 from .executor import Executor, InterruptToken, RunResult
@@ -60,10 +60,10 @@ def set_input(prompt: dict[str, Any], target: str, value: Any) -> dict[str, Any]
 
 class Engine:
     def __init__(self, registry: NodeRegistry, env: Environment | None = None,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES):
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, cache_prompts: int | None = DEFAULT_KEEP_PROMPTS):
         self.registry = registry
         self.env = env or Environment.create()
-        self.cache = OutputCache(cache_bytes)
+        self.cache = OutputCache(cache_bytes, cache_prompts)
         self.bus = EventBus()
         self.executor = Executor(registry, self.env, self.cache, self.bus)
 

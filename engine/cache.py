@@ -3,7 +3,10 @@
 A node's key is a hash of its own signature (type, version, fingerprint, constants) and the keys of the nodes
 feeding it (with their slots): Merkle-style, computed once per node in topological order, so the cost is linear in
 the graph and node ids never enter the key (a renumbered graph still hits). Entries are bounded by bytes (tensor
-sizes counted) and evicted least-recently-used.
+sizes counted) and evicted least-recently-used. They also age out: when a prompt begins, an entry that neither it
+nor any of the last `keep_prompts` prompts needed is dropped, so a server fed distinct prompts holds the recent prompts'
+outputs (and the models every prompt reuses), not every prompt's up to the byte budget. ComfyUI keeps the last
+prompt's outputs; a few more make switching between variants of a graph cheap.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 DEFAULT_CACHE_BYTES = 2 * 1024**3
+DEFAULT_KEEP_PROMPTS = 8
 
 
 class Uncacheable(Exception):
@@ -83,6 +87,7 @@ class CacheEntry:
     outputs: list[list[Any]]  # per output slot, the list of values (list mapping)
     ui: dict[str, Any] | None
     nbytes: int
+    last_prompt: int = 0  # the number of the last prompt that needed it
 
 
 @dataclass
@@ -99,12 +104,17 @@ class CacheStats:
 
 
 class OutputCache:
-    """LRU by bytes. An entry bigger than the whole budget is not stored (it would evict everything)."""
+    """LRU by bytes, with entries aged out after `keep_prompts` prompts that did not need them (None: never). An
+    entry bigger than the whole budget is not stored (it would evict everything)."""
 
-    def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES):
+    def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES, keep_prompts: int | None = DEFAULT_KEEP_PROMPTS):
+        if keep_prompts is not None and keep_prompts < 1:
+            raise ValueError(f"keep_prompts must be at least 1, got {keep_prompts}")
         self.max_bytes = max_bytes
+        self.keep_prompts = keep_prompts
         self._entries: OrderedDict[str, CacheEntry] = OrderedDict()
         self._bytes = 0
+        self._prompt = 0
         self._lock = threading.Lock()
         self._stats = CacheStats(budget=max_bytes)
 
@@ -115,8 +125,27 @@ class OutputCache:
                 self._stats.misses += 1
                 return None
             self._entries.move_to_end(key)
+            entry.last_prompt = self._prompt
             self._stats.hits += 1
             return entry
+
+    def begin_prompt(self, needed_keys: list[str]) -> list[str]:
+        """Start the next prompt: the entries among `needed_keys` count as used by it, and entries that no prompt
+        of the last `keep_prompts` needed are evicted. Returns the needed keys that are cached."""
+        with self._lock:
+            self._prompt += 1
+            cached = []
+            for key in needed_keys:
+                entry = self._entries.get(key)
+                if entry is not None:
+                    entry.last_prompt = self._prompt
+                    cached.append(key)
+            if self.keep_prompts is not None:
+                oldest_kept = self._prompt - self.keep_prompts  # the current prompt and the last `keep` before it
+                for key in [k for k, e in self._entries.items() if e.last_prompt < oldest_kept]:
+                    self._bytes -= self._entries.pop(key).nbytes
+                    self._stats.evictions += 1
+            return cached
 
     def peek(self, key: str) -> bool:
         with self._lock:
@@ -130,7 +159,7 @@ class OutputCache:
                 self._bytes -= old.nbytes
             if nbytes > self.max_bytes:
                 return False
-            self._entries[key] = CacheEntry(outputs, ui, nbytes)
+            self._entries[key] = CacheEntry(outputs, ui, nbytes, self._prompt)
             self._bytes += nbytes
             while self._bytes > self.max_bytes and self._entries:
                 _, evicted = self._entries.popitem(last=False)

@@ -357,7 +357,8 @@ class _Run:
             order = self.topological_order(self.graph.outputs)
             self.compute_keys(order)
             # Every needed node whose output is cached, as ComfyUI reports it (not only those the run reads).
-            self.cached_at_start = [n for n in order if self.cacheable[n] and self.cache.peek(self.keys[n])]
+            cached_keys = set(self.cache.begin_prompt([self.keys[n] for n in order if self.cacheable[n]]))
+            self.cached_at_start = [n for n in order if self.cacheable[n] and self.keys[n] in cached_keys]
             self.schedule(list(self.graph.outputs))
             self.emit(lambda: ExecutionCached(prompt_id=self.prompt_id, nodes=list(self.cached_at_start)))
             for node_id in self.cached:

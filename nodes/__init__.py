@@ -54,12 +54,13 @@ def builtin_nodes() -> list:
 
 def create_engine(models_dir=None, input_dir=None, output_dir=None, temp_dir=None, extra_model_paths=None,
                   custom_nodes_dir=None, cache_bytes=None, entry_points: bool = True, vram_budget=None,
-                  stream_weights: bool = True):
+                  stream_weights: bool = True, cache_prompts=None):
     """An Engine with the built-in nodes, plugins from the `latentloom.nodes` entry points, a custom_nodes
     folder, the socket value checks, the model memory manager and the embedding library as services.
-    vram_budget (bytes; None: the manager's default) and stream_weights configure the memory manager."""
+    vram_budget (bytes; None: the manager's default) and stream_weights configure the memory manager; cache_bytes
+    and cache_prompts (None: the defaults) bound the output cache by size and by the prompts an entry outlives."""
     from latentloom.engine.api import Engine
-    from latentloom.engine.cache import DEFAULT_CACHE_BYTES
+    from latentloom.engine.cache import DEFAULT_CACHE_BYTES, DEFAULT_KEEP_PROMPTS
     from latentloom.engine.environment import Environment
     from latentloom.engine.memory import ModelManager
     from latentloom.engine.registry import NodeRegistry
@@ -86,7 +87,8 @@ def create_engine(models_dir=None, input_dir=None, output_dir=None, temp_dir=Non
         from .comfy_compat import load_packs
 
         load_packs(registry, env, custom_nodes_dir)
-    return Engine(registry, env, cache_bytes if cache_bytes is not None else DEFAULT_CACHE_BYTES)
+    return Engine(registry, env, cache_bytes if cache_bytes is not None else DEFAULT_CACHE_BYTES,
+                  cache_prompts if cache_prompts is not None else DEFAULT_KEEP_PROMPTS)
 
 
 def bundled_models_dir():

@@ -41,6 +41,16 @@ def _byte_size(value: str) -> int:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="latentloom", description="Node-graph diffusion workflows.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -75,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8188)
     serve.add_argument("--user-dir", default="user")
     serve.add_argument("--database", help="SQLite file for the queue and history (default: USER_DIR/queue.db)")
-    serve.add_argument("--cache-bytes", type=int)
+    serve.add_argument("--cache-bytes", type=int, help="output cache budget in bytes (default 2 GiB)")
+    serve.add_argument("--cache-prompts", type=_positive_int, help="drop cached outputs that none of the last N "
+                       "prompts needed (default 8; ComfyUI keeps the last prompt's)")
     serve.add_argument("--auth-token", help="require 'Authorization: Bearer TOKEN' (set one off loopback)")
     serve.add_argument("--workers", choices=("local", "ray"), default="local",
                        help="'ray': run prompts on a pool of Ray actors (one per GPU) fed by this server's queue")
@@ -98,7 +110,8 @@ def make_engine(args: argparse.Namespace, cache_bytes: int | None = None):
     custom = args.custom_nodes if args.custom_nodes and Path(args.custom_nodes).is_dir() else None
     return create_engine(models_dir=args.models_dir, input_dir=args.input_dir, output_dir=args.output_dir,
                          temp_dir=args.temp_dir, extra_model_paths=args.extra_model_paths,
-                         custom_nodes_dir=custom, cache_bytes=cache_bytes, vram_budget=args.vram_budget,
+                         custom_nodes_dir=custom, cache_bytes=cache_bytes,
+                         cache_prompts=getattr(args, "cache_prompts", None), vram_budget=args.vram_budget,
                          stream_weights=args.stream_weights)
 
 

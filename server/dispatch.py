@@ -480,7 +480,8 @@ def engine_factory_from_args(args) -> EngineFactory:
         "models_dir": absolute(args.models_dir), "input_dir": absolute(args.input_dir),
         "output_dir": absolute(args.output_dir), "temp_dir": absolute(args.temp_dir),
         "extra_model_paths": absolute(args.extra_model_paths), "custom_nodes_dir": absolute(custom),
-        "cache_bytes": getattr(args, "cache_bytes", None), **memory_flags(args)})
+        "cache_bytes": getattr(args, "cache_bytes", None), "cache_prompts": getattr(args, "cache_prompts", None),
+        **memory_flags(args)})
 
 
 def memory_flags(args) -> dict:

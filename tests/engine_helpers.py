@@ -12,10 +12,10 @@ from latentloom.engine.environment import Environment
 from latentloom.engine.registry import NodeRegistry
 
 
-def make_engine(tmp_path: Path, cache_bytes: int = 1 << 30) -> tuple[Engine, CallLog]:
+def make_engine(tmp_path: Path, cache_bytes: int = 1 << 30, cache_prompts: int | None = 8) -> tuple[Engine, CallLog]:
     registry = NodeRegistry(engine_nodes.NODES)
     env = Environment.create(input_dir=tmp_path / "in", output_dir=tmp_path / "out", temp_dir=tmp_path / "tmp")
-    engine = Engine(registry, env, cache_bytes=cache_bytes)
+    engine = Engine(registry, env, cache_bytes=cache_bytes, cache_prompts=cache_prompts)
     calls = CallLog()
     env.register(calls)
     return engine, calls

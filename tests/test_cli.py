@@ -215,3 +215,21 @@ def test_refused_png_chunk_exits_2(workdir, capsys):
     assert run_cli("validate", str(workdir / "w.png"), "--json") == 2
     body = json.loads(capsys.readouterr().out)
     assert body["status"] == "invalid" and "'prompt' chunk is not valid JSON" in body["error"]["message"]
+
+
+def test_serve_cache_flags_reach_the_output_cache(tmp_path, capsys):
+    from latentloom.engine.cache import DEFAULT_KEEP_PROMPTS
+    from latentloom.server.cli import build_parser, make_engine
+    from latentloom.server.dispatch import engine_factory_from_args
+
+    none = str(tmp_path / "none")
+    args = build_parser().parse_args(["serve", "--cache-bytes", "5000", "--cache-prompts", "3", "--custom-nodes", none])
+    cache = make_engine(args, cache_bytes=args.cache_bytes).cache
+    assert (cache.max_bytes, cache.keep_prompts) == (5000, 3)
+    kwargs = engine_factory_from_args(args).kwargs  # the Ray workers' engines
+    assert (kwargs["cache_bytes"], kwargs["cache_prompts"]) == (5000, 3)
+    default = make_engine(build_parser().parse_args(["serve", "--custom-nodes", none])).cache
+    assert default.keep_prompts == DEFAULT_KEEP_PROMPTS
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["serve", "--cache-prompts", "0"])
+    assert exit_info.value.code == 2 and "--cache-prompts: must be at least 1, got 0" in capsys.readouterr().err

@@ -96,6 +96,46 @@ def test_byte_budget_evicts_least_recently_used(tmp_path):
     assert calls == ["1", "2"]
 
 
+def test_outputs_no_recent_prompt_needed_age_out(tmp_path):
+    engine, calls = make_engine(tmp_path, cache_prompts=2)  # keep what the last two prompts needed
+    graph_a = {"1": const(100), "2": add("1", 1), "3": collect("2")}
+
+    def other(value):
+        return {"1": const(value), "2": collect("1")}
+
+    run_ok(engine, graph_a)  # prompt 1
+    run_ok(engine, other(7))  # 2
+    calls.clear()
+    run_ok(engine, graph_a)  # 3: prompt 1's outputs are within the last two prompts
+    assert calls == []
+    run_ok(engine, other(8))  # 4
+    calls.clear()
+    # 5: const(100) was only read at prompt 1, but prompt 3 needed it (its cached descendants) and kept it alive
+    run_ok(engine, {"1": const(100), "2": add("1", 5), "3": collect("2")})
+    assert calls == ["2", "3"]
+    run_ok(engine, other(9))  # 6
+    run_ok(engine, other(10))  # 7
+    calls.clear()
+    run_ok(engine, graph_a)  # 8: Add and Collect were last needed at prompt 3 and aged out; const(100) (prompt 5)
+    assert calls == ["2", "3"]  # is still there when this prompt, which needs it, begins
+    assert engine.cache.stats().entries == 3 + 2 + 2  # this prompt's, prompt 7's and prompt 6's
+    run_ok(engine, other(11))  # 9
+    run_ok(engine, other(12))  # 10
+    run_ok(engine, other(13))  # 11
+    calls.clear()
+    run_ok(engine, graph_a)  # 12: nothing of it was needed by prompts 9-11
+    assert calls == ["1", "2", "3"]
+
+
+def test_cache_without_an_age_limit_keeps_every_prompt_within_the_budget(tmp_path):
+    engine, calls = make_engine(tmp_path, cache_prompts=None)
+    for value in range(30):
+        run_ok(engine, {"1": const(value), "2": collect("1")})
+    calls.clear()
+    run_ok(engine, {"1": const(0), "2": collect("1")})
+    assert calls == [] and engine.cache.stats().entries == 60
+
+
 def test_intermediate_values_are_released_once_consumed(setup):
     engine, _ = setup
     prompt = {"blob": {"class_type": "MakeBlob", "inputs": {"seed": 1}},

@@ -26,7 +26,7 @@ def pack_engine_factory(root: Path) -> EngineFactory:
     return EngineFactory("latentloom.nodes:create_engine", {
         "models_dir": str(root / "models"), "input_dir": str(root / "input"), "output_dir": str(root / "output"),
         "temp_dir": str(root / "temp"), "extra_model_paths": None, "custom_nodes_dir": str(PACKS),
-        "cache_bytes": None})
+        "cache_bytes": None, "cache_prompts": None})
 
 
 def notify_graph(message: str) -> dict:

@@ -118,6 +118,29 @@ def bench_cold(name: str, graph: dict, repeats: int, threads: int, work: Path) -
     return {"run_s": median(wall), "run_cpu_s": median(cpu), "runs_s": [round(x, 3) for x in wall]}
 
 
+# The imports an SD1 graph cannot avoid while its networks are diffusers' and transformers' classes: the UNet and
+# VAE modules pull in diffusers' loader mixins and torch._dynamo, CLIP pulls in transformers' modeling utilities.
+IMPORT_FLOOR = {
+    "torch": "import torch",
+    "model_classes": "import torch; import diffusers.models.unets.unet_2d_condition, "
+                     "diffusers.models.autoencoders.autoencoder_kl, transformers.models.clip.modeling_clip",
+}
+
+
+def bench_import_floor(repeats: int, threads: int) -> dict:
+    """Process start to the end of the imports above, each in a fresh process (medians): what `latentloom run`
+    pays before any code of ours runs."""
+    figures: dict[str, float] = {}
+    for label, code in IMPORT_FLOOR.items():
+        wall = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code], env=child_env(threads), check=True)
+            wall.append(time.perf_counter() - started)
+        figures[f"{label}_s"] = median(wall)
+    return figures
+
+
 # --- in one process, without the server ----------------------------------------------------------------------
 
 def child_first_image(name: str, steps: int | None, repeats: int, threads: int, prepare: bool) -> dict:
@@ -130,8 +153,15 @@ def child_first_image(name: str, steps: int | None, repeats: int, threads: int, 
     from latentloom.nodes import create_engine
 
     imported = clock()
-    work = Path(tempfile.mkdtemp(prefix="bench_compare_child_"))
-    engine = create_engine(output_dir=work / "output", input_dir=ROOT / "input", temp_dir=work / "temp")
+    with tempfile.TemporaryDirectory(prefix="bench_compare_child_") as temp:
+        work = Path(temp)
+        engine = create_engine(output_dir=work / "output", input_dir=ROOT / "input", temp_dir=work / "temp")
+        return first_and_warm_images(engine, name, steps, repeats, prepare, started, cpu_started, imported)
+
+
+def first_and_warm_images(engine: Any, name: str, steps: int | None, repeats: int, prepare: bool, started: float,
+                          cpu_started: float, imported: float) -> dict:
+    clock = time.perf_counter
     created = clock()
     if prepare:
         from latentloom.nodes.diffusion.model_code import prepare as prepare_model_code
@@ -260,16 +290,22 @@ def growth_report(rss: dict[int, int], prompts: int, cache: dict[int, int] | Non
 
 
 def bench_memory(name: str, graph: dict, prompts: int, threads: int, cache_bytes: int | None) -> dict:
-    import gc
 
     import torch
 
     from latentloom.nodes import create_engine
 
     torch.set_num_threads(threads)
-    work = Path(tempfile.mkdtemp(prefix="bench_compare_memory_"))
-    engine = create_engine(output_dir=work / "output", input_dir=ROOT / "input", temp_dir=work / "temp",
-                           cache_bytes=cache_bytes)
+    with tempfile.TemporaryDirectory(prefix="bench_compare_memory_") as temp:
+        work = Path(temp)
+        engine = create_engine(output_dir=work / "output", input_dir=ROOT / "input", temp_dir=work / "temp",
+                               cache_bytes=cache_bytes)
+        return memory_growth(engine, name, graph, prompts)
+
+
+def memory_growth(engine: Any, name: str, graph: dict, prompts: int) -> dict:
+    import gc
+
     rss: dict[int, int] = {}
     cache: dict[int, int] = {}
     for number in range(1, prompts + 1):
@@ -288,6 +324,27 @@ def bench_memory(name: str, graph: dict, prompts: int, threads: int, cache_bytes
 
 # --- main ----------------------------------------------------------------------------------------------------
 
+PLAIN_GRAPH = "txt2img"  # lora.json and controlnet.json are txt2img with a LoraLoader / ControlNet added
+PLAIN_TARGET = 1.05
+
+
+def add_plain_graph_ratios(graphs: dict[str, dict]) -> None:
+    """Each graph's cold run and first image over txt2img's (the LoRA / ControlNet file reads included), when
+    txt2img was measured too: the target for lora and controlnet is <= 1.05."""
+    plain = graphs.get(PLAIN_GRAPH)
+    if plain is None:
+        return
+    for name, figures in graphs.items():
+        if name == PLAIN_GRAPH:
+            continue
+        ratios = figures["ratios"]
+        if "cold" in figures and "cold" in plain:
+            ratios["cold_over_plain_cold"] = round(figures["cold"]["run_s"] / plain["cold"]["run_s"], 3)
+        ratios["first_over_plain_first"] = round(
+            figures["in_process_prepared"]["first_s"] / plain["in_process_prepared"]["first_s"], 3)
+        ratios["target_over_plain"] = PLAIN_TARGET
+
+
 def cpu_report(args: argparse.Namespace) -> dict:
     report: dict[str, Any] = {"threads": args.threads, "load_average_before": list(os.getloadavg()), "graphs": {}}
     with tempfile.TemporaryDirectory(prefix="bench_compare_") as temp:
@@ -297,6 +354,8 @@ def cpu_report(args: argparse.Namespace) -> dict:
             figures: dict[str, Any] = {}
             if not args.skip_cold:
                 figures["cold"] = bench_cold(name, graph, args.repeats, args.threads, work)
+                if "import_floor" not in report:
+                    report["import_floor"] = bench_import_floor(args.repeats, args.threads)
             figures["in_process"] = bench_in_process(name, args.steps, args.repeats, args.threads, prepare=False)
             figures["in_process_prepared"] = bench_in_process(name, args.steps, args.repeats, args.threads,
                                                               prepare=True)
@@ -311,6 +370,7 @@ def cpu_report(args: argparse.Namespace) -> dict:
                 "target_first_over_warm": FIRST_OVER_WARM_TARGET,
             }
             report["graphs"][name] = figures
+        add_plain_graph_ratios(report["graphs"])
         if not args.skip_memory:
             graph = load_graph(args.memory_graph, args.memory_steps)
             report["memory"] = {
