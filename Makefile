@@ -39,5 +39,7 @@ test: lint
 	bash tools/install_browser.sh
 	$(BIN)/python -m pytest -q tests
 
+# test-fast spreads the tests over the machine's cores (pytest-xdist) and lets pytest keep its rewritten test
+# modules as bytecode even where PYTHONDONTWRITEBYTECODE is set (re-rewriting them costs seconds per run).
 test-fast: install
-	$(BIN)/python -m pytest -q -m "$(FAST)" tests
+	env -u PYTHONDONTWRITEBYTECODE $(BIN)/python -m pytest -q -n auto -m "$(FAST)" tests

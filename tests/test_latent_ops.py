@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from node_context import make_context, run_node
-from scipy.signal import correlate2d
 
 from latentloom.nodes.diffusion.latent_operations import OperationOnGuidance, Sharpen, TonemapReinhard
 from latentloom.nodes.diffusion.models import DiffusionModel
@@ -280,6 +279,8 @@ def test_tonemap_reinhard_compresses_lengths_keeps_directions(ctx):
 
 
 def _sharpen_reference(samples: np.ndarray, radius: int, sigma: float, alpha: float) -> np.ndarray:
+    from scipy.signal import correlate2d  # here, not at the top: scipy.signal takes a second to import
+
     size = 2 * radius + 1
     grid = np.linspace(-1, 1, size)
     squared = grid[:, None] ** 2 + grid[None, :] ** 2

@@ -21,8 +21,11 @@ from latentloom.nodes.diffusion.tokenizer import (
     tokenize_prompt,
 )
 
-CAT = bpe_ids("cat")[0]
-DOG = bpe_ids("dog")[0]
+
+def word_id(word: str) -> int:
+    """The id of a one-token word (looked up when a test runs: the vocabulary loads transformers)."""
+    (token,) = bpe_ids(word)
+    return token
 
 
 def test_shipped_vocabulary_gives_the_known_clip_ids():
@@ -93,7 +96,7 @@ def test_segments_are_tokenized_separately():
     split = token_groups("cat(s:1.2)")
     assert [[t for t, _ in g] for g in joined] == [bpe_ids("cats")]
     assert len(bpe_ids("cats")) == 1
-    assert [[t for t, _ in g] for g in split] == [[CAT], bpe_ids("s")]
+    assert [[t for t, _ in g] for g in split] == [[word_id("cat")], bpe_ids("s")]
     assert [w for g in split for _, w in g] == [1.0, 1.2]
 
 
@@ -131,23 +134,23 @@ def test_short_group_that_overflows_moves_whole_to_next_chunk():
     chunks = tokenize_prompt(prompt)
     assert len(chunks) == 2
     first, second = chunk_ids(chunks[0]), chunk_ids(chunks[1])
-    assert first == [BOS_ID] + [CAT] * 74 + [EOS_ID, EOS_ID]
-    assert second[:5] == [BOS_ID, DOG, DOG, DOG, EOS_ID]
+    assert first == [BOS_ID] + [word_id("cat")] * 74 + [EOS_ID, EOS_ID]
+    assert second[:5] == [BOS_ID, word_id("dog"), word_id("dog"), word_id("dog"), EOS_ID]
     assert [w for _, w in chunks[1][1:4]] == pytest.approx([1.1] * 3)
 
 
 def test_long_group_that_overflows_is_split_at_the_boundary():
     prompt = "cat " * 74 + "(" + "dog " * 10 + ")"
     first, second = (chunk_ids(c) for c in tokenize_prompt(prompt))
-    assert first == [BOS_ID] + [CAT] * 74 + [DOG, EOS_ID]
-    assert second[:11] == [BOS_ID] + [DOG] * 9 + [EOS_ID]
+    assert first == [BOS_ID] + [word_id("cat")] * 74 + [word_id("dog"), EOS_ID]
+    assert second[:11] == [BOS_ID] + [word_id("dog")] * 9 + [EOS_ID]
 
 
 def test_chunk_weights_follow_tokens_and_specials_are_weight_one():
     [chunk] = tokenize_prompt("a (cat:1.5) [dog]")
     weights = {i: w for i, (t, w) in enumerate(chunk) if w != 1.0}
     assert weights == {2: 1.5}
-    assert chunk_ids(chunk)[2] == CAT
+    assert chunk_ids(chunk)[2] == word_id("cat")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -164,7 +167,7 @@ def test_embedding_word_is_replaced_by_its_vectors_with_segment_weight():
     flat = [t for g in groups for t, _ in g]
     assert flat[0] == 320 and flat[1] == 1125
     assert all(isinstance(v, torch.Tensor) and v.shape == (32,) for v in flat[2:4])
-    assert flat[4] == CAT
+    assert flat[4] == word_id("cat")
     assert [w for g in groups for _, w in g] == pytest.approx([1.0, 1.2, 1.2, 1.2, 1.2])
 
 

@@ -17,18 +17,15 @@ import torch.nn.functional as F
 from node_context import CountingManager, StubContext, make_env, run_node
 from PIL import Image
 
-spandrel = pytest.importorskip("spandrel")
-from spandrel import ImageModelDescriptor  # noqa: E402
-from spandrel.architectures.Compact import Compact  # noqa: E402
-from spandrel.architectures.ESRGAN import ESRGAN  # noqa: E402
-from spandrel.architectures.SwinIR import SwinIR  # noqa: E402
+from latentloom.engine.inputs import InputError, MissingInputFile
+from latentloom.nodes import create_engine
+from latentloom.nodes.diffusion.checkpoint import save_state_dict
+from latentloom.nodes.diffusion.tiling import TilePlan, feather, tiled_apply, upscale_tiled
+from latentloom.nodes.model_files import file_identity, model_key
+from latentloom.nodes.upscale import ImageUpscaleWithModel, UpscaleModelLoader
 
-from latentloom.engine.inputs import InputError, MissingInputFile  # noqa: E402
-from latentloom.nodes import create_engine  # noqa: E402
-from latentloom.nodes.diffusion.checkpoint import save_state_dict  # noqa: E402
-from latentloom.nodes.diffusion.tiling import TilePlan, feather, tiled_apply, upscale_tiled  # noqa: E402
-from latentloom.nodes.model_files import file_identity, model_key  # noqa: E402
-from latentloom.nodes.upscale import ImageUpscaleWithModel, UpscaleModelLoader  # noqa: E402
+# spandrel's architectures are imported where the networks are built: spandrel imports torchvision, seconds that
+# collecting this module for `make test-fast` need not pay.
 
 REPO = Path(__file__).resolve().parent.parent
 TOY_UPSCALER = REPO / "models" / "upscale_models" / "toy-upscale-x2.safetensors"
@@ -36,11 +33,15 @@ TOY_UPSCALER = REPO / "models" / "upscale_models" / "toy-upscale-x2.safetensors"
 
 def tiny_esrgan() -> torch.nn.Module:
     # spandrel reads gc (32) as a constant of the architecture, so only the width and depth shrink.
+    from spandrel.architectures.ESRGAN import ESRGAN
+
     torch.manual_seed(1)
     return ESRGAN(num_filters=8, num_blocks=1, scale=4).eval()
 
 
 def tiny_compact(pointwise: bool = False) -> torch.nn.Module:
+    from spandrel.architectures.Compact import Compact
+
     torch.manual_seed(2)
     network = Compact(num_feat=8, num_conv=2, upscale=2).eval()
     if pointwise:  # only the centre taps of the 3x3 kernels: every output pixel depends on one input pixel
@@ -54,6 +55,8 @@ def tiny_compact(pointwise: bool = False) -> torch.nn.Module:
 
 
 def tiny_swinir() -> torch.nn.Module:
+    from spandrel.architectures.SwinIR import SwinIR
+
     torch.manual_seed(3)
     return SwinIR(img_size=16, embed_dim=12, depths=[1], num_heads=[2], window_size=4, mlp_ratio=2, upscale=2,
                   upsampler="pixelshuffle").eval()
@@ -61,6 +64,8 @@ def tiny_swinir() -> torch.nn.Module:
 
 def write_models(folder: Path) -> dict[str, torch.nn.Module]:
     """The three files, and the network each holds (for SwinIR: its EMA weights)."""
+    from spandrel.architectures.SwinIR import SwinIR
+
     folder.mkdir(parents=True, exist_ok=True)
     esrgan, compact, swinir = tiny_esrgan(), tiny_compact(), tiny_swinir()
     torch.save(esrgan.state_dict(), folder / "esrgan-x4.pth")                 # old-arch keys, no wrapper
@@ -108,6 +113,8 @@ def random_image(height: int, width: int, batch: int = 1, seed: int = 0) -> torc
     ("swinir-x2.pth", "SwinIR", 2),
 ])
 def test_each_architecture_loads_and_upscales_as_the_network_itself(ctx, model_files, name, architecture, scale):
+    from spandrel import ImageModelDescriptor
+
     model = load(ctx, name)
     assert isinstance(model, ImageModelDescriptor) and model.architecture.name == architecture
     assert model.scale == scale and not model.model.training
