@@ -51,3 +51,23 @@ print(json.dumps({"flux": FluxTransformer2DModel.__name__, "unet_1d": UNet1DMode
 """)
     assert found == {"flux": "FluxTransformer2DModel", "unet_1d": "UNet1DModel", "same_unet": True,
                      "controlnet": "ControlNetModel"}
+
+
+def test_attention_processors_answer_inspect_from_a_precomputed_signature():
+    # diffusers' Attention.forward inspects its processor's __call__ at every call; after a load each processor
+    # class carries its signature, and it is the one inspect computes from the code.
+    found = fresh_python("""
+import inspect, json, types
+from latentloom.nodes.diffusion.checkpoint import load_checkpoint
+loaded = load_checkpoint("models/checkpoints/toy-shapes.safetensors")
+networks = (loaded.model.unet, loaded.vae.autoencoder)
+calls = {type(m.processor).__call__ for net in networks for m in net.modules() if hasattr(m, "processor")}
+def computed(call):
+    plain = types.FunctionType(call.__code__, call.__globals__, call.__name__, call.__defaults__, call.__closure__)
+    plain.__kwdefaults__, plain.__annotations__ = call.__kwdefaults__, call.__annotations__
+    return str(inspect.signature(plain))
+print(json.dumps({"processors": sorted(call.__qualname__ for call in calls),
+                  "signed": all("__signature__" in call.__dict__ for call in calls),
+                  "same": all(str(inspect.signature(call)) == computed(call) for call in calls)}))
+""")
+    assert found == {"processors": ["AttnProcessor2_0.__call__"], "signed": True, "same": True}

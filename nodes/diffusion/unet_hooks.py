@@ -33,6 +33,7 @@ order they run, as ComfyUI's does.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -149,6 +150,10 @@ class PatchedAttentionProcessor:
             out = patch(out, extra)
         return out
 
+
+
+# diffusers inspects a processor's __call__ signature at every attention call (see model_code).
+PatchedAttentionProcessor.__call__.__dict__["__signature__"] = inspect.signature(PatchedAttentionProcessor.__call__)
 
 def _first(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
