@@ -60,3 +60,14 @@ def test_gpu_path_dry_run_on_cpu(bench, capsys):
 def test_gpu_without_cuda_exits_cleanly_with_a_note(bench, capsys):
     gpu = run(bench, capsys, "--gpu")["gpu"]
     assert gpu["skipped"] and "CUDA" in gpu["note"]
+
+
+def test_other_graphs_and_models_reach_every_timed_process(bench, monkeypatch, tmp_path):
+    (tmp_path / "mine.json").write_text('{"1": {"class_type": "KSampler", "inputs": {"steps": 20}}}')
+    monkeypatch.setenv(bench.GRAPHS_DIR_VARIABLE, str(tmp_path))
+    monkeypatch.setenv(bench.MODELS_DIR_VARIABLE, str(tmp_path / "models"))
+    assert bench.load_graph("mine", 3) == {"1": {"class_type": "KSampler", "inputs": {"steps": 3}}}
+    assert bench.models_flags() == ["--models-dir", str(tmp_path / "models")]
+    assert bench.child_env(1)[bench.MODELS_DIR_VARIABLE] == str(tmp_path / "models")  # children inherit them
+    monkeypatch.delenv(bench.MODELS_DIR_VARIABLE)
+    assert bench.models_flags() == [] and bench.models_dir() is None

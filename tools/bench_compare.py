@@ -2,6 +2,7 @@
 JSON object.
 
     python tools/bench_compare.py [--graphs txt2img,hires-fix] [--repeats 3] [--threads 1] [--prompts 100]
+                                  [--graphs-dir DIR --models-dir DIR]   # other graphs / checkpoints
     python tools/bench_compare.py --gpu [--gpu-steps 20] [--gpu-repeats 3] [--no-compile]
     python tools/bench_compare.py --gpu-dry-run          # the GPU code path on the CPU, networks shrunk
 
@@ -57,8 +58,24 @@ def median(values: list[float]) -> float:
     return round(statistics.median(values), 4)
 
 
+# --graphs-dir / --models-dir reach the timed child processes through their environment.
+GRAPHS_DIR_VARIABLE = "BENCH_COMPARE_GRAPHS_DIR"
+MODELS_DIR_VARIABLE = "BENCH_COMPARE_MODELS_DIR"
+
+
+def models_dir() -> str | None:
+    """The models folder of every timed process (None: the bundled toy model)."""
+    return os.environ.get(MODELS_DIR_VARIABLE)
+
+
+def models_flags() -> list[str]:
+    folder = models_dir()
+    return ["--models-dir", folder] if folder else []
+
+
 def load_graph(name: str, steps: int | None) -> dict:
-    graph = json.loads((ROOT / "graphs" / f"{name}.json").read_text())
+    folder = Path(os.environ.get(GRAPHS_DIR_VARIABLE) or ROOT / "graphs")
+    graph = json.loads((folder / f"{name}.json").read_text())
     if steps is not None:
         for node in graph.values():
             if node["class_type"] == "KSampler":
@@ -108,7 +125,7 @@ def bench_cold(name: str, graph: dict, repeats: int, threads: int, work: Path) -
     for repeat in range(repeats):
         out = work / f"cold_out_{name}_{repeat}"
         command = [sys.executable, "-m", "latentloom.server.cli", "run", str(path), "--output-dir", str(out),
-                   "--input-dir", str(ROOT / "input"), "--json", "--no-progress"]
+                   "--input-dir", str(ROOT / "input"), "--json", "--no-progress", *models_flags()]
         cpu_before, started = children_cpu(), time.perf_counter()
         done = subprocess.run(command, env=child_env(threads), capture_output=True, text=True, cwd=work)
         wall.append(time.perf_counter() - started)
@@ -155,7 +172,8 @@ def child_first_image(name: str, steps: int | None, repeats: int, threads: int, 
     imported = clock()
     with tempfile.TemporaryDirectory(prefix="bench_compare_child_") as temp:
         work = Path(temp)
-        engine = create_engine(output_dir=work / "output", input_dir=ROOT / "input", temp_dir=work / "temp")
+        engine = create_engine(output_dir=work / "output", input_dir=ROOT / "input", temp_dir=work / "temp",
+                               models_dir=models_dir())
         return first_and_warm_images(engine, name, steps, repeats, prepare, started, cpu_started, imported)
 
 
@@ -235,7 +253,8 @@ def bench_serve(name: str, graph: dict, repeats: int, threads: int, work: Path, 
     command = [sys.executable, "-m", "latentloom.server.cli", "serve", "--port", str(port),
                "--database", str(work / f"serve_{name}.db"), "--user-dir", str(work / "user"),
                "--output-dir", str(work / f"serve_out_{name}"), "--input-dir", str(ROOT / "input"),
-               "--temp-dir", str(work / "temp")] + (["--cache-bytes", str(cache_bytes)] if cache_bytes else [])
+               "--temp-dir", str(work / "temp"), *models_flags()] + \
+        (["--cache-bytes", str(cache_bytes)] if cache_bytes else [])
     started = time.perf_counter()
     server = subprocess.Popen(command, env=child_env(threads), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               cwd=work)
@@ -299,7 +318,7 @@ def bench_memory(name: str, graph: dict, prompts: int, threads: int, cache_bytes
     with tempfile.TemporaryDirectory(prefix="bench_compare_memory_") as temp:
         work = Path(temp)
         engine = create_engine(output_dir=work / "output", input_dir=ROOT / "input", temp_dir=work / "temp",
-                               cache_bytes=cache_bytes)
+                               cache_bytes=cache_bytes, models_dir=models_dir())
         return memory_growth(engine, name, graph, prompts)
 
 
@@ -394,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help="override the graphs' KSampler steps (for quick checks)")
     parser.add_argument("--prompts", type=int, default=100, help="distinct prompts for the memory figures")
     parser.add_argument("--memory-graph", default="txt2img")
+    parser.add_argument("--graphs-dir", help="folder of the API graphs (default: graphs/)")
+    parser.add_argument("--models-dir", help="models folder in ComfyUI's layout (default: the bundled toy model)")
     parser.add_argument("--memory-steps", type=int, default=2)
     parser.add_argument("--small-cache", type=int, default=1 << 18, help="bytes: a budget full by prompt 10")
     parser.add_argument("--skip-cold", action="store_true")
@@ -407,6 +428,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    for variable, folder in ((GRAPHS_DIR_VARIABLE, args.graphs_dir), (MODELS_DIR_VARIABLE, args.models_dir)):
+        if folder:
+            os.environ[variable] = str(Path(folder).resolve())
     if args.prompts < 10:
         parser.error("--prompts must be at least 10 (memory compares RSS after 10 prompts with after all)")
     if args.child:
