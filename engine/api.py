@@ -18,8 +18,9 @@ from . import jsonsafe
 from .cache import DEFAULT_CACHE_BYTES, DEFAULT_KEEP_PROMPTS, OutputCache
 from .environment import Environment
 from .events import Event, EventBus
-from .executor import Executor, InterruptToken, RunResult
+from .executor import Executor
 from .registry import NodeRegistry
+from .run_state import InterruptToken, RunResult
 from .validation import ValidationResult, make_error, validate_prompt
 
 

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import threading
 import time
 import traceback
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import networkx as nx
@@ -42,6 +40,14 @@ from .events import (
 from .inputs import InputError, node_label
 from .node import ExecutionBlocker, NodeOutput
 from .registry import NodeRegistry
+from .run_state import (
+    Interrupted,
+    InterruptToken,
+    RunResult,
+    UiData,
+    exception_type_name,
+    format_input_value,
+)
 from .validation import (
     Graph,
     GraphNode,
@@ -60,7 +66,6 @@ if TYPE_CHECKING:
 
 ServiceT = TypeVar("ServiceT")
 
-UiData = dict[str, Any]  # a node's data for the client ({"images": [...]}), as sent in `executed`
 # What executing a node gives: its outputs and UI data, or the node ids it must wait on before it is re-entered.
 Done = tuple[Literal["done"], tuple[list[list[Any]], UiData | None]]
 Wait = tuple[Literal["wait"], list[str]]
@@ -69,10 +74,6 @@ Outcome = Done | Wait
 # Full progress_state maps are sent for runs up to this many nodes; bigger runs get per-node deltas, which keeps
 # the event volume linear.
 FULL_PROGRESS_STATE_LIMIT = 200
-
-
-class Interrupted(Exception):
-    """Raised inside a run when its interrupt token is set."""
 
 
 class DependencyCycleError(Exception):
@@ -85,56 +86,6 @@ class NodeFailure(Exception):
         self.node = node
         self.exc = exc
         self.inputs = inputs
-
-
-class InterruptToken:
-    """Cooperative interrupt for one run (or one worker): set from any thread, checked by the run."""
-
-    def __init__(self) -> None:
-        self._flag = threading.Event()
-
-    def request(self) -> None:
-        self._flag.set()
-
-    def clear(self) -> None:
-        self._flag.clear()
-
-    def is_set(self) -> bool:
-        return self._flag.is_set()
-
-    def check(self) -> None:
-        if self._flag.is_set():
-            raise Interrupted("interrupted")
-
-
-@dataclass
-class RunResult:
-    prompt_id: str
-    status: str  # "success" | "error" | "interrupted" | "invalid" (the graph failed validation; nothing ran)
-    outputs: dict[str, UiData] = field(default_factory=dict)  # UI data by display node id (history "outputs")
-    values: dict[str, list[list[Any]]] = field(default_factory=dict)  # output nodes' values (Python API)
-    executed: list[str] = field(default_factory=list)
-    cached: list[str] = field(default_factory=list)
-    error: dict[str, Any] | None = None  # the execution_error / execution_interrupted data, or the validation error
-    # per-node validation errors (status "invalid")
-    node_errors: dict[str, dict[str, Any]] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "success"
-
-
-def format_input_value(value: Any) -> Any:
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)[:200]
-
-
-def exception_type_name(exc: BaseException) -> str:
-    cls = type(exc)
-    return cls.__name__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__name__}"
 
 
 class NodeContext:

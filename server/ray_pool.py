@@ -169,7 +169,7 @@ class EngineWorker:
     def run(self, prompt_id: str, prompt: dict, targets: list[str], extra_data: dict) -> Iterator[list]:
         """Run one prompt; yields batches of messages (see the module docstring), the last one ends with the
         result. Batching whatever accumulated since the last yield keeps the per-event cost low."""
-        from latentloom.engine.executor import InterruptToken
+        from latentloom.engine.run_state import InterruptToken
 
         with self._run_lock:
             token = InterruptToken()

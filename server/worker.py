@@ -32,7 +32,7 @@ from .queue_store import PromptOutputNumbering, QueueItem, QueueStore
 from .ws import preview_method
 
 if TYPE_CHECKING:
-    from latentloom.engine.executor import InterruptToken
+    from latentloom.engine.run_state import InterruptToken
 
 log = logging.getLogger("latentloom.server")
 HISTORY_EVENTS = (ExecutionStart, ExecutionCached, ExecutionSuccess, ExecutionError, ExecutionInterrupted)
@@ -139,7 +139,7 @@ class Worker:
         self.hub.post_event(event, current.client_id, self._previews)
 
     async def _run(self, item: QueueItem) -> None:
-        from latentloom.engine.executor import InterruptToken
+        from latentloom.engine.run_state import InterruptToken
 
         token = InterruptToken()
         self._messages = []

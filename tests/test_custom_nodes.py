@@ -20,8 +20,8 @@ import httpx
 import pytest
 from websockets.asyncio.client import connect
 
-from latentloom.engine.executor import InterruptToken
 from latentloom.engine.registry import NodeRegistry
+from latentloom.engine.run_state import InterruptToken
 from latentloom.nodes import create_engine
 from latentloom.server.app import create_app
 from latentloom.server.cli import main

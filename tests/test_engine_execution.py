@@ -9,7 +9,7 @@ import pytest
 from engine_helpers import add, collect, const, make_engine
 
 from latentloom.engine.events import EventRecorder
-from latentloom.engine.executor import InterruptToken
+from latentloom.engine.run_state import InterruptToken
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import enum
 
-from latentloom.engine.executor import Interrupted
+from latentloom.engine.run_state import Interrupted
 
 from .comfy_execution.graph import ExecutionBlocker
 

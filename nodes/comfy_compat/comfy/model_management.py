@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from latentloom.engine.executor import Interrupted
+from latentloom.engine.run_state import Interrupted
 
 from ..context import current_env, current_node
 
