@@ -27,7 +27,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import siglip_vision
 from .checkpoint import ModelFileError, _materialize, read_state_dict
 from .offline import ensure_offline
 
@@ -111,9 +110,13 @@ class ClipVisionModel:
             out = model(pixel_values=pixels.to(parameter.dtype), output_hidden_states=True)
         return ClipVisionOutput(
             last_hidden_state=out.last_hidden_state.float().cpu(),
-            image_embeds=out.image_embeds.float().cpu(),
+            image_embeds=self.image_embeds_of(out).float().cpu(),
             penultimate_hidden_states=out.hidden_states[-2].float().cpu(),
         )
+
+    def image_embeds_of(self, out: Any) -> torch.Tensor:
+        """The `image_embeds` of a forward pass: CLIP's projected pooled embedding."""
+        return out.image_embeds
 
 
 # Files ----------------------------------------------------------------------------------------------------------
@@ -219,6 +222,8 @@ def load_clip_vision_file(path: str | Path, manager: Any = None) -> Any:
     path = Path(path)
     dtype = manager.dtype_for("text_encoder") if manager is not None else torch.float32
     state = read_state_dict(path)
+    from . import siglip_vision  # here: siglip_vision builds on this module's ClipVisionModel
+
     if siglip_vision.is_siglip(state):
         return siglip_vision.build_siglip_vision(state, dtype, path.name, str(path))
     return build_clip_vision(vision_state(state), dtype, path.name, str(path))

@@ -13,7 +13,6 @@ penultimate_hidden_states = the output of the second-to-last layer.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 
 from .checkpoint import ModelFileError, _materialize
+from .clip_vision import ClipVisionModel
 from .offline import ensure_offline
 
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
@@ -64,30 +64,15 @@ def siglip_config(state: Mapping[str, torch.Tensor], what: str) -> dict[str, Any
 
 
 @dataclass(frozen=True, eq=False)
-class SiglipVision:
-    """What a CLIP_VISION link carries for a SigLIP file: transformers' SiglipVisionModel and its preprocessing."""
+class SiglipVision(ClipVisionModel):
+    """What a CLIP_VISION link carries for a SigLIP file: transformers' SiglipVisionModel and its preprocessing
+    (CLIP's, with SigLIP's mean and std). SigLIP has no projection: its image embeddings are the last tokens."""
 
-    model: torch.nn.Module
-    image_size: int
     image_mean: tuple[float, ...] = SIGLIP_MEAN
     image_std: tuple[float, ...] = SIGLIP_STD
-    source: str = ""
 
-    def cache_nbytes(self) -> int:
-        return 0  # the weights are owned (and counted) by the model memory manager
-
-    def encode_image(self, image: torch.Tensor, crop: bool = True, manager: Any = None):
-        from .clip_vision import ClipVisionOutput, clip_preprocess
-
-        lease = manager.use(self.model) if manager is not None else contextlib.nullcontext(self.model)
-        with torch.no_grad(), lease as model:
-            parameter = next(model.parameters())
-            pixels = clip_preprocess(image.to(parameter.device), self.image_size, self.image_mean, self.image_std,
-                                     crop=crop)
-            out = model(pixel_values=pixels.to(parameter.dtype), output_hidden_states=True)
-        tokens = out.last_hidden_state.float().cpu()
-        return ClipVisionOutput(last_hidden_state=tokens, image_embeds=tokens,
-                                penultimate_hidden_states=out.hidden_states[-2].float().cpu())
+    def image_embeds_of(self, out: Any) -> torch.Tensor:
+        return out.last_hidden_state
 
 
 def build_siglip_vision(state: Mapping[str, torch.Tensor], dtype: torch.dtype, what: str,
