@@ -271,20 +271,17 @@ def broadcast_hint(hint: torch.Tensor, batch: int, batched_number: int | None) -
 Residuals = tuple[tuple[torch.Tensor, ...], torch.Tensor]
 
 
-@dataclass(frozen=True, eq=False)
-class AppliedControlNet:
-    net: ControlNet
-    hint: torch.Tensor            # [B, C, H, W] float32 0..1 (not normalised)
-    strength: float
-    start_percent: float = 0.0
-    end_percent: float = 1.0
-    previous: AppliedControlNet | None = None
-    # Resized hints by (height, width, batch, device, dtype): the same hint serves every step of a run.
-    _hints: dict[tuple[Any, ...], torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+class ControlChainLink:
+    """What every applied control (ControlNet, T2I-Adapter, transformer ControlNet) shares: each link of a chain
+    names the one applied before it (`previous`), holds its hint and is active in a σ window."""
 
-    def chain(self) -> list[AppliedControlNet]:
-        links: list[AppliedControlNet] = []
-        node: AppliedControlNet | None = self
+    hint: torch.Tensor
+    previous: Any
+    start_percent: float
+    end_percent: float
+
+    def chain(self) -> list[Any]:
+        links, node = [], self
         while node is not None:
             links.append(node)
             node = node.previous
@@ -297,6 +294,19 @@ class AppliedControlNet:
         """ComfyUI's σ window: active while percent_to_sigma(end) ≤ σ ≤ percent_to_sigma(start)."""
         schedule = schedule_for(model.sampling)
         return schedule.percent_to_sigma(self.end_percent) <= sigma <= schedule.percent_to_sigma(self.start_percent)
+
+
+@dataclass(frozen=True, eq=False)
+class AppliedControlNet(ControlChainLink):
+    net: ControlNet
+    hint: torch.Tensor            # [B, C, H, W] float32 0..1 (not normalised)
+    strength: float
+    start_percent: float = 0.0
+    end_percent: float = 1.0
+    previous: AppliedControlNet | None = None
+    # Resized hints by (height, width, batch, device, dtype): the same hint serves every step of a run.
+    _hints: dict[tuple[Any, ...], torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+
 
     def prepared_hint(self, x_in: torch.Tensor, dtype: torch.dtype, batched_number: int | None) -> torch.Tensor:
         height, width = x_in.shape[2] * 8, x_in.shape[3] * 8

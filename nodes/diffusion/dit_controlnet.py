@@ -42,14 +42,13 @@ import torch
 
 from . import convert, families
 from .checkpoint import ModelFileError, _materialize
-from .controlnet import broadcast_hint
+from .controlnet import ControlChainLink, broadcast_hint
 from .dit_flux import pack, pad_to_patches, position_ids
 from .latent_formats import FLUX_LATENT, SD3_LATENT
 from .models import DiffusionModel, LatentFormat
 from .offline import ensure_offline
 from .resize import common_upscale
 from .sampling_conds import repeat_to_batch
-from .schedules import schedule_for
 
 StateDict = dict[str, torch.Tensor]
 Control = dict[str, list[torch.Tensor]]
@@ -268,7 +267,7 @@ class TransformerControlNet:
 
 
 @dataclass(frozen=True, eq=False)
-class AppliedTransformerControlNet:
+class AppliedTransformerControlNet(ControlChainLink):
     net: TransformerControlNet
     hint: torch.Tensor            # [B, C, H, W] float32 0..1
     strength: float
@@ -279,16 +278,6 @@ class AppliedTransformerControlNet:
     extra_concat: tuple[torch.Tensor, ...] = ()
     # The prepared hint by (latent size, batch, ...): ComfyUI encodes it once per latent size.
     _hints: dict[tuple[Any, ...], torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
-
-    def chain(self) -> list[Any]:
-        links, node = [], self
-        while node is not None:
-            links.append(node)
-            node = node.previous
-        return links
-
-    def cache_nbytes(self) -> int:
-        return sum(link.hint.numel() * link.hint.element_size() for link in self.chain())
 
     def residuals(self, x_in: torch.Tensor, sigma: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
                   model: DiffusionModel, **_: Any) -> None:
@@ -313,10 +302,6 @@ class AppliedTransformerControlNet:
             total = own if total is None else {key: [a + b for a, b in zip(total[key], own[key], strict=True)]
                                                for key in total}
         return total
-
-    def active_at(self, sigma: float, model: DiffusionModel) -> bool:
-        schedule = schedule_for(model.sampling)
-        return schedule.percent_to_sigma(self.end_percent) <= sigma <= schedule.percent_to_sigma(self.start_percent)
 
     def own_transformer_residuals(self, x_in: torch.Tensor, sigma: torch.Tensor, timestep: torch.Tensor,
                                   context: torch.Tensor, model: DiffusionModel, extra: Mapping[str, torch.Tensor],
