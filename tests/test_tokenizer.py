@@ -237,3 +237,18 @@ def test_chunking_invariants(group_sizes):
         next_group = contents[n + 1][0] // 1000 if contents[n + 1] else None
         if len(contents[n]) < 75 and next_group is not None:
             assert len(contents[n]) + group_sizes[next_group] > 75
+
+
+def test_token_weights_move_away_from_the_empty_prompt_along_the_token_axis():
+    from latentloom.nodes.diffusion.tokenizer import apply_token_weights
+
+    def never() -> torch.Tensor:
+        raise AssertionError("the empty prompt is encoded only when a weight is not 1")
+
+    z = torch.arange(24, dtype=torch.float32).reshape(1, 2, 3, 4)  # [1, layers, tokens, width]
+    assert apply_token_weights(z, [(1, 1.0), (2, 1.0), (3, 1.0)], never, token_axis=2) is z
+    empty = torch.full_like(z, 10.0)
+    out = apply_token_weights(z, [(1, 1.0), (2, 2.0), (3, 1.0)], lambda: empty, token_axis=2)
+    expected = z.clone()
+    expected[:, :, 1] = (z[:, :, 1] - 10.0) * 2.0 + 10.0
+    assert torch.equal(out, expected)

@@ -23,15 +23,13 @@ one is registered; without one, "embedding:NAME" is encoded as plain text.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import dataclasses
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 
+from .encoder_set import EncoderSet
 from .tokenizer import (
     OPENCLIP_CHUNKS,
     SD1_CHUNKS,
@@ -203,7 +201,7 @@ def encode_chunks(module: torch.nn.Module, chunks: list[Chunk], role: EncoderRol
 
 
 @dataclass(frozen=True, eq=False)
-class ClipModel:
+class ClipModel(EncoderSet):
     """Text encoder(s) + family + clip skip. Clones share the encoder weights (one nn.ModuleDict)."""
 
     encoders: torch.nn.ModuleDict  # (a plain mapping of modules is accepted too, and wrapped in one)
@@ -229,34 +227,8 @@ class ClipModel:
     def roles(self) -> dict[str, EncoderRole]:
         return FAMILY_ENCODERS[self.family]
 
-    def clone_with_layer(self, layer_idx: int | None) -> ClipModel:
-        """Clip skip: the same weights, reading the hidden state `layer_idx` (-1 last, -2 penultimate, ...)."""
-        return dataclasses.replace(self, layer_idx=layer_idx, options=dict(self.options))
-
-    def with_patches(self, *patches: Any) -> ClipModel:
-        return dataclasses.replace(self, patches=self.patches + tuple(patches), options=dict(self.options))
-
-    def cache_nbytes(self) -> int:
-        # The weights are owned (and counted) by the model memory manager, not by the output cache.
-        return 0
-
     def layer_for(self, key: str) -> int | None:
         return self.layer_idx if self.layer_idx is not None else self.roles[key].default_layer
-
-    @contextlib.contextmanager
-    def prepared(self, manager: Any = None) -> Iterator[torch.nn.ModuleDict]:
-        """The encoders ready to run: on the compute device (through the memory manager when given), with this
-        clip's patches applied; restored on exit."""
-        lease = manager.use(self.encoders) if manager is not None else contextlib.nullcontext(self.encoders)
-        with lease as modules:
-            restores = []
-            try:
-                for patch in self.patches:
-                    restores.append(patch.apply(modules))
-                yield modules
-            finally:
-                for restore in reversed(restores):
-                    restore()
 
     # Prompt -> tokens -> conditioning -------------------------------------------------------------------------
 

@@ -28,11 +28,13 @@ from typing import Any, cast
 
 import torch
 
+from . import encoder_set
 from .encoder_set import EncoderSet
 from .family_clip import TokenizerUnavailable
 from .offline import ensure_offline
 from .tokenizer import (
     WeightedToken,
+    apply_token_weights,
     token_groups,
 )
 
@@ -78,10 +80,7 @@ def build_gemma(state: Mapping[str, torch.Tensor], prefix: str, dtype: torch.dty
     from .checkpoint import _materialize
 
     config = Gemma2Config(**gemma_config(state, prefix))
-    with torch.device("meta"):
-        model = Gemma2Model(config)
-    with torch.device("cpu"):  # its rotary frequencies are a non-persistent buffer: compute them for real
-        model.rotary_emb = type(model.rotary_emb)(config=config)
+    model = encoder_set.meta_text_model(Gemma2Model, config)
     model.embed_tokens.embed_scale = torch.nn.Buffer(torch.tensor(config.hidden_size ** 0.5), persistent=False)
     weights = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
     return _materialize(model, weights, dtype, what)
@@ -99,8 +98,7 @@ class GemmaTokenizer:
 
 
 def tokenizer_folders(encoder_file: Path) -> tuple[Path, ...]:
-    return (encoder_file.parent / f"{encoder_file.stem}_tokenizer", encoder_file.parent / TOKENIZER_FOLDER,
-            encoder_file.parent.parent / "text_encoders" / TOKENIZER_FOLDER)
+    return encoder_set.tokenizer_folders(encoder_file, TOKENIZER_FOLDER)
 
 
 def spiece_tokenizer(model_proto: bytes, source: str) -> GemmaTokenizer:
@@ -210,13 +208,8 @@ def _hidden_after(model: Any, tokens: Sequence[WeightedToken], layer: int) -> to
 def encode_gemma(model: torch.nn.Module, tokens: Sequence[WeightedToken], layer: int = DEFAULT_LAYER) -> torch.Tensor:
     """The conditioning [1, T, D] with ComfyUI's token-weight rule."""
     tokens = list(tokens) or [(BOS_ID, 1.0)]
-    z = _hidden_after(model, tokens, layer)
-    weights = torch.tensor([float(w) for _, w in tokens])
-    if bool((weights != 1.0).any()):
-        z_empty = _hidden_after(model, [(BOS_ID, 1.0)] + [(PAD_ID, 1.0)] * (len(tokens) - 1), layer)
-        w = weights[None, :, None]
-        z = torch.where(w != 1.0, (z - z_empty) * w + z_empty, z)
-    return z
+    return apply_token_weights(_hidden_after(model, tokens, layer), tokens, lambda: _hidden_after(
+        model, [(BOS_ID, 1.0)] + [(PAD_ID, 1.0)] * (len(tokens) - 1), layer))
 
 
 @dataclass(frozen=True, eq=False)

@@ -30,7 +30,7 @@ from . import llama_text
 from .clip import EncoderRole, encode_chunks, encoder_width
 from .encoder_set import EncoderSet
 from .t5 import find_t5_prefix, find_t5_tokenizer, t5_tokenize, tokenizer_search_dirs
-from .tokenizer import OPENCLIP_CHUNKS, SD1_CHUNKS, tokenize_prompt
+from .tokenizer import OPENCLIP_CHUNKS, SD1_CHUNKS, apply_token_weights, tokenize_prompt
 
 T5_LENGTH = 128                      # ComfyUI's HiDream T5XXLTokenizer: min and max length 128, first chunk only
 T5_EOS_ID, T5_PAD_ID = 1, 0
@@ -89,13 +89,8 @@ def encode_t5_masked(module: torch.nn.Module, tokens: Sequence[Any]) -> torch.Te
             return module(inputs_embeds=embeds, attention_mask=mask).last_hidden_state.float().cpu()
 
     tokens = list(tokens) or [(T5_EOS_ID, 1.0)]
-    z = run(tokens)
-    weights = torch.tensor([float(w) for _, w in tokens])
-    if bool((weights != 1.0).any()):
-        z_empty = run([(T5_EOS_ID, 1.0)] + [(T5_PAD_ID, 1.0)] * (len(tokens) - 1))
-        w = weights[None, :, None]
-        z = torch.where(w != 1.0, (z - z_empty) * w + z_empty, z)
-    return z
+    return apply_token_weights(run(tokens), tokens,
+                               lambda: run([(T5_EOS_ID, 1.0)] + [(T5_PAD_ID, 1.0)] * (len(tokens) - 1)))
 
 
 @dataclass(frozen=True, eq=False)

@@ -30,10 +30,12 @@ from typing import Any
 
 import torch
 
+from . import encoder_set
 from .family_clip import TokenizerUnavailable
 from .offline import ensure_offline
 from .tokenizer import (
     WeightedToken,
+    apply_token_weights,
     token_groups,
 )
 
@@ -90,11 +92,7 @@ def build_llama(state: Mapping[str, torch.Tensor], prefix: str, dtype: torch.dty
 
     from .checkpoint import _materialize
 
-    config = LlamaConfig(**llama_config(state, prefix))
-    with torch.device("meta"):
-        model = LlamaModel(config)
-    with torch.device("cpu"):  # its rotary frequencies are a non-persistent buffer: compute them for real
-        model.rotary_emb = type(model.rotary_emb)(config=config)
+    model = encoder_set.meta_text_model(LlamaModel, LlamaConfig(**llama_config(state, prefix)))
     weights = {key[len(prefix):]: value for key, value in dequantized(state).items() if key.startswith(prefix)}
     return _materialize(model, weights, dtype, what)
 
@@ -112,8 +110,7 @@ class LlamaTokenizer:
 
 
 def tokenizer_folders(encoder_file: Path) -> tuple[Path, ...]:
-    return (encoder_file.parent / f"{encoder_file.stem}_tokenizer", encoder_file.parent / TOKENIZER_FOLDER,
-            encoder_file.parent.parent / "text_encoders" / TOKENIZER_FOLDER)
+    return encoder_set.tokenizer_folders(encoder_file, TOKENIZER_FOLDER)
 
 
 @functools.lru_cache(maxsize=4)
@@ -182,10 +179,5 @@ def encode_llama(model: torch.nn.Module, tokens: Sequence[WeightedToken], bos_id
                  pad_id: int = PAD_ID) -> torch.Tensor:
     """The Llama conditioning [1, layers, T, D] with the token-weight rule."""
     tokens = list(tokens) or [(bos_id, 1.0)]
-    z = _all_layers(model, tokens, pad_id)
-    weights = torch.tensor([float(w) for _, w in tokens])
-    if bool((weights != 1.0).any()):
-        z_empty = _all_layers(model, [(bos_id, 1.0)] + [(pad_id, 1.0)] * (len(tokens) - 1), pad_id)
-        w = weights[None, None, :, None]
-        z = torch.where(w != 1.0, (z - z_empty) * w + z_empty, z)
-    return z
+    return apply_token_weights(_all_layers(model, tokens, pad_id), tokens, lambda: _all_layers(
+        model, [(bos_id, 1.0)] + [(pad_id, 1.0)] * (len(tokens) - 1), pad_id), token_axis=2)

@@ -28,7 +28,7 @@ from typing import Any, cast
 
 import torch
 
-from . import qwen_vision
+from . import encoder_set, qwen_vision
 from .encoder_set import EncoderSet
 from .family_clip import TokenizerUnavailable
 from .offline import ensure_offline
@@ -59,8 +59,7 @@ NO_VISION_TOWER = ("images cannot be encoded: this Qwen2.5-VL file has no vision
 
 
 def tokenizer_folders(encoder_file: Path) -> tuple[Path, ...]:
-    return (encoder_file.parent / f"{encoder_file.stem}_tokenizer", encoder_file.parent / TOKENIZER_FOLDER,
-            encoder_file.parent.parent / "text_encoders" / TOKENIZER_FOLDER)
+    return encoder_set.tokenizer_folders(encoder_file, TOKENIZER_FOLDER)
 
 
 def _has_tokenizer(folder: Path) -> bool:
@@ -222,12 +221,7 @@ def build_text_model(state: Mapping[str, torch.Tensor], prefix: str, dtype: torc
 
     from .checkpoint import _materialize
 
-    config = Qwen2_5_VLTextConfig(**text_config(state, prefix))
-    with torch.device("meta"):
-        model = Qwen2_5_VLTextModel(config)
-    with torch.device("cpu"):  # its rotary frequencies are a non-persistent buffer: compute them for real
-        # transformers annotates the rotary embedding's config as Qwen2_5_VLConfig; the text model passes its own
-        model.rotary_emb = type(model.rotary_emb)(config=cast(Any, config))
+    model = encoder_set.meta_text_model(Qwen2_5_VLTextModel, Qwen2_5_VLTextConfig(**text_config(state, prefix)))
     weights = {key[len(prefix):]: value for key, value in state.items()
                if key.startswith(prefix) and not key[len(prefix):].startswith(("visual.", "lm_head."))
                and not (prefix == "model." and key.startswith("model.language_model."))}

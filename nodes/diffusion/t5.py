@@ -31,6 +31,7 @@ from .tokenizer import (
     EmbeddingResolver,
     Warn,
     WeightedToken,
+    apply_token_weights,
     token_groups,
 )
 
@@ -218,11 +219,8 @@ def encode_t5_weighted(module: torch.nn.Module, tokens: Sequence[WeightedToken])
     of weight w becomes (z - z_empty)·w + z_empty, z_empty the output for [EOS, pad, ...] of the same length."""
     if not tokens:
         tokens = [(T5_EOS_ID, 1.0)]
-    weights = torch.tensor([float(w) for _, w in tokens])
-    weighted = bool((weights != 1.0).any())
     ids = torch.tensor([[t if isinstance(t, int) else T5_PAD_ID for t, _ in tokens]])
     vectors = [(i, t) for i, (t, _) in enumerate(tokens) if not isinstance(t, int)]
-    empty = torch.tensor([[T5_EOS_ID] + [T5_PAD_ID] * (len(tokens) - 1)])
     if vectors:
         embedding = cast(Any, module).get_input_embeddings()
         with torch.no_grad():
@@ -232,11 +230,8 @@ def encode_t5_weighted(module: torch.nn.Module, tokens: Sequence[WeightedToken])
         z = _encode_embeds(module, embeds)
     else:
         z = encode_t5(module, ids)
-    if weighted:
-        z_empty = encode_t5(module, empty)
-        w = weights[None, :, None]
-        z = torch.where(w != 1.0, (z - z_empty) * w + z_empty, z)
-    return z
+    return apply_token_weights(z, tokens, lambda: encode_t5(
+        module, torch.tensor([[T5_EOS_ID] + [T5_PAD_ID] * (len(tokens) - 1)])))
 
 
 def _encode_embeds(module: torch.nn.Module, embeds: torch.Tensor) -> torch.Tensor:

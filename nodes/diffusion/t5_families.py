@@ -35,6 +35,7 @@ from .t5 import (
     t5_weights,
     tokenizer_search_dirs,
 )
+from .tokenizer import apply_token_weights
 
 PILE_T5_PREFIXES = ("text_encoders.pile_t5xl.transformer.", "text_encoders.pile_t5xl.", "")
 PILE_END_ID, PILE_PAD_ID, PILE_MIN_LENGTH = 2, 1, 256
@@ -100,16 +101,13 @@ def encode_pile_t5(module: torch.nn.Module, tokens: Sequence[tuple[Any, float]])
     end = next((i for i, (t, _) in enumerate(tokens) if isinstance(t, int) and t == PILE_END_ID), len(tokens) - 1)
     mask = torch.zeros(1, len(tokens), dtype=torch.long)
     mask[0, :end + 1] = 1
-    z = _run_masked(module, tokens, mask)
-    weights = torch.tensor([float(w) for _, w in tokens])
-    if bool((weights != 1.0).any()):
-        empty = [(PILE_END_ID, 1.0)] + [(PILE_PAD_ID, 1.0)] * (len(tokens) - 1)
+
+    def encode_empty() -> torch.Tensor:
         empty_mask = torch.zeros_like(mask)
         empty_mask[0, 0] = 1
-        z_empty = _run_masked(module, empty, empty_mask)
-        w = weights[None, :, None]
-        z = torch.where(w != 1.0, (z - z_empty) * w + z_empty, z)
-    return z
+        return _run_masked(module, [(PILE_END_ID, 1.0)] + [(PILE_PAD_ID, 1.0)] * (len(tokens) - 1), empty_mask)
+
+    return apply_token_weights(_run_masked(module, tokens, mask), tokens, encode_empty)
 
 
 @dataclass(frozen=True, eq=False)

@@ -19,7 +19,7 @@ import json
 import logging
 import re
 import unicodedata
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -260,6 +260,21 @@ def _lookup_embedding(name_and_rest: str, resolve: EmbeddingResolver) -> tuple[A
             return resolve(stripped), stripped, f"{name[len(stripped):]} {leftover}"
     return value, name, leftover
 
+
+
+def apply_token_weights(z: torch.Tensor, tokens: Sequence[WeightedToken], encode_empty: Callable[[], torch.Tensor],
+                        token_axis: int = 1) -> torch.Tensor:
+    """ComfyUI's token-weight rule for one encoded sequence: a token of weight w becomes (z - z_empty)·w + z_empty,
+    z_empty the encoding of the empty prompt of the same length; tokens of weight 1 are untouched. `encode_empty`
+    runs only when some weight is not 1; `token_axis` is the axis of z that runs over the tokens."""
+    weights = torch.tensor([float(w) for _, w in tokens])
+    if not bool((weights != 1.0).any()):
+        return z
+    z_empty = encode_empty()
+    shape = [1] * z.dim()
+    shape[token_axis] = len(tokens)
+    w = weights.view(shape)
+    return torch.where(w != 1.0, (z - z_empty) * w + z_empty, z)
 
 def token_groups(text: str, encoder_key: str = "l", width: int | None = None,
                  resolve_embedding: EmbeddingResolver | None = None,
