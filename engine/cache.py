@@ -147,10 +147,6 @@ class OutputCache:
                     self._stats.evictions += 1
             return cached
 
-    def peek(self, key: str) -> bool:
-        with self._lock:
-            return key in self._entries
-
     def put(self, key: str, outputs: list[list[Any]], ui: dict[str, Any] | None) -> bool:
         nbytes = estimate_nbytes(outputs)
         with self._lock:
